@@ -1,0 +1,48 @@
+# The README's two commands: `make bench` and `make test`. Each sets itself up on a
+# fresh machine: a virtual environment, torch, the build tools, and fusedwd built in place.
+#
+#   TORCH_SPEC   what pip installs when the environment has no torch (default: the CPU build below)
+#   VENV         where the virtual environment lives (default: .venv)
+#   BENCH_ARGS   extra arguments for `python -m bench.run`, e.g. BENCH_ARGS="--sizes gpt2"
+#   PYTEST_ARGS  extra arguments for pytest
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: test bench build clean help
+
+help:
+	@echo "make bench   benchmark fusedwd against torch.optim.AdamW (writes bench/results/)"
+	@echo "make test    build and run the test suite"
+
+# --system-site-packages keeps a torch the machine already has (a user's CUDA build);
+# only where none imports is the CPU build installed.
+$(VENV)/.deps:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(DEV_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import fusedwd, fusedwd._C as C; print('fusedwd', fusedwd.__version__, '- CPU kernel:', C.isa())"
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info fusedwd/*.so $(VENV)

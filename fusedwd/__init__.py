@@ -1,0 +1,35 @@
+"""fusedwd: fused optimizer kernels for PyTorch, built around decoupled weight decay.
+
+Public API: the optimizers, the reference update rules, and backend discovery.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from . import reference
+from ._spec import BACKENDS, DECAY_MODES
+from .optim import SGDW, AdamW, RMSpropW
+
+__version__ = "0.1.0"
+
+__all__ = ["AdamW", "SGDW", "RMSpropW", "reference", "available_backends", "DECAY_MODES", "BACKENDS", "__version__"]
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
+    """The backends that can step parameters on ``device``, fastest first.
+
+    Example:
+        >>> fusedwd.available_backends("cpu")
+        ['cpu', 'reference']
+    """
+    from . import _ext
+
+    device = torch.device(device)
+    backends = []
+    if device.type == "cpu" and _ext.has_cpu():
+        backends.append("cpu")
+    backends.append("reference")
+    return backends

@@ -1,0 +1,90 @@
+"""Buckets: flat state buffers and segment tables (docs/design.md#buckets).
+
+A bucket is every parameter of one optimizer that shares device, dtype,
+backend and the structural options of its rule. Its states live in one flat
+buffer per state name, each tensor's slice starting 64-byte aligned; the
+tensors in ``optimizer.state[p]`` are views of those slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Optional
+
+import torch
+from torch import Tensor
+
+# Segment-table columns (docs/design.md#segment-table); csrc/include/fusedwd/layout.h
+# holds the same numbers; tests/test_layout.py checks they agree.
+SEG_P, SEG_G, SEG_S0, SEG_S1, SEG_S2, SEG_STEP, SEG_N, SEG_HP, SEG_INDEX = range(9)
+SEG_COLS = 9
+STATE_COLUMNS = (SEG_S0, SEG_S1, SEG_S2)
+
+ALIGN_BYTES = 64  # one cache line; also a full AVX-512 vector
+
+
+def aligned_offsets(numels: list[int], element_size: int) -> tuple[list[int], int]:
+    """Start offsets (in elements) of each tensor in a flat buffer, and its total length."""
+    step = max(1, ALIGN_BYTES // element_size)
+    offsets, total = [], 0
+    for n in numels:
+        offsets.append(total)
+        total += -(-n // step) * step  # round up so the next slice starts aligned
+    return offsets, total
+
+
+@dataclass
+class Bucket:
+    """Parameters of one (device, dtype, backend, structure) class and their flat states."""
+
+    key: Hashable
+    device: torch.device
+    dtype: torch.dtype
+    backend: str  # resolved: "cpu" or "reference"
+    structure: tuple  # the rule's structural switches (amsgrad, nesterov, ...)
+    state_names: tuple[Optional[str], ...]  # per column S0, S1, S2; None where the rule keeps no state
+    params: list[Tensor] = field(default_factory=list)
+    group_rows: list[int] = field(default_factory=list)  # index of each param's group
+    shapes: list[torch.Size] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    views: dict[str, list[Tensor]] = field(default_factory=dict)
+    steps: Optional[Tensor] = None  # float32 step count per parameter
+    step_views: list[Tensor] = field(default_factory=list)
+    table_in: Optional[Tensor] = None  # int64 [n, SEG_COLS], pointers cached at build
+    table_out: Optional[Tensor] = None  # int64 [n, SEG_COLS], this step's active rows
+    exposed: list[bool] = field(default_factory=list)  # state[p] holds the views
+    n_unexposed: int = 0
+
+    def allocate(self) -> None:
+        """Allocate the flat buffers and build the per-parameter views."""
+        numels = [int(torch.Size(s).numel()) for s in self.shapes]
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.offsets, total = aligned_offsets(numels, element_size)
+        for name in filter(None, self.state_names):
+            flat = torch.zeros(total, dtype=self.dtype, device=self.device)
+            self.buffers[name] = flat
+            self.views[name] = [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, numels, self.shapes)]
+        # torch keeps `step` as a float32 scalar tensor on the host (non-capturable path)
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32)
+        self.step_views = list(self.steps.unbind(0))
+        self.exposed = [False] * len(self.params)
+        self.n_unexposed = len(self.params)
+
+    def build_tables(self) -> None:
+        """The int64 segment table the compiled kernels read (docs/design.md#segment-table)."""
+        steps_base, step_size = self.steps.data_ptr(), self.steps.element_size()
+        rows = []
+        for i, p in enumerate(self.params):
+            row = [0] * SEG_COLS
+            row[SEG_P] = p.data_ptr()
+            for column, name in zip(STATE_COLUMNS, self.state_names):
+                if name is not None:
+                    row[column] = self.views[name][i].data_ptr()
+            row[SEG_STEP] = steps_base + i * step_size
+            row[SEG_N] = p.numel()
+            row[SEG_HP] = self.group_rows[i]
+            row[SEG_INDEX] = i
+            rows.append(row)
+        self.table_in = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), SEG_COLS)
+        self.table_out = torch.zeros_like(self.table_in)

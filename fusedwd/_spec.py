@@ -1,0 +1,150 @@
+"""Hyperparameter defaults, validation and decay-mode resolution.
+
+One place for what a valid hyperparameter is, used by the optimizer wrappers,
+the reference implementation and the benchmark, so an error message reads the
+same whichever entry point a user came through.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from typing import Any, Mapping
+
+import torch
+
+
+class Decay(str, enum.Enum):
+    """Weight-decay modes (docs/math.md#weight-decay-modes)."""
+
+    DECOUPLED = "decoupled"  # p *= 1 - lr*wd          (torch.optim.AdamW)
+    INDEPENDENT = "independent"  # p *= 1 - (lr/lr_max)*wd  (the paper's fully decoupled decay)
+    L2 = "l2"  # g += wd*p                 (torch.optim.Adam/SGD/RMSprop weight_decay)
+
+
+class Backend(str, enum.Enum):
+    """Where a step runs."""
+
+    AUTO = "auto"  # the compiled kernel for the tensors' device, else the reference
+    CPU = "cpu"  # the C++ CPU kernel (fusedwd._C)
+    REFERENCE = "reference"  # fusedwd.reference: pure torch, the executable spec
+
+
+DECAY_MODES = tuple(m.value for m in Decay)
+BACKENDS = tuple(b.value for b in Backend)
+
+# torch's storage dtypes the kernels take; states are kept in the param's dtype.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _real_number(name: str, value: Any) -> float:
+    # A 1-element tensor lr is torch's capturable idiom; read it as a number.
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise TypeError(f"{name} must be real, got a complex tensor")
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float | None = None, hi_open: bool = True) -> float:
+    x = _real_number(name, value)
+    if math.isnan(x) or x < lo or (hi is not None and (x >= hi if hi_open else x > hi)):
+        if hi is None:
+            expected = f">= {lo}"
+        else:
+            expected = f"in [{lo}, {hi})" if hi_open else f"in [{lo}, {hi}]"
+        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    return x
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_decay(value: Any) -> str:
+    if isinstance(value, Decay):
+        return value.value
+    if not isinstance(value, str) or value not in DECAY_MODES:
+        raise ValueError(f"Invalid decay: {value!r} (expected one of {', '.join(map(repr, DECAY_MODES))})")
+    return value
+
+
+def check_backend(value: Any) -> str:
+    if isinstance(value, Backend):
+        return value.value
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise ValueError(f"Invalid backend: {value!r} (expected one of {', '.join(map(repr, BACKENDS))})")
+    return value
+
+
+def _check_common(group: Mapping[str, Any]) -> None:
+    _check_range("lr", group["lr"], 0.0)
+    _check_range("weight_decay", group["weight_decay"], 0.0)
+    _check_bool("maximize", group["maximize"])
+    check_decay(group["decay"])
+    check_backend(group["backend"])
+    if group.get("differentiable", False):
+        raise ValueError("differentiable=True is not supported by fusedwd (its steps are fused in-place kernels)")
+    if group.get("capturable", False):
+        raise ValueError("capturable=True is not supported yet: lr and step are read on the host each step")
+
+
+def check_adamw(group: Mapping[str, Any]) -> None:
+    _check_common(group)
+    _check_range("eps", group["eps"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_range("betas[0]", betas[0], 0.0, 1.0)
+    _check_range("betas[1]", betas[1], 0.0, 1.0)
+    _check_bool("amsgrad", group["amsgrad"])
+
+
+def check_sgdw(group: Mapping[str, Any]) -> None:
+    _check_common(group)
+    momentum = _check_range("momentum", group["momentum"], 0.0)
+    dampening = _check_range("dampening", group["dampening"], -math.inf)
+    _check_bool("nesterov", group["nesterov"])
+    if group["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+
+
+def check_rmspropw(group: Mapping[str, Any]) -> None:
+    _check_common(group)
+    _check_range("alpha", group["alpha"], 0.0)
+    _check_range("eps", group["eps"], 0.0)
+    _check_range("momentum", group["momentum"], 0.0)
+    _check_bool("centered", group["centered"])
+
+
+def decay_factors(decay: str, lr: float, weight_decay: float, lr_max: float) -> tuple[float, float]:
+    """Resolve a decay mode into ``(decay_mult, l2)`` (docs/math.md#weight-decay-modes).
+
+    Every rule then starts with ``g <- grad_sign*g + l2*p; p <- decay_mult*p``.
+    """
+    if decay == Decay.DECOUPLED:
+        return 1.0 - lr * weight_decay, 0.0
+    if decay == Decay.INDEPENDENT:
+        # lr_max == 0 means the group was built with lr=0: the multiplier lr/lr_max is
+        # undefined and there is no step to follow, so decay at the full rate only if lr > 0.
+        multiplier = lr / lr_max if lr_max > 0 else (1.0 if lr > 0 else 0.0)
+        return 1.0 - multiplier * weight_decay, 0.0
+    if decay == Decay.L2:
+        return 1.0, weight_decay
+    raise ValueError(f"Invalid decay: {decay!r}")
+
+
+def group_lr_max(group: Mapping[str, Any]) -> float:
+    """The lr that ``decay="independent"`` divides by: the group's initial lr."""
+    if "lr_max" in group:
+        return _real_number("lr_max", group["lr_max"])
+    if "initial_lr" in group:  # set by torch's LRScheduler
+        return _real_number("initial_lr", group["initial_lr"])
+    return _real_number("lr", group["lr"])

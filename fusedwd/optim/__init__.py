@@ -1,0 +1,7 @@
+"""Optimizer wrappers: torch.optim.Optimizer subclasses over fused kernels."""
+
+from .adamw import AdamW
+from .rmspropw import RMSpropW
+from .sgdw import SGDW
+
+__all__ = ["AdamW", "SGDW", "RMSpropW"]

@@ -1,0 +1,117 @@
+"""AdamW with an explicit weight-decay mode, fused in one pass per bucket."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+from .. import reference
+from .._spec import check_adamw, decay_factors, group_lr_max
+from ._base import FusedOptimizer
+
+
+class AdamW(FusedOptimizer):
+    r"""AdamW whose decay, moments, bias correction and step run in one fused pass.
+
+    A drop-in for :class:`torch.optim.AdamW`: same arguments, defaults, state
+    layout (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and results,
+    plus an explicit weight-decay mode.
+
+    .. math::
+        g &\leftarrow \pm g + \ell_2\, p, \qquad p \leftarrow \delta\, p \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        p &\leftarrow p - \frac{\mathrm{lr}}{1-\beta_1^t}\,
+              \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with :math:`(\delta, \ell_2)` = ``(1 - lr*wd, 0)`` for ``decay="decoupled"``,
+    ``(1 - (lr/lr_max)*wd, 0)`` for ``"independent"`` and ``(1, wd)`` for ``"l2"``
+    (docs/math.md#adamw).
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: learning rate (a float, or a 1-element tensor read each step).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator.
+        weight_decay: decay coefficient; its meaning depends on ``decay``.
+        amsgrad: use the maximum of past squared-gradient averages.
+        maximize: maximize the objective instead of minimizing it.
+        foreach, fused: accepted for drop-in compatibility; every step is fused.
+        capturable, differentiable: must be False (not supported yet).
+        decay: ``"decoupled"`` (torch.optim.AdamW), ``"independent"`` (the paper's
+            fully decoupled decay, scaled by ``lr/lr_max`` only) or ``"l2"``
+            (torch.optim.Adam's coupled L2).
+        backend: ``"auto"`` (the compiled kernel for the parameters' device, else the
+            reference), ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        ``step()`` returns the closure's loss, or None.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fusedwd.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+
+    References:
+        Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019, Alg. 2;
+        Kingma & Ba, *Adam*, ICLR 2015, Alg. 1.
+    """
+
+    _HP_NAMES = ("lr", "beta1", "beta2", "eps", "decay_mult", "l2", "grad_sign")
+    _HP_TABLE_NAME = "ADAMW_HP"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decay: str = "decoupled",
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decay=decay, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_adamw(group)
+
+    def _structure(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["amsgrad"]),)
+
+    def _state_slots(self, structure: tuple) -> tuple[Optional[str], ...]:
+        (amsgrad,) = structure
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
+
+    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+        lr = float(group["lr"])
+        decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return [lr, beta1, beta2, float(group["eps"]), decay_mult, l2, -1.0 if group["maximize"] else 1.0]
+
+    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
+        (amsgrad,) = structure
+        ext.adamw_step(table, nseg, hyper, dtype, amsgrad, threads)
+
+    def _reference(self, group, structure, params, grads, states, steps) -> None:
+        (amsgrad,) = structure
+        beta1, beta2 = (float(b) for b in group["betas"])
+        reference.adamw(
+            params, grads, states["exp_avg"], states["exp_avg_sq"],
+            states.get("max_exp_avg_sq", [None] * len(params)), steps,
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decay=group["decay"], lr_max=group_lr_max(group),
+            amsgrad=amsgrad, maximize=group["maximize"],
+        )

@@ -1,0 +1,111 @@
+"""RMSprop with an explicit weight-decay mode, fused in one pass per bucket."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+from .. import reference
+from .._spec import check_rmspropw, decay_factors, group_lr_max
+from ._base import FusedOptimizer
+
+
+class RMSpropW(FusedOptimizer):
+    r"""RMSprop with decoupled weight decay, fused in one pass.
+
+    Same arguments and defaults as :class:`torch.optim.RMSprop` (state
+    ``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``), plus ``decay``;
+    pass ``decay="l2"`` to reproduce torch's coupled ``weight_decay``.
+
+    .. math::
+        g &\leftarrow \pm g + \ell_2\, p, \qquad p \leftarrow \delta\, p \\
+        s &\leftarrow \alpha s + (1-\alpha) g^2, \qquad
+        \bar g \leftarrow \alpha \bar g + (1-\alpha) g \ \text{(centered)} \\
+        a &= \sqrt{s - \bar g^2} + \epsilon \ \text{(centered) or } \sqrt{s} + \epsilon \\
+        p &\leftarrow p - \mathrm{lr}\, b,\ b \leftarrow \mu b + g/a \ \text{(momentum) or }
+        p \leftarrow p - \mathrm{lr}\, g/a
+
+    (docs/math.md#rmspropw).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        alpha: smoothing constant of the squared-gradient average.
+        eps: added to the denominator.
+        weight_decay: decay coefficient; its meaning depends on ``decay``.
+        momentum: momentum factor.
+        centered: normalize by an estimate of the gradient's variance.
+        capturable, differentiable: must be False (not supported yet).
+        foreach: accepted for drop-in compatibility; every step is fused.
+        maximize: maximize the objective.
+        decay: ``"decoupled"``, ``"independent"`` or ``"l2"`` (docs/math.md).
+        backend: ``"auto"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        ``step()`` returns the closure's loss, or None.
+
+    Example:
+        >>> opt = fusedwd.RMSpropW(model.parameters(), lr=1e-2, weight_decay=1e-4, centered=True)
+
+    References:
+        Tieleman & Hinton, Lecture 6.5, 2012; Graves, arXiv:1308.0850 (centered);
+        Loshchilov & Hutter, ICLR 2019 (decoupled decay).
+    """
+
+    _HP_NAMES = ("lr", "alpha", "eps", "momentum", "decay_mult", "l2", "grad_sign")
+    _HP_TABLE_NAME = "RMSPROPW_HP"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, Tensor] = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        decay: str = "decoupled",
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+            capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
+            decay=decay, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_rmspropw(group)
+
+    def _structure(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["centered"]), float(group["momentum"]) > 0)
+
+    def _state_slots(self, structure: tuple) -> tuple[Optional[str], ...]:
+        centered, has_momentum = structure
+        return ("square_avg", "grad_avg" if centered else None, "momentum_buffer" if has_momentum else None)
+
+    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+        lr = float(group["lr"])
+        decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
+        return [lr, float(group["alpha"]), float(group["eps"]), float(group["momentum"]), decay_mult, l2,
+                -1.0 if group["maximize"] else 1.0]
+
+    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
+        centered, has_momentum = structure
+        ext.rmspropw_step(table, nseg, hyper, dtype, centered, has_momentum, threads)
+
+    def _reference(self, group, structure, params, grads, states, steps) -> None:
+        centered, _ = structure
+        none = [None] * len(params)
+        reference.rmspropw(
+            params, grads, states["square_avg"], states.get("grad_avg", none), states.get("momentum_buffer", none),
+            steps, lr=float(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+            momentum=float(group["momentum"]), centered=centered, weight_decay=float(group["weight_decay"]),
+            decay=group["decay"], lr_max=group_lr_max(group), maximize=group["maximize"],
+        )

@@ -1,0 +1,110 @@
+"""SGD with momentum and an explicit weight-decay mode, fused in one pass per bucket."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+from .. import reference
+from .._spec import check_sgdw, decay_factors, group_lr_max
+from ._base import FusedOptimizer
+
+
+class SGDW(FusedOptimizer):
+    r"""SGD with momentum and decoupled weight decay, fused in one pass.
+
+    Same arguments and defaults as :class:`torch.optim.SGD`, plus ``decay``.
+    Note that ``decay`` defaults to ``"decoupled"``: to reproduce
+    ``torch.optim.SGD(weight_decay=wd)`` (coupled L2) pass ``decay="l2"``.
+
+    .. math::
+        g &\leftarrow \pm g + \ell_2\, p, \qquad p \leftarrow \delta\, p \\
+        b &\leftarrow \mu b + (1-\tau) g \quad (b \leftarrow g \text{ on the first step}) \\
+        p &\leftarrow p - \mathrm{lr}\,(g + \mu b \text{ if nesterov else } b)
+
+    (docs/math.md#sgdw). Without momentum, ``"decoupled"`` equals ``"l2"`` with the
+    same ``weight_decay`` (the paper's Proposition 1); with momentum they differ.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        momentum: momentum factor (0 keeps no state).
+        dampening: dampening of the momentum.
+        weight_decay: decay coefficient; its meaning depends on ``decay``.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+        maximize: maximize the objective.
+        foreach, fused: accepted for drop-in compatibility; every step is fused.
+        differentiable: must be False.
+        decay: ``"decoupled"``, ``"independent"`` or ``"l2"`` (docs/math.md).
+        backend: ``"auto"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        ``step()`` returns the closure's loss, or None.
+
+    Example:
+        >>> opt = fusedwd.SGDW(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    References:
+        Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019, Alg. 1, Prop. 1.
+    """
+
+    _STEP_IN_STATE = False  # torch.optim.SGD keeps only momentum_buffer
+    _HP_NAMES = ("lr", "momentum", "dampening", "decay_mult", "l2", "grad_sign")
+    _HP_TABLE_NAME = "SGDW_HP"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, Tensor] = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decay: str = "decoupled",
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+            decay=decay, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_sgdw(group)
+
+    def _structure(self, group: dict[str, Any]) -> tuple:
+        return (float(group["momentum"]) != 0, bool(group["nesterov"]))
+
+    def _state_slots(self, structure: tuple) -> tuple[Optional[str], ...]:
+        has_momentum, _ = structure
+        return ("momentum_buffer" if has_momentum else None,)
+
+    def _initialized_step(self, state: dict[str, Any]) -> Optional[float]:
+        # torch starts the buffer as a copy of the first gradient; a stored buffer means
+        # that first step has happened (SGD's step count itself is internal)
+        return 1.0 if state.get("momentum_buffer") is not None else None
+
+    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+        lr = float(group["lr"])
+        decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
+        return [lr, float(group["momentum"]), float(group["dampening"]), decay_mult, l2,
+                -1.0 if group["maximize"] else 1.0]
+
+    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
+        has_momentum, nesterov = structure
+        ext.sgdw_step(table, nseg, hyper, dtype, has_momentum, nesterov, threads)
+
+    def _reference(self, group, structure, params, grads, states, steps) -> None:
+        reference.sgdw(
+            params, grads, states.get("momentum_buffer", [None] * len(params)), steps,
+            lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+            nesterov=group["nesterov"], weight_decay=float(group["weight_decay"]), decay=group["decay"],
+            lr_max=group_lr_max(group), maximize=group["maximize"],
+        )
