@@ -1,0 +1,160 @@
+"""The compiled CPU kernel against fusedwd.reference.
+
+Every rule, structural switch, decay mode and dtype, on every instruction set
+this CPU runs; parameters and every state compared every step.
+"""
+
+import pytest
+import torch
+
+import fusedwd
+from fusedwd import _ext
+from _helpers import AWKWARD_SHAPES, clone_params, compare_optimizers, make_params, random_grads
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="fusedwd._C is not built")
+
+STEPS = 25
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DECAYS = ["decoupled", "independent", "l2"]
+
+# (optimizer, non-default hyperparameters, state names compared)
+CONFIGS = {
+    "adamw": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1), ["step", "exp_avg", "exp_avg_sq"]),
+    "adamw-amsgrad-max": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.85, 0.9), eps=1e-5, weight_decay=0.2, amsgrad=True, maximize=True),
+                          ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
+    "sgdw": (fusedwd.SGDW, dict(lr=1e-2, weight_decay=0.3), []),
+    "sgdw-momentum": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.8, dampening=0.25, weight_decay=0.3), ["momentum_buffer"]),
+    "sgdw-nesterov-max": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+                          ["momentum_buffer"]),
+    "rmspropw": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-5, weight_decay=0.1), ["step", "square_avg"]),
+    "rmspropw-centered-momentum": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.95, eps=1e-4, weight_decay=0.2, centered=True, momentum=0.6),
+                                   ["step", "square_avg", "grad_avg", "momentum_buffer"]),
+    "rmspropw-momentum-max": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, weight_decay=0.05, momentum=0.5, maximize=True),
+                              ["step", "square_avg", "momentum_buffer"]),
+}
+
+
+@pytest.fixture(params=_ext.cpu().supported_isas() if _ext.has_cpu() else ["none"])
+def isa(request):
+    C = _ext.cpu()
+    before = C.isa()
+    C.set_isa(request.param)
+    yield request.param
+    C.set_isa(before)
+
+
+def _pair(name, dtype, decay, shapes=AWKWARD_SHAPES, groups=True):
+    cls, kw, states = CONFIGS[name]
+    a = make_params(shapes, dtype)
+    b = clone_params(a)
+
+    def grouped(params):
+        if not groups:
+            return params
+        # a second group with its own numbers shares the bucket (one pass, per-segment rows)
+        return [{"params": params[::2]}, {"params": params[1::2], "lr": kw["lr"] * 0.5, "weight_decay": 0.05}]
+
+    opt_a = cls(grouped(a), decay=decay, backend="cpu", **kw)
+    opt_b = cls(grouped(b), decay=decay, backend="reference", **kw)
+    return opt_a, a, opt_b, b, states
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cpu_kernel_matches_reference(name, decay, dtype, isa):
+    opt_a, a, opt_b, b, states = _pair(name, dtype, decay)
+    assert {bk.backend for bk in opt_a._current_plan()} == {"cpu"}
+    compare_optimizers(opt_a, a, opt_b, b, states, STEPS, lambda t: random_grads(a, t))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgdw-momentum", "rmspropw-centered-momentum"])
+def test_many_tensors_one_bucket(name):
+    # 300 tensors of assorted sizes (0 included) in one pass, with per-segment rows
+    sizes = [(n,) for n in ([0, 1, 2, 3, 63, 64, 65, 127, 129] * 30 + [1000] * 30)]
+    opt_a, a, opt_b, b, states = _pair(name, torch.float32, "decoupled", sizes)
+    assert len(opt_a._current_plan()) == 1
+    compare_optimizers(opt_a, a, opt_b, b, states, 10, lambda t: random_grads(a, t))
+
+
+def test_params_without_grad_are_skipped_and_untouched():
+    opt_a, a, opt_b, b, states = _pair("adamw", torch.float32, "decoupled")
+    frozen = {1, 3}
+
+    def grads(t):
+        gs = random_grads(a, t)
+        # the same tensors go without a gradient every other step
+        return [None if (k in frozen and t % 2) else g for k, g in enumerate(gs)]
+
+    before = {k: a[k].detach().clone() for k in frozen}
+    for t in range(6):
+        gs = grads(t)
+        for params in (a, b):
+            for p, g in zip(params, gs):
+                p.grad = None if g is None else g.clone()
+        snap = {k: (a[k].detach().clone(), {n: v.clone() for n, v in opt_a.state[a[k]].items()}) for k in frozen}
+        opt_a.step()
+        opt_b.step()
+        for k in frozen:
+            if gs[k] is None:
+                assert torch.equal(a[k].detach(), snap[k][0]), "a parameter without grad moved"
+                for n, v in opt_a.state[a[k]].items():
+                    assert torch.equal(v, snap[k][1][n]), f"state {n} of a parameter without grad changed"
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa.detach(), pb.detach(), rtol=0, atol=1e-5)
+    assert not torch.equal(a[1].detach(), before[1])
+
+
+def test_state_appears_on_first_step_like_torch():
+    p, q = make_params([(5,), (7,)])
+    opt = fusedwd.AdamW([p, q], backend="cpu")
+    assert len(opt.state) == 0
+    p.grad = torch.randn(5)
+    opt.step()
+    assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and float(opt.state[p]["step"]) == 1
+    assert q not in opt.state or len(opt.state[q]) == 0
+
+
+def test_empty_group_and_no_grads():
+    p = make_params([(10,)])[0]
+    opt = fusedwd.AdamW([{"params": []}, {"params": [p]}], backend="cpu")
+    opt.step()  # nothing has a gradient: a no-op
+    assert len(opt.state) == 0
+    p.grad = torch.ones(10)
+    opt.step()
+    assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_parameters(dtype):
+    # a transposed weight and a strided slice: staged through contiguous copies
+    base_a = torch.randn(64, 33).to(dtype)
+    base_b = base_a.clone()
+    pa = [torch.nn.Parameter(base_a.t()), torch.nn.Parameter(torch.randn(50).to(dtype))]
+    pb = [torch.nn.Parameter(base_b.t()), torch.nn.Parameter(pa[1].detach().clone())]
+    assert not pa[0].is_contiguous()
+    opt_a = fusedwd.AdamW(pa, lr=1e-2, backend="cpu")
+    opt_b = fusedwd.AdamW(pb, lr=1e-2, backend="reference")
+
+    def grads(t):
+        g = random_grads(pa, t)
+        g[0] = g[0].t().contiguous().t()  # a non-contiguous gradient too, as for a transposed weight
+        return g
+
+    compare_optimizers(opt_a, pa, opt_b, pb, ["step", "exp_avg", "exp_avg_sq"], 8, grads, dtype)
+
+
+def test_replaced_param_data_is_followed():
+    p = make_params([(100,)])[0]
+    q = torch.nn.Parameter(p.detach().clone())
+    opt_a = fusedwd.AdamW([p], backend="cpu")
+    opt_b = fusedwd.AdamW([q], backend="reference")
+    for t in range(4):
+        if t == 2:
+            new = p.detach().clone()
+            p.data = new  # same shape and dtype, new storage (as some wrappers do)
+        g = torch.randn(100)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        torch.testing.assert_close(p.detach(), q.detach())
