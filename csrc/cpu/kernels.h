@@ -1,0 +1,57 @@
+// The interface between the bindings and the CPU loops. The loops are compiled
+// once per ISA variant (loops_*.cpp); each variant exports one Kernels table
+// and dispatch.cpp picks one at import. Plain types only: the variants' C++
+// types live in per-ISA namespaces and must not cross this boundary.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fusedwd {
+namespace cpu {
+
+struct StepArgs {
+  const int64_t* table;  // nseg rows of SEG_COLS int64 (layout.h)
+  int64_t nseg;          // number of segments (> 0)
+  const double* hyper;   // hyperparameter rows of the rule
+  const int64_t* offs;   // prefix sums of the segment sizes, nseg + 1 entries
+  int dtype;             // DType of p, g and every state
+  int num_threads;       // >= 1
+};
+
+// traffic_pass takes at most this many read and this many write buffers.
+constexpr int kMaxTrafficBuffers = 6;
+
+struct TrafficArgs {
+  const uintptr_t* reads;   // addresses of the buffers read
+  int64_t n_reads;
+  const uintptr_t* writes;  // addresses of the buffers written
+  int64_t n_writes;
+  int64_t n;                // elements per buffer
+  int elem_size;            // bytes per element: 4 or 2
+  int num_threads;          // >= 1
+};
+
+struct Kernels {
+  const char* name;
+  void (*adamw)(const StepArgs&, bool amsgrad);
+  void (*sgdw)(const StepArgs&, bool has_momentum, bool nesterov);
+  void (*rmspropw)(const StepArgs&, bool centered, bool has_momentum);
+  void (*traffic)(const TrafficArgs&);
+};
+
+// The variant in use; chosen at first use from the CPU features unless
+// FUSEDWD_CPU_ISA names one.
+const Kernels& active();
+// Names of the variants built into this module and runnable on this CPU,
+// slowest first.
+std::vector<std::string> supported_isas();
+// Selects a variant by name; throws std::invalid_argument if unknown or unsupported.
+void set_isa(const std::string& name);
+
+// Exclusive prefix sums of the SEG_N column: nseg + 1 entries.
+std::vector<int64_t> segment_offsets(const int64_t* table, int64_t nseg);
+
+}  // namespace cpu
+}  // namespace fusedwd

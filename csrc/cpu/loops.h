@@ -1,0 +1,288 @@
+// The CPU step loops, compiled once per ISA variant: each loops_<isa>.cpp sets
+// FUSEDWD_ISA_NS and includes this file, so every inline helper gets that
+// variant's flags and its own symbols.
+//
+// One OpenMP parallel region per call covers every segment: the concatenated
+// elements are split between threads by partition.h, each thread walks the
+// segments its range touches and runs a vectorizable loop over its slice.
+#pragma once
+
+#include <omp.h>
+
+#include <cstdint>
+
+#include "fusedwd/adamw.h"
+#include "fusedwd/common.h"
+#include "fusedwd/layout.h"
+#include "fusedwd/partition.h"
+#include "fusedwd/rmspropw.h"
+#include "fusedwd/sgdw.h"
+#include "kernels.h"
+
+#ifndef FUSEDWD_ISA_NS
+#error "loops.h is included by loops_<isa>.cpp, which defines FUSEDWD_ISA_NS"
+#endif
+
+FUSEDWD_NS_BEGIN
+namespace cpu_loops {
+
+using cpu::StepArgs;
+using cpu::TrafficArgs;
+
+inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T>
+inline T* column_ptr(const int64_t* row, int col) {
+  // the table stores raw addresses as int64
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(row[col]));
+}
+
+// The walk shared by every rule. Seg(row, hyper_row, t, lo, hi) updates
+// elements [lo, hi) of one segment; t is the 1-based step being taken.
+template <int HP_COLS, typename Seg>
+void for_each_slice(const StepArgs& a, Seg seg) {
+#pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t k = omp_get_thread_num();
+    const int64_t* offs = a.offs;
+    const int64_t begin = worker_begin(offs, a.nseg, k, nt);
+    const int64_t end = worker_begin(offs, a.nseg, k + 1, nt);
+    if (begin < end) {
+      for (int64_t s = segment_of(offs, a.nseg, begin); s < a.nseg && offs[s] < end; ++s) {
+        const int64_t lo = max_i64(begin, offs[s]) - offs[s];
+        const int64_t hi = min_i64(end, offs[s + 1]) - offs[s];
+        if (lo >= hi) continue;  // zero-length segment: nothing but its step count
+        const int64_t* row = a.table + s * SEG_COLS;
+        const double t = static_cast<double>(*column_ptr<const float>(row, SEG_STEP)) + 1.0;
+        seg(row, a.hyper + row[SEG_HP] * HP_COLS, t, lo, hi);
+      }
+    }
+    // every thread has read its segments' step counts: now each count is
+    // advanced exactly once, segments split between threads by index
+#pragma omp barrier
+    for (int64_t s = a.nseg * k / nt; s < a.nseg * (k + 1) / nt; ++s) {
+      float* step = column_ptr<float>(a.table + s * SEG_COLS, SEG_STEP);
+      *step = *step + 1.0f;
+    }
+  }
+}
+
+template <DType D, bool AMSGRAD>
+void adamw_pass(const StepArgs& a) {
+  using T = storage_t<D>;
+  using M = math_t<D>;
+  for_each_slice<ADAMW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
+                                      int64_t lo, int64_t hi) {
+    T* __restrict__ p = column_ptr<T>(row, SEG_P);
+    const T* __restrict__ g = column_ptr<const T>(row, SEG_G);
+    T* __restrict__ m = column_ptr<T>(row, SEG_S0);
+    T* __restrict__ v = column_ptr<T>(row, SEG_S1);
+    T* __restrict__ vmax = column_ptr<T>(row, SEG_S2);
+    const AdamWScalars<M> sc = adamw_scalars<M>(hp, t);
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      M pi = load<D>(p, i);
+      M mi = load<D>(m, i);
+      M vi = load<D>(v, i);
+      // S2 is 0 without amsgrad: never touched
+      M vmaxi = AMSGRAD ? load<D>(vmax, i) : M(0);
+      adamw_update<AMSGRAD>(pi, load<D>(g, i), mi, vi, vmaxi, sc);
+      store<D>(p, i, pi);
+      store<D>(m, i, mi);
+      store<D>(v, i, vi);
+      if (AMSGRAD) store<D>(vmax, i, vmaxi);
+    }
+  });
+}
+
+template <DType D, bool HAS_MOMENTUM, bool NESTEROV>
+void sgdw_pass(const StepArgs& a) {
+  using T = storage_t<D>;
+  using M = math_t<D>;
+  for_each_slice<SGDW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
+                                     int64_t lo, int64_t hi) {
+    T* __restrict__ p = column_ptr<T>(row, SEG_P);
+    const T* __restrict__ g = column_ptr<const T>(row, SEG_G);
+    T* __restrict__ buf = column_ptr<T>(row, SEG_S0);
+    const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t);
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      M pi = load<D>(p, i);
+      // S0 is 0 without momentum: never touched
+      M bi = HAS_MOMENTUM ? load<D>(buf, i) : M(0);
+      sgdw_update<HAS_MOMENTUM, NESTEROV>(pi, load<D>(g, i), bi, sc);
+      store<D>(p, i, pi);
+      if (HAS_MOMENTUM) store<D>(buf, i, bi);
+    }
+  });
+}
+
+template <DType D, bool CENTERED, bool HAS_MOMENTUM>
+void rmspropw_pass(const StepArgs& a) {
+  using T = storage_t<D>;
+  using M = math_t<D>;
+  for_each_slice<RMSPROPW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
+                                         int64_t lo, int64_t hi) {
+    T* __restrict__ p = column_ptr<T>(row, SEG_P);
+    const T* __restrict__ g = column_ptr<const T>(row, SEG_G);
+    T* __restrict__ sq = column_ptr<T>(row, SEG_S0);
+    T* __restrict__ ga = column_ptr<T>(row, SEG_S1);
+    T* __restrict__ buf = column_ptr<T>(row, SEG_S2);
+    const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t);
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      M pi = load<D>(p, i);
+      M sqi = load<D>(sq, i);
+      // S1 / S2 are 0 when not centered / without momentum: never touched
+      M gai = CENTERED ? load<D>(ga, i) : M(0);
+      M bi = HAS_MOMENTUM ? load<D>(buf, i) : M(0);
+      rmspropw_update<CENTERED, HAS_MOMENTUM>(pi, load<D>(g, i), sqi, gai, bi, sc);
+      store<D>(p, i, pi);
+      store<D>(sq, i, sqi);
+      if (CENTERED) store<D>(ga, i, gai);
+      if (HAS_MOMENTUM) store<D>(buf, i, bi);
+    }
+  });
+}
+
+// Runtime dtype -> template. Callers validated dtype.
+template <template <DType> class Pass>
+void by_dtype(const StepArgs& a) {
+  switch (static_cast<DType>(a.dtype)) {
+    case DType::F32: return Pass<DType::F32>::run(a);
+    case DType::F16: return Pass<DType::F16>::run(a);
+    case DType::BF16: return Pass<DType::BF16>::run(a);
+    case DType::F64: return Pass<DType::F64>::run(a);
+  }
+}
+
+template <bool AMSGRAD>
+struct AdamW {
+  template <DType D>
+  struct Pass {
+    static void run(const StepArgs& a) { adamw_pass<D, AMSGRAD>(a); }
+  };
+};
+
+template <bool HAS_MOMENTUM, bool NESTEROV>
+struct Sgdw {
+  template <DType D>
+  struct Pass {
+    static void run(const StepArgs& a) { sgdw_pass<D, HAS_MOMENTUM, NESTEROV>(a); }
+  };
+};
+
+template <bool CENTERED, bool HAS_MOMENTUM>
+struct Rmspropw {
+  template <DType D>
+  struct Pass {
+    static void run(const StepArgs& a) { rmspropw_pass<D, CENTERED, HAS_MOMENTUM>(a); }
+  };
+};
+
+inline void adamw(const StepArgs& a, bool amsgrad) {
+  if (amsgrad) {
+    by_dtype<AdamW<true>::Pass>(a);
+  } else {
+    by_dtype<AdamW<false>::Pass>(a);
+  }
+}
+
+inline void sgdw(const StepArgs& a, bool has_momentum, bool nesterov) {
+  if (!has_momentum) {
+    // nesterov needs momentum (validated in Python): without it d = g either way
+    by_dtype<Sgdw<false, false>::Pass>(a);
+  } else if (nesterov) {
+    by_dtype<Sgdw<true, true>::Pass>(a);
+  } else {
+    by_dtype<Sgdw<true, false>::Pass>(a);
+  }
+}
+
+inline void rmspropw(const StepArgs& a, bool centered, bool has_momentum) {
+  if (centered) {
+    if (has_momentum) {
+      by_dtype<Rmspropw<true, true>::Pass>(a);
+    } else {
+      by_dtype<Rmspropw<true, false>::Pass>(a);
+    }
+  } else {
+    if (has_momentum) {
+      by_dtype<Rmspropw<false, true>::Pass>(a);
+    } else {
+      by_dtype<Rmspropw<false, false>::Pass>(a);
+    }
+  }
+}
+
+// The memory-traffic floor: every read buffer read once, every write buffer
+// written once with the (wrapping integer) sum of the reads, over the same
+// partition and threading as the steps. Like the steps, one loop touches every
+// stream at once (the hardware prefetchers see the same pattern), so the
+// buffer counts are compile-time constants.
+template <typename U, int R, int W>
+void traffic_fixed(const TrafficArgs& a) {
+  const int64_t offs[2] = {0, a.n};
+#pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t k = omp_get_thread_num();
+    const int64_t begin = worker_begin(offs, 1, k, nt);
+    const int64_t end = worker_begin(offs, 1, k + 1, nt);
+    const U* src[R > 0 ? R : 1];
+    U* dst[W > 0 ? W : 1];
+    // the caller passes raw addresses of buffers of n elements
+    for (int r = 0; r < R; ++r) src[r] = reinterpret_cast<const U*>(a.reads[r]);
+    for (int w = 0; w < W; ++w) dst[w] = reinterpret_cast<U*>(a.writes[w]);
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      U acc = 0;
+      for (int r = 0; r < R; ++r) acc = static_cast<U>(acc + src[r][i]);
+      for (int w = 0; w < W; ++w) dst[w][i] = acc;
+    }
+  }
+}
+
+// Runtime buffer counts -> template; the bindings checked both are at most
+// kMaxTrafficBuffers.
+template <typename U, int R = 0, int W = 0>
+void traffic_counts(const TrafficArgs& a) {
+  if constexpr (R <= cpu::kMaxTrafficBuffers && W <= cpu::kMaxTrafficBuffers) {
+    if (a.n_reads != R) {
+      traffic_counts<U, R + 1, W>(a);
+    } else if (a.n_writes != W) {
+      traffic_counts<U, R, W + 1>(a);
+    } else {
+      traffic_fixed<U, R, W>(a);
+    }
+  }
+}
+
+inline void traffic(const TrafficArgs& a) {
+  if (a.elem_size == 4) {
+    traffic_counts<uint32_t>(a);
+  } else {
+    traffic_counts<uint16_t>(a);
+  }
+}
+
+}  // namespace cpu_loops
+FUSEDWD_NS_END
+
+#define FUSEDWD_CAT2(a, b) a##b
+#define FUSEDWD_CAT(a, b) FUSEDWD_CAT2(a, b)
+#define FUSEDWD_STR2(a) #a
+#define FUSEDWD_STR(a) FUSEDWD_STR2(a)
+
+// This variant's table, named <isa>_kernels, read by dispatch.cpp.
+#define FUSEDWD_DEFINE_KERNELS()                                                      \
+  namespace fusedwd {                                                                 \
+  namespace cpu {                                                                     \
+  extern const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels);                          \
+  const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels) = {                              \
+      FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::adamw, &cpu_loops::sgdw,               \
+      &cpu_loops::rmspropw, &cpu_loops::traffic};                                     \
+  }                                                                                   \
+  }

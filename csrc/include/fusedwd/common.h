@@ -1,0 +1,181 @@
+// Storage <-> math type conversions shared by the CPU loops and the CUDA kernels.
+//
+// fp16 and bf16 are stored as their raw 16-bit patterns (uint16_t) so the same
+// code compiles under g++ (no half type needed) and nvcc (where the bits are
+// reinterpreted as __half / __nv_bfloat16 and converted by the intrinsics).
+// Host conversions are branch-free bit arithmetic so that GCC vectorizes them
+// inside the element loops; all of them round to nearest even and keep NaN/Inf.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define FUSEDWD_HD __host__ __device__
+#else
+#define FUSEDWD_HD
+#endif
+
+// Each CPU ISA variant compiles these inline functions with different flags;
+// a per-variant inline namespace gives every copy its own symbol, so the linker
+// can never substitute the AVX-512 copy of a helper into the baseline path.
+#ifndef FUSEDWD_ISA_NS
+#define FUSEDWD_ISA_NS generic
+#endif
+#define FUSEDWD_NS_BEGIN \
+  namespace fusedwd {    \
+  inline namespace FUSEDWD_ISA_NS {
+#define FUSEDWD_NS_END \
+  }                    \
+  }
+
+FUSEDWD_NS_BEGIN
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+FUSEDWD_HD inline uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+FUSEDWD_HD inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+FUSEDWD_HD inline float bf16_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat162float(__ushort_as_bfloat16(h));
+#else
+  // bf16 is the upper half of an fp32: exact, NaN payload kept.
+  return bits_float(static_cast<uint32_t>(h) << 16);
+#endif
+}
+
+FUSEDWD_HD inline uint16_t float_to_bf16(float x) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#else
+  const uint32_t u = float_bits(x);
+  // round to nearest even: add 0x7fff plus the lowest kept bit, carry may reach Inf
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  // NaN: truncate and set the quiet bit so rounding can never turn it into Inf
+  const uint32_t quiet_nan = (u >> 16) | 0x0040u;
+  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(is_nan ? quiet_nan : rounded);
+#endif
+}
+
+FUSEDWD_HD inline float f16_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  // Exponent rebias by bit arithmetic (F. Giesen, "half_to_float_fast5"), all
+  // three cases computed and selected so the loop stays branch-free.
+  const uint32_t shifted_exp = 0x7c00u << 13;  // fp16 exponent mask in fp32 position
+  const uint32_t body = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
+  const uint32_t exp = body & shifted_exp;
+  const uint32_t normal = body + ((127u - 15u) << 23);
+  // Inf/NaN: push the exponent to 255, mantissa (NaN payload) kept
+  const uint32_t inf_nan = normal + ((128u - 16u) << 23);
+  // zero/subnormal: exact fp32 subtraction renormalizes the mantissa
+  const uint32_t subnormal =
+      float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
+  const uint32_t magnitude = exp == shifted_exp ? inf_nan : (exp == 0 ? subnormal : normal);
+  return bits_float(magnitude | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
+#endif
+}
+
+FUSEDWD_HD inline uint16_t float_to_f16(float x) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(x));
+#else
+  // F. Giesen, "float_to_half_fast3_rtne", with the branches turned into selects.
+  const uint32_t u_signed = float_bits(x);
+  const uint32_t sign = u_signed & 0x80000000u;
+  const uint32_t u = u_signed ^ sign;
+  const uint32_t f16_overflow = (127u + 16u) << 23;  // 65536.0f: rounds to Inf
+  const uint32_t f16_min_normal = 113u << 23;        // 2^-14
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;  // 0.5f
+  // NaN -> quiet NaN, Inf and overflow -> Inf
+  const uint32_t special = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // subnormal: the fp32 adder rounds (to nearest even) at the fp16 subnormal ulp
+  const uint32_t subnormal = float_bits(bits_float(u) + bits_float(denorm_magic)) - denorm_magic;
+  // normal: rebias, then round to nearest even on the 13 dropped bits
+  const uint32_t mant_odd = (u >> 13) & 1u;
+  const uint32_t normal = (u + ((15u - 127u) << 23) + 0xfffu + mant_odd) >> 13;
+  const uint32_t magnitude =
+      u >= f16_overflow ? special : (u < f16_min_normal ? subnormal : normal);
+  return static_cast<uint16_t>(magnitude | (sign >> 16));
+#endif
+}
+
+// Storage type and math type of each DType: 16-bit formats compute in fp32,
+// fp64 in fp64.
+template <DType D>
+struct Storage;
+template <>
+struct Storage<DType::F32> {
+  using type = float;
+  using math = float;
+};
+template <>
+struct Storage<DType::F16> {
+  using type = uint16_t;
+  using math = float;
+};
+template <>
+struct Storage<DType::BF16> {
+  using type = uint16_t;
+  using math = float;
+};
+template <>
+struct Storage<DType::F64> {
+  using type = double;
+  using math = double;
+};
+
+template <DType D>
+using storage_t = typename Storage<D>::type;
+template <DType D>
+using math_t = typename Storage<D>::math;
+
+template <DType D>
+FUSEDWD_HD inline math_t<D> load(const storage_t<D>* ptr, int64_t i) {
+  if constexpr (D == DType::F16) {
+    return f16_to_float(ptr[i]);
+  } else if constexpr (D == DType::BF16) {
+    return bf16_to_float(ptr[i]);
+  } else {
+    return ptr[i];
+  }
+}
+
+template <DType D>
+FUSEDWD_HD inline void store(storage_t<D>* ptr, int64_t i, math_t<D> x) {
+  if constexpr (D == DType::F16) {
+    ptr[i] = float_to_f16(x);
+  } else if constexpr (D == DType::BF16) {
+    ptr[i] = float_to_bf16(x);
+  } else {
+    ptr[i] = x;
+  }
+}
+
+FUSEDWD_HD inline float sqrt_m(float x) { return ::sqrtf(x); }
+FUSEDWD_HD inline double sqrt_m(double x) { return ::sqrt(x); }
+
+FUSEDWD_NS_END

@@ -1,0 +1,481 @@
+"""The CPU extension itself: partition arithmetic, ISA dispatch, step counts,
+gather's contract, argument checks and the traffic pass.
+
+The kernels against fusedwd.reference are tested elsewhere; here the ISA
+variants are checked against the baseline variant (bitwise: the loops are built
+with -ffp-contract=off, so every variant rounds alike) and the 16-bit stores
+against torch's own conversions.
+"""
+
+import bisect
+import itertools
+
+import pytest
+import torch
+
+_C = pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPE_ENUM = {dt: _C.DTYPES[str(dt).removeprefix("torch.")] for dt in DTYPES}
+
+# rule -> (step function, hyper columns, state count, switch combinations)
+RULES = {
+    "adamw": (_C.adamw_step, _C.ADAMW_HP, _C.ADAMW_HP_COLS, [(False,), (True,)]),
+    "sgdw": (_C.sgdw_step, _C.SGDW_HP, _C.SGDW_HP_COLS, [(False, False), (True, False), (True, True)]),
+    "rmspropw": (
+        _C.rmspropw_step,
+        _C.RMSPROPW_HP,
+        _C.RMSPROPW_HP_COLS,
+        list(itertools.product([False, True], repeat=2)),
+    ),
+}
+
+# Two param groups of non-default numbers per rule; the second maximizes and uses coupled L2.
+HYPER = {
+    "adamw": [
+        dict(lr=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, decay_mult=1 - 3e-3 * 0.1, l2=0.0, grad_sign=1.0),
+        dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, decay_mult=1.0, l2=0.05, grad_sign=-1.0),
+    ],
+    "sgdw": [
+        dict(lr=0.05, momentum=0.9, dampening=0.1, decay_mult=1 - 0.05 * 0.01, l2=0.0, grad_sign=1.0),
+        dict(lr=0.02, momentum=0.8, dampening=0.0, decay_mult=1.0, l2=0.03, grad_sign=-1.0),
+    ],
+    "rmspropw": [
+        dict(lr=1e-3, alpha=0.9, eps=1e-6, momentum=0.5, decay_mult=1 - 1e-3 * 0.1, l2=0.0, grad_sign=1.0),
+        dict(lr=5e-3, alpha=0.99, eps=1e-8, momentum=0.9, decay_mult=1.0, l2=0.02, grad_sign=-1.0),
+    ],
+}
+
+SIZES = [1, 4097, 0, 64, 63, 3000, 1000, 129, 0, 5]
+
+
+def states_used(rule, switches):
+    """Which of S0, S1, S2 a rule with these switches reads and writes."""
+    if rule == "adamw":
+        (amsgrad,) = switches
+        return (True, True, amsgrad)
+    if rule == "sgdw":
+        has_momentum, _ = switches
+        return (has_momentum, False, False)
+    centered, has_momentum = switches
+    return (True, centered, has_momentum)
+
+
+class Bucket:
+    """Tensors of one bucket and the int64 / float64 tables that point at them."""
+
+    def __init__(self, rule, switches, dtype, sizes, seed):
+        gen = torch.Generator().manual_seed(seed)
+
+        def draw(n, kind="signed"):
+            x = torch.randn(n, generator=gen, dtype=torch.float64)
+            # second moments positive; grad_avg small enough that square_avg - grad_avg^2 > 0
+            x = {"signed": x, "positive": x.abs() + 1.0, "small": 0.1 * x}[kind]
+            return x.to(dtype)
+
+        _, hp_names, hp_cols, _ = RULES[rule]
+        used = states_used(rule, switches)
+        self.p = [draw(n) for n in sizes]
+        self.g = [draw(n) for n in sizes]
+        kinds = {"adamw": ("signed", "positive", "positive"), "sgdw": ("signed",) * 3,
+                 "rmspropw": ("positive", "small", "signed")}[rule]  # fmt: skip
+        # every state starts non-zero
+        self.s = [[draw(n, kind) for n in sizes] if use else None for use, kind in zip(used, kinds)]
+        self.step = torch.randint(0, 5, (len(sizes),), generator=gen).to(torch.float32)
+        self.hyper = torch.zeros(len(HYPER[rule]), hp_cols, dtype=torch.float64)
+        for row, values in enumerate(HYPER[rule]):
+            for name, value in values.items():
+                self.hyper[row, hp_names[name]] = value
+        self.table = torch.zeros(len(sizes), _C.SEG_COLS, dtype=torch.int64)
+        for i, n in enumerate(sizes):
+            row = self.table[i]
+            row[_C.SEG_P] = self.p[i].data_ptr()
+            row[_C.SEG_G] = self.g[i].data_ptr()
+            for col, s in zip((_C.SEG_S0, _C.SEG_S1, _C.SEG_S2), self.s):
+                row[col] = s[i].data_ptr() if s is not None else 0
+            row[_C.SEG_STEP] = self.step[i : i + 1].data_ptr()
+            row[_C.SEG_N] = n
+            row[_C.SEG_HP] = i % len(HYPER[rule])
+            row[_C.SEG_INDEX] = i
+        self.rule, self.switches, self.dtype = rule, switches, dtype
+
+    def run(self, num_threads):
+        fn = RULES[self.rule][0]
+        fn(
+            self.table.data_ptr(),
+            self.table.shape[0],
+            self.hyper.data_ptr(),
+            DTYPE_ENUM[self.dtype],
+            *self.switches,
+            num_threads,
+        )
+
+    def tensors(self):
+        return self.p + [t for s in self.s if s is not None for t in s] + [self.step]
+
+
+def bitwise_equal(a, b):
+    """Equal bit patterns (NaN included)."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    return a.shape == b.shape and torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
+
+
+@pytest.fixture
+def restore_isa():
+    before = _C.isa()
+    yield
+    _C.set_isa(before)
+
+
+# ---------------------------------------------------------------- partition
+
+
+def check_partition(sizes, num_threads):
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    total = offs[-1]
+    ranges = _C.thread_ranges(sizes, num_threads)
+    assert len(ranges) == num_threads
+    # contiguous, ordered, covering [0, total): every element exactly once
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    for (_, end, _, _), (begin, _, _, _) in zip(ranges, ranges[1:]):
+        assert end == begin
+    for begin, end, first, offset in ranges:
+        assert 0 <= begin <= end <= total
+        # rounding each boundary down by < 64 elements keeps the split even
+        assert end - begin <= total // num_threads + 64
+        if begin == end:
+            assert first == -1
+            continue
+        seg = bisect.bisect_right(offs, begin) - 1  # the non-empty segment holding begin
+        assert (first, offset) == (seg, begin - offs[seg])
+        assert sizes[seg] > 0 and offset < sizes[seg]
+        # inside a segment, boundaries fall on multiples of 64 elements
+        assert offset % 64 == 0
+
+
+@pytest.mark.parametrize("num_threads", range(1, 9))
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [],
+        [0],
+        [0, 0, 0],
+        [1],
+        [4097],
+        SIZES,
+        [1000] * 100,
+        [3, 0, 1, 7] * 500,  # many tiny segments
+        [0, 2**31 + 5, 0, 3, 2**33 + 17, 1],  # beyond 2^31 elements: arithmetic only
+        [2**40 + 63] * 3,
+    ],
+    ids=lambda s: f"{len(s)}seg-{sum(s)}el",
+)
+def test_partition(sizes, num_threads):
+    check_partition(sizes, num_threads)
+
+
+def test_partition_bad_arguments():
+    with pytest.raises(ValueError):
+        _C.thread_ranges([1, 2], 0)
+    with pytest.raises(ValueError):
+        _C.thread_ranges([1, -2], 2)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_isa_names(restore_isa):
+    isas = _C.supported_isas()
+    assert isas[0] == "baseline"
+    assert set(isas) <= {"baseline", "avx2", "avx512"}
+    assert _C.isa() in isas
+    for name in isas:
+        _C.set_isa(name)
+        assert _C.isa() == name
+    with pytest.raises(ValueError):
+        _C.set_isa("sse9")
+
+
+CASES = [(rule, sw) for rule, spec in RULES.items() for sw in spec[3]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule,switches", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+def test_isa_variants_match_baseline(rule, switches, dtype, restore_isa):
+    isas = _C.supported_isas()
+    if len(isas) == 1:
+        pytest.skip("only the baseline variant runs on this CPU")
+    results = {}
+    for isa in isas:
+        _C.set_isa(isa)
+        bucket = Bucket(rule, switches, dtype, SIZES, seed=0)
+        before = [t.clone() for t in bucket.tensors()]
+        for _ in range(3):
+            bucket.run(num_threads=2)
+        after = bucket.tensors()
+        # every parameter and state was written (a large random tensor never stays put)
+        assert all(not bitwise_equal(a, b) for a, b in zip(after, before) if a.numel() > 1000)
+        results[isa] = after
+    for isa in isas[1:]:
+        for ref, got in zip(results["baseline"], results[isa]):
+            # -ffp-contract=off: the variants round identically
+            assert bitwise_equal(ref, got), isa
+
+
+@pytest.mark.parametrize("rule,switches", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+def test_thread_count_does_not_change_results(rule, switches):
+    """Segments split between threads use the same scalars in both halves."""
+    one = Bucket(rule, switches, torch.float32, SIZES, seed=1)
+    two = Bucket(rule, switches, torch.float32, SIZES, seed=1)
+    for _ in range(2):
+        one.run(num_threads=1)
+        two.run(num_threads=2)
+    for a, b in zip(one.tensors(), two.tensors()):
+        assert bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_stores_round_like_torch(dtype, restore_isa):
+    """SGDW without momentum, p <- p*decay_mult - lr*g, is a few fp32 ops that
+    torch repeats exactly; the 16-bit store must round them as torch does:
+    to nearest even, Inf and NaN kept, fp16 subnormals and overflow included."""
+    finfo = torch.finfo(dtype)
+    special = torch.tensor(
+        [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, finfo.max, -finfo.max,
+         finfo.tiny, finfo.tiny / 4, finfo.tiny * 0.75, finfo.eps, 1.0],
+        dtype=torch.float64,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(2)
+    n = 20000
+
+    def spread():
+        magnitude = torch.exp2(torch.empty(n, dtype=torch.float64).uniform_(-30, 17, generator=gen))
+        return (magnitude * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)).to(dtype)
+
+    # Inf and NaN only in g: l2*p = 0*Inf would turn an Inf parameter into NaN
+    p0 = spread().clamp(-finfo.max / 4, finfo.max / 4)
+    g0 = torch.cat([special.to(dtype), spread()])[:n]
+    for isa in _C.supported_isas():
+        _C.set_isa(isa)
+        for decay_mult, lr in ((1.0, 1.0), (1.0 + 2**-9, 0.5), (0.999, 3e-3), (1.7, 0.0)):
+            bucket = Bucket("sgdw", (False, False), dtype, [n], seed=3)
+            bucket.p[0].copy_(p0)
+            bucket.g[0].copy_(g0)
+            hp = _C.SGDW_HP
+            for name, value in (("lr", lr), ("l2", 0.0), ("grad_sign", 1.0), ("decay_mult", decay_mult)):
+                bucket.hyper[:, hp[name]] = value
+            bucket.run(num_threads=2)
+            # the same fp32 ops, scalars rounded to fp32 as the kernel does
+            f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+            pf, gf = p0.float(), g0.float()
+            expected = (pf * f32(decay_mult) - f32(lr) * (f32(1.0) * gf + f32(0.0) * pf)).to(dtype)
+            got = bucket.p[0]
+            assert torch.equal(got.isnan(), expected.isnan()), isa
+            ok = got.isnan() | (got.view(torch.int16) == expected.view(torch.int16))
+            assert bool(ok.all()), (isa, decay_mult, got[~ok][:5], expected[~ok][:5])
+
+
+# ---------------------------------------------------------------- step counts
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("rule,switches", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+def test_step_counts_advance_exactly_once(rule, switches, num_threads):
+    # 4097 and 3000 straddle thread boundaries; 0-length segments count too
+    bucket = Bucket(rule, switches, torch.float32, SIZES, seed=4)
+    start = bucket.step.clone()
+    for k in range(1, 4):
+        bucket.run(num_threads)
+        assert torch.equal(bucket.step, start + k)
+
+
+def test_sgdw_first_step_copies_gradient():
+    """SGDW's stored step 0 means t = 1: buf = g exactly (torch clones g)."""
+    bucket = Bucket("sgdw", (True, False), torch.float32, [4097, 100], seed=5)
+    bucket.step.zero_()
+    bucket.hyper[:, _C.SGDW_HP["l2"]] = 0.0
+    bucket.hyper[:, _C.SGDW_HP["grad_sign"]] = 1.0
+    bucket.run(num_threads=2)
+    for g, buf in zip(bucket.g, bucket.s[0]):
+        assert torch.equal(buf, g)
+
+
+# ---------------------------------------------------------------- gather
+
+
+class FakeTensor:
+    """Answers gather's questions with chosen values, or raises."""
+
+    def __init__(self, ptr=1, dtype=torch.float32, is_cpu=True, numel=4, contiguous=True,
+                 grad=None, raise_in=()):  # fmt: skip
+        self._ptr, self.dtype, self.is_cpu = ptr, dtype, is_cpu
+        self._numel, self._contiguous, self.grad, self._raise = numel, contiguous, grad, raise_in
+
+    def _maybe_raise(self, name):
+        if name in self._raise:
+            raise RuntimeError(name)
+
+    def data_ptr(self):
+        self._maybe_raise("data_ptr")
+        return self._ptr
+
+    def numel(self):
+        self._maybe_raise("numel")
+        return self._numel
+
+    def is_contiguous(self):
+        self._maybe_raise("is_contiguous")
+        return self._contiguous
+
+
+def table_for(params):
+    table = torch.full((len(params), _C.SEG_COLS), -7, dtype=torch.int64)
+    for i, p in enumerate(params):
+        table[i, _C.SEG_P] = p.data_ptr()
+        table[i, _C.SEG_N] = p.numel()
+        table[i, _C.SEG_INDEX] = i
+    return table
+
+
+def run_gather(params, table_in, start=0, n_out=0, table_out=None, dtype=torch.float32, expect_cpu=True):
+    if table_out is None:
+        table_out = torch.full((len(params), _C.SEG_COLS), -1, dtype=torch.int64)
+    i, n = _C.gather(params, start, table_in.data_ptr(), table_out.data_ptr(), n_out, dtype, expect_cpu)
+    return i, n, table_out
+
+
+def test_gather_copies_rows_and_skips_missing_grads():
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 5, 7, 1)]
+    for i in (0, 2, 3):
+        params[i].grad = torch.randn_like(params[i])
+    table_in = table_for(params)
+    i, n, out = run_gather(params, table_in)
+    assert (i, n) == (4, 3)
+    for row, k in enumerate((0, 2, 3)):
+        expected = table_in[k].clone()
+        expected[_C.SEG_G] = params[k].grad.data_ptr()
+        assert torch.equal(out[row], expected)
+    assert torch.equal(out[3], torch.full((_C.SEG_COLS,), -1, dtype=torch.int64))
+
+
+def replace_param(ps, table_in, p):
+    """Puts p at index 2 with a table row that matches it, isolating one check."""
+    ps[2] = p
+    table_in[2, _C.SEG_P] = p.data_ptr()
+    table_in[2, _C.SEG_N] = p.numel()
+
+
+def spoil_dtype(ps, table_in):
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    p.grad = torch.randn_like(p)
+    replace_param(ps, table_in, p)
+
+
+def spoil_noncontiguous_grad(ps, table_in):
+    ps[2].grad = torch.randn(16)[::2]
+
+
+def spoil_changed_pointer(ps, table_in):
+    ps[2].data = torch.randn(8)
+
+
+def spoil_sparse_grad(ps, table_in):
+    ps[2].grad = torch.randn(8).to_sparse()
+
+
+def spoil_noncontiguous_param(ps, table_in):
+    p = torch.nn.Parameter(torch.randn(4, 2).t())
+    p.grad = torch.randn(2, 4)
+    replace_param(ps, table_in, p)
+
+
+SPOILERS = [spoil_dtype, spoil_noncontiguous_grad, spoil_changed_pointer, spoil_sparse_grad, spoil_noncontiguous_param]
+
+
+@pytest.mark.parametrize("spoil", SPOILERS, ids=lambda f: f.__name__.removeprefix("spoil_"))
+def test_gather_stops_and_resumes(spoil):
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(5)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    table_in = table_for(params)
+    spoil(params, table_in)
+    i, n, out = run_gather(params, table_in)
+    assert (i, n) == (2, 2)
+    # the row of the failed parameter was not written
+    assert torch.equal(out[2], torch.full((_C.SEG_COLS,), -1, dtype=torch.int64))
+    i, n, out = run_gather(params, table_in, start=3, n_out=n, table_out=out)
+    assert (i, n) == (5, 4)
+    assert out[2, _C.SEG_INDEX] == 3 and out[3, _C.SEG_INDEX] == 4
+    assert out[3, _C.SEG_G] == params[4].grad.data_ptr()
+
+
+def test_gather_wrong_numel():
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    table_in = table_for(params)
+    table_in[1, _C.SEG_N] = 9
+    assert run_gather(params, table_in)[:2] == (1, 1)
+
+
+def test_gather_clears_exceptions_and_checks_device():
+    grad = FakeTensor(ptr=100)
+    ok = FakeTensor(ptr=10, grad=grad)
+    table_in = table_for([ok])
+    assert run_gather([ok], table_in)[:2] == (1, 1)
+    for name in ("data_ptr", "numel", "is_contiguous"):
+        bad = FakeTensor(ptr=10, grad=FakeTensor(ptr=100, raise_in=(name,)))
+        assert run_gather([bad], table_in)[:2] == (0, 0)
+    off_cpu = FakeTensor(ptr=10, grad=FakeTensor(ptr=100, is_cpu=False))
+    assert run_gather([off_cpu], table_in)[:2] == (0, 0)
+    assert run_gather([off_cpu], table_in, expect_cpu=False)[:2] == (1, 1)
+    no_grad_attr = object()
+    assert run_gather([no_grad_attr], table_in)[:2] == (0, 0)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def test_bad_arguments_raise_value_error():
+    bucket = Bucket("adamw", (False,), torch.float32, [10], seed=6)
+    args = (bucket.table.data_ptr(), 1, bucket.hyper.data_ptr())
+    with pytest.raises(ValueError):
+        _C.adamw_step(*args, 7, False, 1)
+    with pytest.raises(ValueError):
+        _C.adamw_step(*args, -1, False, 1)
+    with pytest.raises(ValueError):
+        _C.adamw_step(*args, 0, False, 0)
+    with pytest.raises(ValueError):
+        _C.sgdw_step(*args, 9, True, False, 1)
+    with pytest.raises(ValueError):
+        _C.rmspropw_step(*args, 0, True, False, -3)
+    with pytest.raises(ValueError):
+        _C.traffic_pass([], [], 10, 3, 1)
+    with pytest.raises(ValueError):
+        _C.traffic_pass([], [], 10, 4, 0)
+    # nothing was touched by the rejected calls
+    assert bucket.step.item() == Bucket("adamw", (False,), torch.float32, [10], seed=6).step.item()
+
+
+def test_zero_segments_is_a_no_op():
+    # null addresses: nothing may be dereferenced
+    _C.adamw_step(0, 0, 0, 0, True, 2)
+    _C.sgdw_step(0, 0, 0, 1, True, True, 2)
+    _C.rmspropw_step(0, 0, 0, 2, True, True, 2)
+
+
+# ---------------------------------------------------------------- traffic pass
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("int_dtype,elem_size", [(torch.int32, 4), (torch.int16, 2)])
+def test_traffic_pass_writes_outputs(int_dtype, elem_size, num_threads):
+    n = 100_003
+    reads = [torch.randint(-1000, 1000, (n,), dtype=int_dtype) for _ in range(3)]
+    writes = [torch.full((n,), 7, dtype=int_dtype) for _ in range(2)]
+    _C.traffic_pass([t.data_ptr() for t in reads], [t.data_ptr() for t in writes], n, elem_size, num_threads)
+    expected = (reads[0] + reads[1] + reads[2]).to(int_dtype)
+    for w in writes:
+        assert torch.equal(w, expected)
