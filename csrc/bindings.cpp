@@ -22,17 +22,35 @@ namespace py = pybind11;
 namespace fusedwd {
 namespace {
 
-// Interned attribute names: PyObject_GetAttr / VectorcallMethod then hash and
-// compare by pointer.
-struct Names {
-  PyObject* grad;
-  PyObject* dtype;
-  PyObject* is_cpu;
-  PyObject* data_ptr;
-  PyObject* is_contiguous;
-  PyObject* numel;
+// Tensor attributes and methods read in gather's hot loop, resolved once to
+// the C functions behind torch._C.TensorBase's descriptors. Calling those
+// directly skips attribute lookup and, above all, the argument tuple of each
+// METH_VARARGS call: tuples are GC-tracked, and the 60,000 a gather of 10,000
+// parameters would allocate keep triggering collections that walk every live
+// tensor (a quarter of gather's time, measured). The C function is the one
+// Python itself would call, so semantics (torch_function handling included)
+// are unchanged; it is used only on types that resolve the name to that same
+// descriptor, anything else takes the generic path.
+struct Member {
+  PyObject* name = nullptr;   // interned
+  PyObject* descr = nullptr;  // TensorBase's descriptor, or nullptr: generic path only
+  getter get = nullptr;       // a getset's getter
+  void* closure = nullptr;
+  PyCFunction fn = nullptr;   // a method's C function
+  int flags = 0;              // its calling convention
 };
-Names g_names;
+
+struct Members {
+  Member grad, dtype, is_cpu, data_ptr, is_contiguous, numel;
+};
+Members g_m;
+PyObject* g_empty_tuple = nullptr;
+
+// Types known to resolve every member to TensorBase's descriptor (true) or not.
+constexpr int kTypeCacheSize = 8;
+PyTypeObject* g_types[kTypeCacheSize] = {};
+bool g_types_plain[kTypeCacheSize] = {};
+int g_types_used = 0;
 
 PyObject* intern(const char* s) {
   PyObject* o = PyUnicode_InternFromString(s);
@@ -40,10 +58,106 @@ PyObject* intern(const char* s) {
   return o;  // immortal for the process: the module is never unloaded
 }
 
-// obj.name() without creating a bound method; false on any exception.
-bool call_method_i64(PyObject* obj, PyObject* name, int64_t* out) {
+// Binds m to TensorBase's descriptor of m.name when it is a plain getset or a
+// method with a calling convention handled below; otherwise leaves it generic.
+void bind_member(PyObject* tensor_base, Member& m) {
+  PyObject* d = PyObject_GetAttr(tensor_base, m.name);
+  if (d == nullptr) {
+    PyErr_Clear();
+    return;
+  }
+  if (Py_IS_TYPE(d, &PyGetSetDescr_Type)) {
+    PyGetSetDef* def = reinterpret_cast<PyGetSetDescrObject*>(d)->d_getset;
+    if (def->get != nullptr) {
+      m.get = def->get;
+      m.closure = def->closure;
+      m.descr = d;  // kept: the module is never unloaded
+      return;
+    }
+  } else if (Py_IS_TYPE(d, &PyMethodDescr_Type)) {
+    PyMethodDef* def = reinterpret_cast<PyMethodDescrObject*>(d)->d_method;
+    const int flags = def->ml_flags & (METH_VARARGS | METH_KEYWORDS | METH_NOARGS);
+    if (flags == METH_NOARGS || flags == METH_VARARGS || flags == (METH_VARARGS | METH_KEYWORDS)) {
+      m.fn = def->ml_meth;
+      m.flags = flags;
+      m.descr = d;
+      return;
+    }
+  }
+  Py_DECREF(d);
+}
+
+// Resolved at the first gather (torch is imported by then: it passed tensors).
+void bind_members() {
+  static bool bound = false;
+  if (bound) return;
+  bound = true;
+  g_empty_tuple = PyTuple_New(0);
+  PyObject* torch_c = PyImport_ImportModule("torch._C");
+  PyObject* base = torch_c ? PyObject_GetAttrString(torch_c, "TensorBase") : nullptr;
+  if (base != nullptr && g_empty_tuple != nullptr) {
+    for (Member* m : {&g_m.grad, &g_m.dtype, &g_m.is_cpu, &g_m.data_ptr, &g_m.is_contiguous,
+                      &g_m.numel}) {
+      bind_member(base, *m);
+    }
+  }
+  PyErr_Clear();  // an older torch without TensorBase: every member stays generic
+  Py_XDECREF(base);
+  Py_XDECREF(torch_c);
+}
+
+// Whether type t resolves every member to TensorBase's descriptor (torch.Tensor,
+// nn.Parameter, and subclasses that override none of them).
+bool is_plain(PyTypeObject* t) {
+  for (int k = 0; k < g_types_used; ++k) {
+    if (g_types[k] == t) return g_types_plain[k];
+  }
+  bool plain = true;
+  for (const Member* m : {&g_m.grad, &g_m.dtype, &g_m.is_cpu, &g_m.data_ptr,
+                          &g_m.is_contiguous, &g_m.numel}) {
+    PyObject* d = PyObject_GetAttr(reinterpret_cast<PyObject*>(t), m->name);
+    if (d == nullptr) PyErr_Clear();
+    plain = plain && m->descr != nullptr && d == m->descr;
+    Py_XDECREF(d);
+  }
+  if (g_types_used < kTypeCacheSize) {
+    g_types[g_types_used] = t;
+    g_types_plain[g_types_used] = plain;
+    ++g_types_used;
+  }
+  return plain;
+}
+
+// obj.<m> or obj.<m>(): a new reference, or nullptr with a Python error set.
+PyObject* get(PyObject* obj, const Member& m, bool plain) {
+  if (plain) {
+    if (m.get != nullptr) return m.get(obj, m.closure);
+    switch (m.flags) {
+      case METH_NOARGS:
+        return m.fn(obj, nullptr);
+      case METH_VARARGS:
+        return m.fn(obj, g_empty_tuple);
+      case METH_VARARGS | METH_KEYWORDS:
+        return reinterpret_cast<PyCFunctionWithKeywords>(reinterpret_cast<void (*)(void)>(m.fn))(
+            obj, g_empty_tuple, nullptr);
+    }
+  }
+  if (m.fn == nullptr && m.get != nullptr) return PyObject_GetAttr(obj, m.name);
+  if (m.fn == nullptr && m.descr == nullptr) {
+    // unresolved member: attribute or method, decided by what the object holds
+    PyObject* a = PyObject_GetAttr(obj, m.name);
+    if (a == nullptr || !PyCallable_Check(a)) return a;
+    PyObject* r = PyObject_CallNoArgs(a);
+    Py_DECREF(a);
+    return r;
+  }
   PyObject* args[1] = {obj};
-  PyObject* r = PyObject_VectorcallMethod(name, args, 1, nullptr);
+  return PyObject_VectorcallMethod(m.name, args, 1, nullptr);
+}
+
+// obj.<m>[()] as an int64; false on any exception.
+bool get_i64(PyObject* obj, const Member& m, bool plain, int64_t* out) {
+  PyObject* r = get(obj, m, plain);
   if (r == nullptr) {
     PyErr_Clear();
     return false;
@@ -56,22 +170,9 @@ bool call_method_i64(PyObject* obj, PyObject* name, int64_t* out) {
   return ok;
 }
 
-// obj.name() is True; false on any exception.
-bool call_method_true(PyObject* obj, PyObject* name) {
-  PyObject* args[1] = {obj};
-  PyObject* r = PyObject_VectorcallMethod(name, args, 1, nullptr);
-  if (r == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  const bool ok = r == Py_True;
-  Py_DECREF(r);
-  return ok;
-}
-
-// obj.name is expected (identity); false on any exception.
-bool attr_is(PyObject* obj, PyObject* name, PyObject* expected) {
-  PyObject* r = PyObject_GetAttr(obj, name);
+// obj.<m>[()] is expected (identity); false on any exception.
+bool get_is(PyObject* obj, const Member& m, bool plain, PyObject* expected) {
+  PyObject* r = get(obj, m, plain);
   if (r == nullptr) {
     PyErr_Clear();
     return false;
@@ -84,16 +185,20 @@ bool attr_is(PyObject* obj, PyObject* name, PyObject* expected) {
 // The checks gather() makes before taking p's gradient as is.
 bool take_as_is(PyObject* p, PyObject* g, const int64_t* row_in, PyObject* grad_dtype,
                 bool expect_cpu, int64_t* g_addr) {
-  const Names& n = g_names;
-  if (!attr_is(g, n.dtype, grad_dtype)) return false;
-  if (expect_cpu && !attr_is(g, n.is_cpu, Py_True)) return false;
+  const bool p_plain = is_plain(Py_TYPE(p));
+  const bool g_plain = is_plain(Py_TYPE(g));
+  if (!get_is(g, g_m.dtype, g_plain, grad_dtype)) return false;
+  if (expect_cpu && !get_is(g, g_m.is_cpu, g_plain, Py_True)) return false;
   int64_t p_addr = 0;
-  if (!call_method_i64(p, n.data_ptr, &p_addr) || p_addr != row_in[SEG_P]) return false;
+  if (!get_i64(p, g_m.data_ptr, p_plain, &p_addr) || p_addr != row_in[SEG_P]) return false;
   int64_t numel = 0;
-  if (!call_method_i64(g, n.numel, &numel) || numel != row_in[SEG_N]) return false;
+  if (!get_i64(g, g_m.numel, g_plain, &numel) || numel != row_in[SEG_N]) return false;
   // sparse gradients raise here, which counts as a failed check
-  if (!call_method_true(p, n.is_contiguous) || !call_method_true(g, n.is_contiguous)) return false;
-  return call_method_i64(g, n.data_ptr, g_addr);
+  if (!get_is(p, g_m.is_contiguous, p_plain, Py_True) ||
+      !get_is(g, g_m.is_contiguous, g_plain, Py_True)) {
+    return false;
+  }
+  return get_i64(g, g_m.data_ptr, g_plain, g_addr);
 }
 
 std::tuple<int64_t, int64_t> gather(py::list params, int64_t start, uintptr_t table_in,
@@ -104,13 +209,14 @@ std::tuple<int64_t, int64_t> gather(py::list params, int64_t start, uintptr_t ta
   // the tables are int64 tensors owned by the caller, passed by address
   const int64_t* in = reinterpret_cast<const int64_t*>(table_in);
   int64_t* out = reinterpret_cast<int64_t*>(table_out);
+  bind_members();
   PyObject* list = params.ptr();
   PyObject* dtype = grad_dtype.ptr();
   // the size is re-read each iteration: attribute calls run Python code
   for (int64_t i = start; i < PyList_GET_SIZE(list); ++i) {
     PyObject* p = PyList_GET_ITEM(list, i);
     Py_INCREF(p);  // keep p alive even if the list is mutated under us
-    PyObject* g = PyObject_GetAttr(p, g_names.grad);
+    PyObject* g = get(p, g_m.grad, is_plain(Py_TYPE(p)));
     if (g == nullptr) {
       PyErr_Clear();
       Py_DECREF(p);
@@ -206,8 +312,12 @@ PYBIND11_MODULE(_C, m) {
   using namespace fusedwd;
   m.doc() = "fusedwd CPU kernels over segment tables (see docs/design.md)";
 
-  g_names = Names{intern("grad"),          intern("dtype"), intern("is_cpu"), intern("data_ptr"),
-                  intern("is_contiguous"), intern("numel")};
+  g_m.grad.name = intern("grad");
+  g_m.dtype.name = intern("dtype");
+  g_m.is_cpu.name = intern("is_cpu");
+  g_m.data_ptr.name = intern("data_ptr");
+  g_m.is_contiguous.name = intern("is_contiguous");
+  g_m.numel.name = intern("numel");
   // pick the ISA variant now, so a bad FUSEDWD_CPU_ISA fails the import loudly
   try {
     cpu::active();

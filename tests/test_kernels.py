@@ -158,3 +158,37 @@ def test_replaced_param_data_is_followed():
         opt_a.step()
         opt_b.step()
         torch.testing.assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_half_precision_matches_torch_fused(dtype, amsgrad):
+    # torch's fused CPU AdamW also keeps 16-bit states and computes in fp32
+    a = make_params(AWKWARD_SHAPES, dtype)
+    b = clone_params(a)
+    kw = dict(lr=1e-2, betas=(0.85, 0.98), weight_decay=0.1, amsgrad=amsgrad)
+    opt_a = fusedwd.AdamW(a, **kw, backend="cpu")
+    opt_b = torch.optim.AdamW(b, **kw, fused=True)
+    names = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    compare_optimizers(opt_a, a, opt_b, b, names, 30, lambda t: random_grads(a, t))
+
+
+class _CountingParameter(torch.nn.Parameter):
+    """A Parameter subclass that overrides a member gather reads directly."""
+
+    calls = 0
+
+    def is_contiguous(self, *args, **kwargs):
+        type(self).calls += 1
+        return super().is_contiguous(*args, **kwargs)
+
+
+def test_parameter_subclass_takes_the_generic_path():
+    # gather calls TensorBase's C functions only on types that do not override them
+    a = [_CountingParameter(torch.randn(40)), torch.nn.Parameter(torch.randn(7))]
+    b = clone_params(a)
+    opt_a = fusedwd.AdamW(a, backend="cpu")
+    opt_b = fusedwd.AdamW(b, backend="reference")
+    _CountingParameter.calls = 0
+    compare_optimizers(opt_a, a, opt_b, b, ["exp_avg"], 3, lambda t: random_grads(a, t))
+    assert _CountingParameter.calls >= 3, "the override was bypassed"

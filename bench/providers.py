@@ -1,0 +1,185 @@
+"""The optimizers under test, each wrapped as a zero-argument ``step()``.
+
+Every provider of a case gets its own copy of the parameters (and so its own
+optimizer state) but shares one set of gradient tensors: AdamW only reads
+gradients, and sharing them saves 4 B/param per provider (0.5 GB each on GPT-2
+small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# torch.optim.AdamW's defaults, spelled out so every provider is given the same numbers.
+HYPERPARAMETERS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+
+TORCH_VARIANTS = {
+    "torch-forloop": {"foreach": False, "fused": False},
+    "torch-foreach": {"foreach": True, "fused": False},
+    "torch-fused": {"foreach": False, "fused": True},
+}
+FLOOR = "floor"
+BASELINE = "torch-fused"
+FUSEDWD_PREFIX = "fusedwd-"
+# Backends the fusedwd package may offer; "auto" is a choice among these, not a provider.
+FUSEDWD_BACKENDS = ("cpu", "triton", "cuda", "reference")
+
+
+@dataclass
+class Provider:
+    name: str
+    step: Callable[[], None]
+    description: str
+    notes: list[str] = field(default_factory=list)
+    # Tensors a step reaches only through raw addresses: held here so they outlive it.
+    keepalive: tuple = ()
+
+
+def traffic(amsgrad: bool) -> tuple[int, int]:
+    """Buffers read and written per parameter by an AdamW step: (p, g, m, v[, vmax]) in, (p, m, v[, vmax]) out."""
+    return (5, 4) if amsgrad else (4, 3)
+
+
+def bytes_per_param(dtype: torch.dtype, amsgrad: bool) -> int:
+    # States are kept in the parameter's dtype (torch's rule), so every buffer has one element size.
+    reads, writes = traffic(amsgrad)
+    return (reads + writes) * torch.empty((), dtype=dtype).element_size()
+
+
+def fusedwd_backends(device: torch.device) -> tuple[list[str], str]:
+    """The fusedwd backends usable on ``device`` and, when there are none, why."""
+    try:
+        import fusedwd
+    except Exception as exc:  # a failed build must not stop the torch baselines from running
+        return [], f"import fusedwd failed: {exc!r}"
+    query = getattr(fusedwd, "available_backends", None)
+    if query is not None:
+        return [b for b in query(device) if b != "auto"], ""
+    usable = []
+    for backend in FUSEDWD_BACKENDS:
+        p = torch.nn.Parameter(torch.ones(8, device=device))
+        p.grad = torch.ones_like(p)
+        try:
+            fusedwd.AdamW([p], backend=backend).step()
+        except Exception:
+            continue
+        usable.append(backend)
+    return usable, "" if usable else "no fusedwd backend accepted a step on this device"
+
+
+def _copy_params(base: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(b.clone()) for b in base]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
+
+
+def torch_adamw(variant: str, base, grads, amsgrad: bool) -> Provider:
+    opt = torch.optim.AdamW(_copy_params(base, grads), amsgrad=amsgrad, **HYPERPARAMETERS, **TORCH_VARIANTS[variant])
+    flags = ", ".join(f"{k}={v}" for k, v in TORCH_VARIANTS[variant].items() if v)
+    return Provider(variant, opt.step, f"torch.optim.AdamW({flags or 'foreach=False'})")
+
+
+def fusedwd_adamw(backend: str, base, grads, amsgrad: bool) -> Provider:
+    import fusedwd
+
+    opt = fusedwd.AdamW(_copy_params(base, grads), amsgrad=amsgrad, backend=backend, **HYPERPARAMETERS)
+    return Provider(FUSEDWD_PREFIX + backend, opt.step, f"fusedwd.AdamW(backend={backend!r})")
+
+
+def floor(num_params: int, dtype: torch.dtype, device: torch.device, amsgrad: bool) -> Provider:
+    """One pass reading and writing the same buffers as an AdamW step, over flat buffers of the case's size.
+
+    Flat buffers make this the floor for the bytes alone: what a step costs
+    beyond it is compute, per-tensor overhead, or extra passes.
+    """
+    reads, writes = traffic(amsgrad)
+    # p, g, m, v[, vmax]; the gradient is the one buffer read and not written.
+    bufs = [torch.empty(num_params, dtype=dtype, device=device).normal_() for _ in range(reads)]
+    grad, updated = bufs[1], [bufs[0]] + bufs[2:]
+    assert len(updated) == writes
+    kernel = None
+    if device.type == "cpu":
+        try:
+            from fusedwd import _C
+
+            kernel = _C.traffic_pass
+        except Exception:
+            kernel = None
+    if kernel is not None:
+        read_addrs = [b.data_ptr() for b in bufs]
+        write_addrs = [b.data_ptr() for b in updated]
+        elem, threads = bufs[0].element_size(), torch.get_num_threads()
+
+        def step() -> None:
+            kernel(read_addrs, write_addrs, num_params, elem, threads)
+
+        return Provider(FLOOR, step, f"fusedwd._C.traffic_pass: {reads} reads + {writes} writes, {threads} threads",
+                        keepalive=tuple(bufs))
+
+    # Without the compiled pass, approximate it with torch elementwise passes
+    # that move exactly the same bytes: p += g reads p, g and writes p; each
+    # state is read and written once by x *= 1. Three passes cost more than one
+    # (each waits for the last), so this floor is an upper bound of the true one.
+    p, states = bufs[0], bufs[2:]
+
+    def step_torch() -> None:
+        p.add_(grad)
+        for s in states:
+            s.mul_(1.0)
+
+    return Provider(
+        FLOOR,
+        step_torch,
+        f"torch approximation (fusedwd._C unavailable): p += g; state *= 1 for each of {len(states)} states",
+        ["floor approximated by torch passes (upper bound)"],
+    )
+
+
+def make_base(shapes, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Random parameters and gradients of the case's shapes.
+
+    Normal draws, never zeros: zeros would let a provider skip work unseen and
+    can drive the second moment into denormals, which slow some CPUs down.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    base, grads = [], []
+    for s in shapes:
+        base.append((torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=dtype))
+        grads.append((torch.randn(s, generator=gen) * 1e-3).to(device=device, dtype=dtype))
+    return base, grads
+
+
+def build(names: list[str], case, dtype: torch.dtype, device: torch.device, amsgrad: bool) -> tuple[list[Provider], dict[str, str]]:
+    """The named providers for ``case`` and, for those that could not be built, the reason."""
+    base, grads = make_base(case.shapes, dtype, device)
+    providers: list[Provider] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            if name == FLOOR:
+                providers.append(floor(case.num_params, dtype, device, amsgrad))
+            elif name in TORCH_VARIANTS:
+                providers.append(torch_adamw(name, base, grads, amsgrad))
+            elif name.startswith(FUSEDWD_PREFIX):
+                providers.append(fusedwd_adamw(name[len(FUSEDWD_PREFIX):], base, grads, amsgrad))
+            else:
+                raise ValueError(f"unknown provider {name!r}")
+        except Exception as exc:  # e.g. torch's fused kernel rejecting a dtype: report it, run the rest
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+    return providers, skipped
+
+
+def param_bytes(case, dtype: torch.dtype) -> int:
+    return case.num_params * torch.empty((), dtype=dtype).element_size()
+
+
+def estimate_memory(case, dtype: torch.dtype, n_optimizers: int, amsgrad: bool) -> int:
+    """Bytes a case will hold: shared grads, one (p, m, v[, vmax]) per optimizer, and the floor's buffers."""
+    reads, _ = traffic(amsgrad)
+    per_buffer = param_bytes(case, dtype)
+    return per_buffer * (1 + n_optimizers * (reads - 1) + reads)
+
