@@ -148,3 +148,10 @@ def group_lr_max(group: Mapping[str, Any]) -> float:
     if "initial_lr" in group:  # set by torch's LRScheduler
         return _real_number("initial_lr", group["initial_lr"])
     return _real_number("lr", group["lr"])
+
+
+def decay_row(group: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """``(lr, decay_mult, l2, grad_sign)`` of a group for this step: the columns every rule shares."""
+    lr = _real_number("lr", group["lr"])
+    decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
+    return lr, decay_mult, l2, -1.0 if group["maximize"] else 1.0

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 from torch import Tensor
 
 from .. import reference
-from .._spec import check_adamw, decay_factors, group_lr_max
+from .._spec import check_adamw, decay_row, group_lr_max
 from ._base import FusedOptimizer
 
 
@@ -96,10 +96,9 @@ class AdamW(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
 
     def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        lr = float(group["lr"])
-        decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
+        lr, decay_mult, l2, grad_sign = decay_row(group)
         beta1, beta2 = (float(b) for b in group["betas"])
-        return [lr, beta1, beta2, float(group["eps"]), decay_mult, l2, -1.0 if group["maximize"] else 1.0]
+        return [lr, beta1, beta2, float(group["eps"]), decay_mult, l2, grad_sign]
 
     def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
         (amsgrad,) = structure

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 from torch import Tensor
 
 from .. import reference
-from .._spec import check_rmspropw, decay_factors, group_lr_max
+from .._spec import check_rmspropw, decay_row, group_lr_max
 from ._base import FusedOptimizer
 
 
@@ -91,10 +91,8 @@ class RMSpropW(FusedOptimizer):
         return ("square_avg", "grad_avg" if centered else None, "momentum_buffer" if has_momentum else None)
 
     def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        lr = float(group["lr"])
-        decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
-        return [lr, float(group["alpha"]), float(group["eps"]), float(group["momentum"]), decay_mult, l2,
-                -1.0 if group["maximize"] else 1.0]
+        lr, decay_mult, l2, grad_sign = decay_row(group)
+        return [lr, float(group["alpha"]), float(group["eps"]), float(group["momentum"]), decay_mult, l2, grad_sign]
 
     def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
         centered, has_momentum = structure

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 from torch import Tensor
 
 from .. import reference
-from .._spec import check_sgdw, decay_factors, group_lr_max
+from .._spec import check_sgdw, decay_row, group_lr_max
 from ._base import FusedOptimizer
 
 
@@ -92,10 +92,8 @@ class SGDW(FusedOptimizer):
         return 1.0 if state.get("momentum_buffer") is not None else None
 
     def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        lr = float(group["lr"])
-        decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
-        return [lr, float(group["momentum"]), float(group["dampening"]), decay_mult, l2,
-                -1.0 if group["maximize"] else 1.0]
+        lr, decay_mult, l2, grad_sign = decay_row(group)
+        return [lr, float(group["momentum"]), float(group["dampening"]), decay_mult, l2, grad_sign]
 
     def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
         has_momentum, nesterov = structure
