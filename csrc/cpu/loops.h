@@ -69,80 +69,81 @@ void for_each_slice(const StepArgs& a, Seg seg) {
   }
 }
 
-template <DType D, bool AMSGRAD>
+// Each pass takes the storage types of the parameter (P), the gradient (G) and
+// the states (S) separately; the math runs in the parameter's math type. Only
+// P == G == S is instantiated today (torch's rule); master weights and
+// low-precision states add instantiations, not new loops.
+template <DType P, DType G, DType S, bool AMSGRAD>
 void adamw_pass(const StepArgs& a) {
-  using T = storage_t<D>;
-  using M = math_t<D>;
+  using M = math_t<P>;
   for_each_slice<ADAMW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
                                       int64_t lo, int64_t hi) {
-    T* __restrict__ p = column_ptr<T>(row, SEG_P);
-    const T* __restrict__ g = column_ptr<const T>(row, SEG_G);
-    T* __restrict__ m = column_ptr<T>(row, SEG_S0);
-    T* __restrict__ v = column_ptr<T>(row, SEG_S1);
-    T* __restrict__ vmax = column_ptr<T>(row, SEG_S2);
+    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
+    storage_t<S>* __restrict__ m = column_ptr<storage_t<S>>(row, SEG_S0);
+    storage_t<S>* __restrict__ v = column_ptr<storage_t<S>>(row, SEG_S1);
+    storage_t<S>* __restrict__ vmax = column_ptr<storage_t<S>>(row, SEG_S2);
     const AdamWScalars<M> sc = adamw_scalars<M>(hp, t);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      M pi = load<D>(p, i);
-      M mi = load<D>(m, i);
-      M vi = load<D>(v, i);
+      M pi = load<P>(p, i);
+      M mi = load<S>(m, i);
+      M vi = load<S>(v, i);
       // S2 is 0 without amsgrad: never touched
-      M vmaxi = AMSGRAD ? load<D>(vmax, i) : M(0);
-      adamw_update<AMSGRAD>(pi, load<D>(g, i), mi, vi, vmaxi, sc);
-      store<D>(p, i, pi);
-      store<D>(m, i, mi);
-      store<D>(v, i, vi);
-      if (AMSGRAD) store<D>(vmax, i, vmaxi);
+      M vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
+      adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
+      store<P>(p, i, pi);
+      store<S>(m, i, mi);
+      store<S>(v, i, vi);
+      if (AMSGRAD) store<S>(vmax, i, vmaxi);
     }
   });
 }
 
-template <DType D, bool HAS_MOMENTUM, bool NESTEROV>
+template <DType P, DType G, DType S, bool HAS_MOMENTUM, bool NESTEROV>
 void sgdw_pass(const StepArgs& a) {
-  using T = storage_t<D>;
-  using M = math_t<D>;
+  using M = math_t<P>;
   for_each_slice<SGDW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
                                      int64_t lo, int64_t hi) {
-    T* __restrict__ p = column_ptr<T>(row, SEG_P);
-    const T* __restrict__ g = column_ptr<const T>(row, SEG_G);
-    T* __restrict__ buf = column_ptr<T>(row, SEG_S0);
+    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
+    storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S0);
     const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      M pi = load<D>(p, i);
+      M pi = load<P>(p, i);
       // S0 is 0 without momentum: never touched
-      M bi = HAS_MOMENTUM ? load<D>(buf, i) : M(0);
-      sgdw_update<HAS_MOMENTUM, NESTEROV>(pi, load<D>(g, i), bi, sc);
-      store<D>(p, i, pi);
-      if (HAS_MOMENTUM) store<D>(buf, i, bi);
+      M bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
+      sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
+      store<P>(p, i, pi);
+      if (HAS_MOMENTUM) store<S>(buf, i, bi);
     }
   });
 }
 
-template <DType D, bool CENTERED, bool HAS_MOMENTUM>
+template <DType P, DType G, DType S, bool CENTERED, bool HAS_MOMENTUM>
 void rmspropw_pass(const StepArgs& a) {
-  using T = storage_t<D>;
-  using M = math_t<D>;
+  using M = math_t<P>;
   for_each_slice<RMSPROPW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
                                          int64_t lo, int64_t hi) {
-    T* __restrict__ p = column_ptr<T>(row, SEG_P);
-    const T* __restrict__ g = column_ptr<const T>(row, SEG_G);
-    T* __restrict__ sq = column_ptr<T>(row, SEG_S0);
-    T* __restrict__ ga = column_ptr<T>(row, SEG_S1);
-    T* __restrict__ buf = column_ptr<T>(row, SEG_S2);
+    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
+    storage_t<S>* __restrict__ sq = column_ptr<storage_t<S>>(row, SEG_S0);
+    storage_t<S>* __restrict__ ga = column_ptr<storage_t<S>>(row, SEG_S1);
+    storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S2);
     const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      M pi = load<D>(p, i);
-      M sqi = load<D>(sq, i);
+      M pi = load<P>(p, i);
+      M sqi = load<S>(sq, i);
       // S1 / S2 are 0 when not centered / without momentum: never touched
-      M gai = CENTERED ? load<D>(ga, i) : M(0);
-      M bi = HAS_MOMENTUM ? load<D>(buf, i) : M(0);
-      rmspropw_update<CENTERED, HAS_MOMENTUM>(pi, load<D>(g, i), sqi, gai, bi, sc);
-      store<D>(p, i, pi);
-      store<D>(sq, i, sqi);
-      if (CENTERED) store<D>(ga, i, gai);
-      if (HAS_MOMENTUM) store<D>(buf, i, bi);
+      M gai = CENTERED ? load<S>(ga, i) : M(0);
+      M bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
+      rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
+      store<P>(p, i, pi);
+      store<S>(sq, i, sqi);
+      if (CENTERED) store<S>(ga, i, gai);
+      if (HAS_MOMENTUM) store<S>(buf, i, bi);
     }
   });
 }
@@ -162,7 +163,7 @@ template <bool AMSGRAD>
 struct AdamW {
   template <DType D>
   struct Pass {
-    static void run(const StepArgs& a) { adamw_pass<D, AMSGRAD>(a); }
+    static void run(const StepArgs& a) { adamw_pass<D, D, D, AMSGRAD>(a); }
   };
 };
 
@@ -170,7 +171,7 @@ template <bool HAS_MOMENTUM, bool NESTEROV>
 struct Sgdw {
   template <DType D>
   struct Pass {
-    static void run(const StepArgs& a) { sgdw_pass<D, HAS_MOMENTUM, NESTEROV>(a); }
+    static void run(const StepArgs& a) { sgdw_pass<D, D, D, HAS_MOMENTUM, NESTEROV>(a); }
   };
 };
 
@@ -178,7 +179,7 @@ template <bool CENTERED, bool HAS_MOMENTUM>
 struct Rmspropw {
   template <DType D>
   struct Pass {
-    static void run(const StepArgs& a) { rmspropw_pass<D, CENTERED, HAS_MOMENTUM>(a); }
+    static void run(const StepArgs& a) { rmspropw_pass<D, D, D, CENTERED, HAS_MOMENTUM>(a); }
   };
 };
 
