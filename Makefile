@@ -13,7 +13,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
-DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja
+# triton: tests/test_triton.py runs the Triton kernels (in Triton's interpreter where there is no GPU)
+DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja triton
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
@@ -46,3 +47,8 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info fusedwd/*.so $(VENV)
+
+.PHONY: experiments
+# the paper's claims, shown with fusedwd (docs/experiments.md); writes docs/experiments/
+experiments: build
+	$(PY) -m fusedwd.experiments all
