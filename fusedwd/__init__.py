@@ -24,6 +24,8 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     Example:
         >>> fusedwd.available_backends("cpu")
         ['cpu', 'reference']
+        >>> fusedwd.available_backends("cuda")  # with Triton installed
+        ['triton', 'reference']
     """
     from . import _ext
 
@@ -31,5 +33,9 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     backends = []
     if device.type == "cpu" and _ext.has_cpu():
         backends.append("cpu")
+    # Triton only where it compiles for the device: the interpreter (TRITON_INTERPRET=1)
+    # also steps CPU tensors, but it is a testing aid, far slower than the reference.
+    if device.type == "cuda" and torch.cuda.is_available() and _ext.triton_unusable(device) is None:
+        backends.append("triton")
     backends.append("reference")
     return backends

@@ -111,6 +111,9 @@ class FusedOptimizer(Optimizer):
     def _resolve_backend(self, requested: str, p: Tensor) -> str:
         if requested == Backend.REFERENCE:
             return Backend.REFERENCE.value
+        if requested == Backend.TRITON:
+            _ext.triton(p.device)  # raises with the reason when Triton cannot step this device
+            return Backend.TRITON.value
         if p.device.type == "cpu":
             if requested == Backend.CPU or _ext.has_cpu():
                 _ext.cpu()  # raises the kept ImportError when backend='cpu' was asked for
@@ -122,7 +125,9 @@ class FusedOptimizer(Optimizer):
                 f"backend='cpu' runs on CPU tensors, but a parameter is on {p.device}; "
                 "use backend='auto' or 'reference'"
             )
-        # no compiled kernel for this device yet: the reference runs anywhere torch does
+        if p.device.type == "cuda" and _ext.has_triton() and _ext.triton_unusable(p.device) is None:
+            return Backend.TRITON.value
+        # no compiled kernel for this device: the reference runs anywhere torch does
         return Backend.REFERENCE.value
 
     def _current_plan(self) -> list[Bucket]:
@@ -148,6 +153,11 @@ class FusedOptimizer(Optimizer):
                 bucket.shapes.append(p.shape)
         for bucket in buckets.values():
             bucket.allocate()
+            if bucket.backend == Backend.TRITON and bucket.device.type != "cpu":
+                # the kernel reads and advances the step counts: keep them on its device
+                # (as torch's fused AdamW does), so a step never syncs with the host
+                bucket.steps = bucket.steps.to(bucket.device)
+                bucket.step_views = list(bucket.steps.unbind(0))
             self._adopt_state(bucket)
             if bucket.backend != Backend.REFERENCE:
                 bucket.build_tables()
@@ -230,12 +240,23 @@ class FusedOptimizer(Optimizer):
 
     def _prepare_kernel(self, bucket: Bucket) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
         """Fill the bucket's table of this step's segments; returns (rows, staged copies)."""
-        ext = _ext.cpu()
+        # The Triton backend works without the C++ module: its parameters then all take
+        # the Python path below, one at a time.
+        gather = _ext.cpu().gather if bucket.backend == Backend.CPU or _ext.has_cpu() else None
+        # On a CUDA bucket gather cannot check the gradient's device. torch's .grad setter
+        # already requires the parameter's device, and a parameter moved since the plan was
+        # built has a new address, which sends it to _check_param below.
+        expect_cpu = bucket.device.type == "cpu"
         params, table_in, table_out = bucket.params, bucket.table_in, bucket.table_out
         n, i, n_active = len(params), 0, 0
         staged: list[tuple[Tensor, Tensor, Tensor]] = []
         while True:
-            i, n_active = ext.gather(params, i, table_in.data_ptr(), table_out.data_ptr(), n_active, bucket.dtype, True)
+            if gather is not None:
+                i, n_active = gather(params, i, table_in.data_ptr(), table_out.data_ptr(), n_active, bucket.dtype,
+                                     expect_cpu)
+            else:
+                while i < n and params[i].grad is None:
+                    i += 1
             if i >= n:
                 return n_active, staged
             # gather stops at a parameter it cannot take as is: diagnose it here
@@ -256,8 +277,12 @@ class FusedOptimizer(Optimizer):
                     staged: list[tuple[Tensor, Tensor, Tensor]]) -> None:
         if not n_active:
             return
-        self._launch(_ext.cpu(), bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
-                     DTYPE_CODES[bucket.dtype], bucket.structure, torch.get_num_threads())
+        if bucket.backend == Backend.TRITON:
+            launch = _ext.triton(bucket.device).LAUNCHERS[self._HP_TABLE_NAME]
+            launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure)
+        else:
+            self._launch(_ext.cpu(), bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
+                         DTYPE_CODES[bucket.dtype], bucket.structure, torch.get_num_threads())
         for p, p_c, _ in staged:
             if p_c is not p:
                 p.copy_(p_c)

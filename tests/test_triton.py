@@ -1,0 +1,427 @@
+"""The Triton kernels against fusedwd.reference and the CPU C++ kernel.
+
+Every rule, structural switch, decay mode and dtype; parameters and every
+state compared every step. On a machine without a GPU (or with
+TRITON_INTERPRET=1 already set) the kernels run in Triton's interpreter on CPU
+tensors, so sizes are kept small; with a GPU and no TRITON_INTERPRET they run
+compiled, on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedwd
+from fusedwd import _buckets, _ext
+from _helpers import assert_close, make_params, random_grads
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+# Triton reads TRITON_INTERPRET when the kernels are defined, i.e. when fusedwd.triton is
+# first imported: the fixture below sets it first, and only for this module's tests.
+INTERPRET = (os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+             or not torch.cuda.is_available())
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+
+STEPS = 20
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DECAYS = ["decoupled", "independent", "l2"]
+# one and several blocks per segment, with a partial last block (BLOCK_SIZE is 1024)
+SHAPES = [(1,), (5, 7), (1030,)]
+
+# (optimizer, non-default hyperparameters, state names compared): every structure of every rule
+CONFIGS = {
+    "adamw": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+              ["step", "exp_avg", "exp_avg_sq"]),
+    "adamw-amsgrad-max": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.85, 0.9), eps=1e-5, weight_decay=0.2, amsgrad=True,
+                                              maximize=True), ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
+    "sgdw": (fusedwd.SGDW, dict(lr=1e-2, weight_decay=0.3), []),
+    "sgdw-momentum": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.8, dampening=0.25, weight_decay=0.3),
+                      ["momentum_buffer"]),
+    "sgdw-nesterov-max": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+                          ["momentum_buffer"]),
+    "rmspropw": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-5, weight_decay=0.1), ["step", "square_avg"]),
+    "rmspropw-centered": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-4, weight_decay=0.1, centered=True),
+                          ["step", "square_avg", "grad_avg"]),
+    "rmspropw-centered-momentum": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.95, eps=1e-4, weight_decay=0.2,
+                                                          centered=True, momentum=0.6),
+                                   ["step", "square_avg", "grad_avg", "momentum_buffer"]),
+    "rmspropw-momentum-max": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, weight_decay=0.05, momentum=0.5,
+                                                     maximize=True), ["step", "square_avg", "momentum_buffer"]),
+}
+KERNELS = {fusedwd.AdamW: "_adamw_kernel", fusedwd.SGDW: "_sgdw_kernel", fusedwd.RMSpropW: "_rmspropw_kernel"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_kernels():
+    """fusedwd.triton, defined in the mode this module tests (interpreted on CPU, or compiled for CUDA)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if INTERPRET:
+            mp.setenv("TRITON_INTERPRET", "1")
+        module = _ext._load_triton()
+        if module is not None and module.INTERPRETED != INTERPRET:
+            # defined earlier in this process in the other mode: define the kernels again
+            importlib.reload(module._kernels)
+            importlib.reload(module._launch)
+            importlib.reload(module)
+        reason = _ext.triton_unusable(DEVICE)
+        if reason is not None and not _ext.has_triton():
+            pytest.skip(reason)
+        assert reason is None, reason
+        yield _ext.triton(DEVICE)
+
+
+def _on_device(params):
+    # always a copy: on the CPU, .to(DEVICE) alone would share the reference's storage
+    return [torch.nn.Parameter(p.detach().to(DEVICE, copy=True)) for p in params]
+
+
+def _grouped(params, kw):
+    # a second group with its own numbers shares the bucket (one launch, per-segment rows)
+    return [{"params": params[::2]}, {"params": params[1::2], "lr": kw["lr"] * 0.5, "weight_decay": 0.05}]
+
+
+def _pair(name, dtype, decay, shapes=SHAPES, other="reference"):
+    """The same parameters under backend='triton' (on DEVICE) and ``other`` (on the CPU)."""
+    cls, kw, states = CONFIGS[name]
+    b = make_params(shapes, dtype)
+    a = _on_device(b)
+    opt_a = cls(_grouped(a, kw), decay=decay, backend="triton", **kw)
+    opt_b = cls(_grouped(b, kw), decay=decay, backend=other, **kw)
+    return opt_a, a, opt_b, b, states
+
+
+def _compare_across_devices(opt_a, a, opt_b, b, states, steps, grad_fn, exact=False, before_step=None,
+                            after_step=None):
+    """Like compare_optimizers, with ``a`` on DEVICE and ``b`` on the CPU; bitwise when ``exact``."""
+    previous: dict = {}
+    for t in range(steps):
+        grads = grad_fn(t)
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad = None if g is None else g.to(DEVICE)
+            pb.grad = None if g is None else g.clone()
+        if before_step is not None:
+            before_step(t)
+        opt_a.step()
+        opt_b.step()
+        if after_step is not None:
+            after_step(t)
+        for k, (pa, pb) in enumerate(zip(a, b)):
+            if grads[k] is None:
+                continue
+            pairs = [("param", pa.detach(), pb.detach())]
+            pairs += [(n, opt_a.state[pa][n], opt_b.state[pb][n]) for n in states]
+            for n, x, y in pairs:
+                x = x.cpu()
+                what = f"step {t} param {k} {n}"
+                if exact or n == "step":
+                    assert torch.equal(x, y), f"{what}: not bitwise equal (max diff {(x - y).abs().max().item()})"
+                else:
+                    assert_close(x, y, what, scale=previous.get((k, n), 0.0))
+                    previous[(k, n)] = y.abs().max().item() if y.numel() else 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_triton_matches_reference(name, decay, dtype):
+    opt_a, a, opt_b, b, states = _pair(name, dtype, decay)
+    assert [bk.backend for bk in opt_a._current_plan()] == ["triton"]
+    _compare_across_devices(opt_a, a, opt_b, b, states, STEPS, lambda t: random_grads(b, t))
+
+
+@pytest.mark.skipif(not _ext.has_cpu(), reason="fusedwd._C is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["adamw-amsgrad-max", "sgdw-nesterov-max", "rmspropw-centered-momentum"])
+def test_triton_matches_cpu_kernel(name, dtype):
+    # Both follow csrc/include/fusedwd/<rule>.h operation by operation, without
+    # contracted multiply-adds and with IEEE division and sqrt, so on the interpreter
+    # they agree bit for bit; only fp64 AdamW differs, by its bias corrections
+    # (libdevice's pow is not available to the interpreter; see _pow_int).
+    opt_a, a, opt_b, b, states = _pair(name, dtype, "l2", other="cpu")
+    exact = INTERPRET and not (dtype == torch.float64 and name.startswith("adamw"))
+    _compare_across_devices(opt_a, a, opt_b, b, states, STEPS, lambda t: random_grads(b, t), exact=exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_odd_sizes_in_one_launch(dtype):
+    # sizes around the block size, an empty tensor and an awkward 3-D shape, in one launch
+    shapes = [(1,), (4097,), (1023,), (1024,), (1025,), (0,), (6, 42, 5), (2, 1)]
+    opt_a, a, opt_b, b, states = _pair("adamw-amsgrad-max", dtype, "independent", shapes)
+    _compare_across_devices(opt_a, a, opt_b, b, states, STEPS, lambda t: random_grads(b, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_unaligned_parameters(dtype):
+    # Views one element into a buffer are not 16-byte aligned: their full blocks take the
+    # masked path, beside aligned tensors whose full blocks take the 128-bit one.
+    cls, kw, states = CONFIGS["rmspropw-centered-momentum"]
+    base = make_params([(2049,)], dtype)[0].detach()
+    b = [torch.nn.Parameter(base.clone()[1:]), *make_params([(2048,), (5,)], dtype, seed=1)]
+    a = [torch.nn.Parameter(base.to(DEVICE, copy=True)[1:]), *_on_device(b[1:])]
+    assert a[0].data_ptr() % 16 and not a[1].data_ptr() % 16
+    opt_a = cls(a, backend="triton", **kw)
+    opt_b = cls(b, backend="reference", **kw)
+    _compare_across_devices(opt_a, a, opt_b, b, states, 5, lambda t: random_grads(b, t))
+
+
+def test_many_tensors_in_one_launch(monkeypatch, triton_kernels):
+    # 64 tensors of assorted sizes, empty ones included, in three param groups: one launch
+    sizes = [(n,) for n in [0, 1, 2, 3, 17, 31, 64, 100] * 8]
+    cls, kw, states = CONFIGS["rmspropw-centered-momentum"]
+    b = make_params(sizes)
+    a = _on_device(b)
+
+    def groups(ps):
+        return [{"params": ps[0::3]}, {"params": ps[1::3], "lr": 2e-3},
+                {"params": ps[2::3], "weight_decay": 0.0, "decay": "l2"}]
+
+    opt_a = cls(groups(a), backend="triton", **kw)
+    opt_b = cls(groups(b), backend="reference", **kw)
+    launches = _count_launches(monkeypatch, triton_kernels, cls)
+    _compare_across_devices(opt_a, a, opt_b, b, states, 5, lambda t: random_grads(b, t))
+    assert launches == [len(a)] * 5
+
+
+def _count_launches(monkeypatch, triton_kernels, cls) -> list[int]:
+    """Wrap the rule's kernel: the list receives each launch's segment count."""
+    kernel = getattr(triton_kernels._kernels, KERNELS[cls])
+    launches: list[int] = []
+    run = kernel.run
+
+    def counting_run(*args, **kwargs):
+        launches.append(args[4])  # nseg
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", counting_run)
+    return launches
+
+
+@pytest.mark.parametrize("cls", [fusedwd.AdamW, fusedwd.SGDW, fusedwd.RMSpropW], ids=lambda c: c.__name__)
+def test_one_launch_per_bucket(cls, monkeypatch, triton_kernels):
+    # a 100-tensor model in two dtypes, with a no-decay group: two buckets, so two launches
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(50)]).to(DEVICE)
+    for layer in list(model)[::2]:
+        layer.to(torch.bfloat16)
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    assert len(weights) + len(biases) == 100
+    opt = cls([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=1e-3, backend="triton")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    launches = _count_launches(monkeypatch, triton_kernels, cls)
+    opt.step()
+    assert len(opt._current_plan()) == 2
+    assert sorted(launches) == [50, 50], "expected one launch per bucket, covering all of its tensors"
+
+
+def test_step_counts_advance_once_per_segment(triton_kernels):
+    # segments of up to five blocks, starting from different counts, in one launch
+    block = triton_kernels.BLOCK_SIZE
+    sizes = [4 * block + 1, block, block + 1, 1, 0, 3 * block]
+    params = [torch.zeros(n, device=DEVICE) for n in sizes]
+    grads = [torch.ones(n, device=DEVICE) for n in sizes]
+    states = [(torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)) for n in sizes]
+    steps = torch.tensor([0.0, 41.0, 6.0, 0.0, 9.0, 1000.0], device=DEVICE)
+    rows = torch.zeros(len(sizes), _buckets.SEG_COLS, dtype=torch.int64)
+    for i, n in enumerate(sizes):
+        rows[i, _buckets.SEG_P] = params[i].data_ptr()
+        rows[i, _buckets.SEG_G] = grads[i].data_ptr()
+        rows[i, _buckets.SEG_S0] = states[i][0].data_ptr()
+        rows[i, _buckets.SEG_S1] = states[i][1].data_ptr()
+        rows[i, _buckets.SEG_STEP] = steps.data_ptr() + i * steps.element_size()
+        rows[i, _buckets.SEG_N] = n
+        rows[i, _buckets.SEG_INDEX] = i
+    lr, beta1, beta2 = 0.1, 0.9, 0.99
+    hyper = torch.tensor([[lr, beta1, beta2, 1e-8, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    before = steps.cpu().clone()
+    triton_kernels.adamw_step_triton(rows, hyper, DEVICE, torch.float32, False)
+    assert torch.equal(steps.cpu(), before + 1)
+    # every block used the count before the step: with g = 1, m = 1-beta1 and v = 1-beta2,
+    # so p = -lr/(1-beta1^t) * (1-beta1) / (sqrt(1-beta2)/sqrt(1-beta2^t) + eps)
+    for i, n in enumerate(sizes):
+        t = float(before[i]) + 1
+        expected = -lr / (1 - beta1**t) * (1 - beta1) / ((1 - beta2) ** 0.5 / (1 - beta2**t) ** 0.5 + 1e-8)
+        if n:
+            torch.testing.assert_close(params[i].cpu(), torch.full((n,), expected), rtol=1e-6, atol=0,
+                                       msg=f"segment {i} ({n} elements, step {t})")
+
+
+def test_params_without_grads_are_skipped_and_untouched():
+    opt_a, a, opt_b, b, states = _pair("adamw", torch.float32, "decoupled")
+    frozen = {0, 2}
+    grads_at = {t: [None if (k in frozen and t % 2) else g for k, g in enumerate(random_grads(b, t))]
+                for t in range(8)}
+    snapshot = {}
+
+    def before(t):
+        snapshot.clear()
+        for k in frozen:
+            if a[k] in opt_a.state:
+                snapshot[k] = [a[k].detach().clone()] + [opt_a.state[a[k]][n].clone() for n in states]
+
+    def after(t):
+        for k in snapshot:
+            if grads_at[t][k] is None:
+                now = [a[k].detach()] + [opt_a.state[a[k]][n] for n in states]
+                assert all(torch.equal(x, y) for x, y in zip(now, snapshot[k])), f"step {t}: param {k} changed"
+
+    # the same tensors go without a gradient every other step, so their counts fall behind
+    _compare_across_devices(opt_a, a, opt_b, b, states, 8, grads_at.__getitem__, before_step=before,
+                            after_step=after)
+    assert [float(opt_a.state[p]["step"]) for p in a] == [4.0, 8.0, 4.0]
+
+
+def test_changing_lr_is_data(triton_kernels):
+    # a scheduler changes lr every step: read from the hyper table, it never recompiles
+    cls, kw, states = CONFIGS["adamw"]
+    b = make_params(SHAPES)
+    a = _on_device(b)
+    opt_a, opt_b = cls(a, backend="triton", **kw), cls(b, backend="reference", **kw)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)) for o in (opt_a, opt_b)]
+    compiled = []  # compiled variants of the kernel before each step (the interpreter compiles nothing)
+
+    def advance(t):
+        if t:
+            for s in schedulers:
+                s.step()
+        if not INTERPRET:
+            kernel = triton_kernels._kernels._adamw_kernel
+            compiled.append(len(kernel.device_caches[torch.cuda.current_device()][0]))
+
+    _compare_across_devices(opt_a, a, opt_b, b, states, 6, lambda t: random_grads(b, t), before_step=advance)
+    assert opt_a.param_groups[0]["lr"] == pytest.approx(kw["lr"] / 6)
+    assert len(set(compiled[1:])) <= 1, f"compiled variants grew as lr changed: {compiled}"
+
+
+def test_empty_group_and_no_grads():
+    p = _on_device(make_params([(10,)]))[0]
+    opt = fusedwd.AdamW([{"params": []}, {"params": [p]}], backend="triton")
+    opt.step()  # nothing has a gradient: a no-op
+    assert len(opt.state) == 0
+    p.grad = torch.ones(10, device=DEVICE)
+    opt.step()
+    assert float(opt.state[p]["step"]) == 1
+    assert opt.state[p]["step"].device == DEVICE
+
+
+def test_state_dict_round_trip_with_the_reference():
+    # a checkpoint taken from the reference continues under Triton with the same counts
+    cls, kw, states = CONFIGS["adamw-amsgrad-max"]
+    b = make_params(SHAPES)
+    opt_b = cls(b, backend="reference", **kw)
+    for t in range(3):
+        for p, g in zip(b, random_grads(b, t)):
+            p.grad = g
+        opt_b.step()
+    a = _on_device(b)
+    opt_a = cls(a, backend="triton", **kw)
+    opt_a.load_state_dict(opt_b.state_dict())
+    _compare_across_devices(opt_a, a, opt_b, b, states, 5, lambda t: random_grads(b, t + 3))
+
+
+# ------------------------------------------------------------------ layout and wiring
+@pytest.mark.parametrize("cls, prefix", [(fusedwd.AdamW, "ADAMW"), (fusedwd.SGDW, "SGDW"),
+                                         (fusedwd.RMSpropW, "RMSPROPW")])
+def test_hyperparameter_columns(cls, prefix, triton_kernels):
+    kernels = triton_kernels._kernels
+    columns = {name: getattr(kernels, f"{prefix}_{name.upper()}").value for name in cls._HP_NAMES}
+    assert columns == {name: i for i, name in enumerate(cls._HP_NAMES)}
+    assert getattr(kernels, f"{prefix}_HP_COLS").value == len(cls._HP_NAMES)
+    assert triton_kernels.LAUNCHERS[cls._HP_TABLE_NAME].__name__ == f"{prefix.lower()}_step_triton"
+
+
+def test_backend_resolution(monkeypatch, triton_kernels):
+    p = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    p.grad = torch.randn(3, device=DEVICE)
+    # auto never picks the interpreter; on CUDA it picks the compiled kernels
+    plan = fusedwd.AdamW([p], backend="auto")._current_plan()
+    assert plan[0].backend == ("triton" if DEVICE.type == "cuda" else "cpu" if _ext.has_cpu() else "reference")
+    assert ("triton" in fusedwd.available_backends("cuda")) == (not triton_kernels.INTERPRETED)
+    assert "triton" not in fusedwd.available_backends("cpu")
+
+    # the wrong mode for the device: a clear error when the plan is built, nothing written
+    monkeypatch.setattr(triton_kernels, "INTERPRETED", not triton_kernels.INTERPRETED)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fusedwd.AdamW([p], backend="triton").step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_missing_triton_is_reported_on_use(monkeypatch):
+    monkeypatch.setattr(_ext, "_triton_tried", True)
+    monkeypatch.setattr(_ext, "_triton", None)
+    monkeypatch.setattr(_ext, "_triton_error", ImportError("No module named 'triton'"))
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    with pytest.raises(RuntimeError, match="needs Triton, which failed to import"):
+        fusedwd.SGDW([p], backend="triton").step()
+    assert "triton" not in fusedwd.available_backends("cuda")
+
+
+def test_launcher_rejects_malformed_tables(triton_kernels):
+    rows = torch.zeros(1, _buckets.SEG_COLS, dtype=torch.int64)
+    with pytest.raises(ValueError, match="hyper must be a float64"):
+        triton_kernels.sgdw_step_triton(rows, torch.zeros(1, 7, dtype=torch.float64), DEVICE, torch.float32,
+                                        False, False)
+    rows[0, _buckets.SEG_HP] = 3  # a hyperparameter row that does not exist
+    with pytest.raises(ValueError, match="hyperparameter row"):
+        triton_kernels.sgdw_step_triton(rows, torch.zeros(1, 6, dtype=torch.float64), DEVICE, torch.float32,
+                                        False, False)
+
+
+# ------------------------------------------------------------------ the GPU compile path
+_COMPILE_EVERY_VARIANT = textwrap.dedent("""
+    import itertools, re
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedwd.triton import _kernels as K, _launch as L
+
+    switches = {K._adamw_kernel: ["AMSGRAD"], K._sgdw_kernel: ["HAS_MOMENTUM", "NESTEROV"],
+                K._rmspropw_kernel: ["CENTERED", "HAS_MOMENTUM"]}
+    tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32"}
+    for kernel, names in switches.items():
+        for storage in L._STORAGE.values():
+            for values in itertools.product([False, True], repeat=len(names)):
+                math = tl.float64 if storage == tl.float64 else tl.float32
+                consts = dict(STORAGE=storage, MATH=math, BLOCK_SIZE=L.BLOCK_SIZE, **dict(zip(names, values)))
+                source = ASTSource(kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
+                compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32),
+                                          options=dict(num_warps=L.NUM_WARPS, enable_fp_fusion=False))
+                ptx = compiled.asm["ptx"]
+                # IEEE division and sqrt, no contracted multiply-add, and the acq_rel arrival
+                bad = re.findall(r"\\b(?:div\\.full|div\\.approx|sqrt\\.approx|rcp\\.approx|fma)\\.\\S+", ptx)
+                assert not bad, (kernel.__name__, consts, sorted(set(bad)))
+                assert "atom.global.gpu.acq_rel.add" in ptx, (kernel.__name__, consts)
+                # the full, aligned blocks' path: 128-bit loads and stores
+                assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), \\
+                    (kernel.__name__, consts)
+                print(kernel.__name__, consts, "ok")
+""")
+
+
+def test_every_variant_compiles_for_a_gpu(tmp_path):
+    # The interpreter runs the kernels' Python, not Triton's compiler: this compiles every
+    # variant to PTX and a cubin for sm_80 (no GPU needed), in a process without TRITON_INTERPRET.
+    # (Checked here, not in a skipif: looking up a submodule imports triton, which must
+    # wait for the fixture to set TRITON_INTERPRET.)
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, and leave ~/.triton alone
+    done = subprocess.run([sys.executable, "-c", _COMPILE_EVERY_VARIANT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok") == 2 * 4 + 4 * 4 + 4 * 4
