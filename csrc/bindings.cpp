@@ -201,6 +201,40 @@ bool take_as_is(PyObject* p, PyObject* g, const int64_t* row_in, PyObject* grad_
   return get_i64(g, g_m.data_ptr, g_plain, g_addr);
 }
 
+// For gradients re-homed into a bucket's flat buffer: the index of the first
+// parameter from start on whose .grad is no longer the view handed out
+// (views[i], identity), or whose own address or its view's address moved away
+// from the table; len(params) when every parameter is as left. Any Python
+// exception counts as a moved parameter. Three reads per parameter, against
+// gather's eight, since a view we own needs no dtype/size/layout checks.
+int64_t check_views(py::list params, py::list views, int64_t start, uintptr_t table) {
+  if (start < 0) throw py::value_error("check_views: start must be >= 0");
+  if (PyList_GET_SIZE(views.ptr()) != PyList_GET_SIZE(params.ptr())) {
+    throw py::value_error("check_views: params and views differ in length");
+  }
+  bind_members();
+  // the table is an int64 tensor owned by the caller, passed by address
+  const int64_t* rows = reinterpret_cast<const int64_t*>(table);
+  PyObject* list = params.ptr();
+  PyObject* view_list = views.ptr();
+  for (int64_t i = start; i < PyList_GET_SIZE(list); ++i) {
+    PyObject* p = PyList_GET_ITEM(list, i);
+    PyObject* view = PyList_GET_ITEM(view_list, i);
+    Py_INCREF(p);  // keep p alive even if the list is mutated under us
+    PyObject* g = get(p, g_m.grad, is_plain(Py_TYPE(p)));
+    bool ok = g == view;
+    Py_XDECREF(g);
+    if (g == nullptr) PyErr_Clear();
+    const int64_t* row = rows + i * SEG_COLS;
+    int64_t addr = 0;
+    ok = ok && get_i64(p, g_m.data_ptr, is_plain(Py_TYPE(p)), &addr) && addr == row[SEG_P];
+    ok = ok && get_i64(view, g_m.data_ptr, is_plain(Py_TYPE(view)), &addr) && addr == row[SEG_G];
+    Py_DECREF(p);
+    if (!ok) return i;
+  }
+  return static_cast<int64_t>(PyList_GET_SIZE(list));
+}
+
 std::tuple<int64_t, int64_t> gather(py::list params, int64_t start, uintptr_t table_in,
                                     uintptr_t table_out, int64_t n_out, py::object grad_dtype,
                                     bool expect_cpu) {
@@ -416,6 +450,12 @@ PYBIND11_MODULE(_C, m) {
         "Copies the rows of params[start:] whose .grad can be taken as is into table_out\n"
         "(SEG_G set to the gradient's address), skipping None gradients. Stops at the\n"
         "first parameter that fails a check. Returns (index reached, rows in table_out).");
+
+  m.def("check_views", &check_views, py::arg("params"), py::arg("views"), py::arg("start"),
+        py::arg("table"),
+        "Index of the first parameter from start on whose .grad is not views[i] or whose\n"
+        "address or its view's address differs from the table's SEG_P / SEG_G; len(params)\n"
+        "when all are as left (gradients re-homed into a flat buffer).");
 
   m.def(
       "isa", [] { return std::string(cpu::active().name); },

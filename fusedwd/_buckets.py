@@ -43,10 +43,12 @@ class Bucket:
     backend: str  # resolved: "cpu" or "reference"
     structure: tuple  # the rule's structural switches (amsgrad, nesterov, ...)
     state_names: tuple[Optional[str], ...]  # per column S0, S1, S2; None where the rule keeps no state
+    flat_grads: bool = False  # p.grad re-homed into grad_buffer (fusedwd/optim/_flat.py)
     params: list[Tensor] = field(default_factory=list)
     group_rows: list[int] = field(default_factory=list)  # index of each param's group
     shapes: list[torch.Size] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    length: int = 0  # elements in each flat buffer, alignment padding included
     buffers: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)
     steps: Optional[Tensor] = None  # float32 step count per parameter
@@ -55,21 +57,30 @@ class Bucket:
     table_out: Optional[Tensor] = None  # int64 [n, SEG_COLS], this step's active rows
     exposed: list[bool] = field(default_factory=list)  # state[p] holds the views
     n_unexposed: int = 0
+    # flat_grads=True: every p.grad is a view of one flat buffer (fusedwd/optim/_flat.py)
+    grad_buffer: Optional[Tensor] = None
+    grad_views: list[Tensor] = field(default_factory=list)
 
-    def allocate(self) -> None:
+    def allocate(self, steps_on_device: bool = False) -> None:
         """Allocate the flat buffers and build the per-parameter views."""
         numels = [int(torch.Size(s).numel()) for s in self.shapes]
         element_size = torch.empty((), dtype=self.dtype).element_size()
         self.offsets, total = aligned_offsets(numels, element_size)
+        self.length = total
         for name in filter(None, self.state_names):
             flat = torch.zeros(total, dtype=self.dtype, device=self.device)
             self.buffers[name] = flat
-            self.views[name] = [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, numels, self.shapes)]
+            self.views[name] = self.flat_views(flat)
         # torch keeps `step` as a float32 scalar tensor on the host (non-capturable path)
-        self.steps = torch.zeros(len(self.params), dtype=torch.float32)
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32,
+                                 device=self.device if steps_on_device else "cpu")
         self.step_views = list(self.steps.unbind(0))
         self.exposed = [False] * len(self.params)
         self.n_unexposed = len(self.params)
+
+    def flat_views(self, flat: Tensor) -> list[Tensor]:
+        """Per-parameter views of a flat buffer laid out like the state buffers."""
+        return [flat[o : o + int(torch.Size(s).numel())].view(s) for o, s in zip(self.offsets, self.shapes)]
 
     def build_tables(self) -> None:
         """The int64 segment table the compiled kernels read (docs/design.md#segment-table)."""
@@ -81,6 +92,7 @@ class Bucket:
             for column, name in zip(STATE_COLUMNS, self.state_names):
                 if name is not None:
                     row[column] = self.views[name][i].data_ptr()
+            row[SEG_G] = self.grad_views[i].data_ptr() if self.grad_views else 0
             row[SEG_STEP] = steps_base + i * step_size
             row[SEG_N] = p.numel()
             row[SEG_HP] = self.group_rows[i]

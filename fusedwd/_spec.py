@@ -89,6 +89,7 @@ def _check_common(group: Mapping[str, Any]) -> None:
     _check_range("lr", group["lr"], 0.0)
     _check_range("weight_decay", group["weight_decay"], 0.0)
     _check_bool("maximize", group["maximize"])
+    _check_bool("flat_grads", group.get("flat_grads", False))
     check_decay(group["decay"])
     check_backend(group["backend"])
     if group.get("differentiable", False):

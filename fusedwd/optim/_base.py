@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from .. import _ext
 from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
+from . import _flat
 from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay
 
 # Storage dtype codes of the compiled kernels (csrc/include/fusedwd/common.h).
@@ -131,7 +132,8 @@ class FusedOptimizer(Optimizer):
         return Backend.REFERENCE.value
 
     def _current_plan(self) -> list[Bucket]:
-        key = tuple((id(g["params"]), len(g["params"]), self._structure(g), g["backend"]) for g in self.param_groups)
+        key = tuple((id(g["params"]), len(g["params"]), self._structure(g), g["backend"], g.get("flat_grads"))
+                    for g in self.param_groups)
         if self._plan is None or key != self._plan_key:
             self._plan = self._build_plan()
             self._plan_key = key
@@ -144,21 +146,23 @@ class FusedOptimizer(Optimizer):
             slots = self._state_slots(structure)
             for p in group["params"]:
                 backend = self._resolve_backend(group["backend"], p)
-                key = (p.device, p.dtype, backend, structure)
+                # flat_grads: contiguous parameters of a compiled backend (check_views is in fusedwd._C)
+                flat = bool(group.get("flat_grads")) and backend != Backend.REFERENCE and _ext.has_cpu() \
+                    and p.is_contiguous()
+                key = (p.device, p.dtype, backend, structure, flat)
                 bucket = buckets.get(key)
                 if bucket is None:
-                    bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots)
+                    bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots, flat_grads=flat)
                 bucket.params.append(p)
                 bucket.group_rows.append(row)
                 bucket.shapes.append(p.shape)
         for bucket in buckets.values():
-            bucket.allocate()
-            if bucket.backend == Backend.TRITON and bucket.device.type != "cpu":
-                # the kernel reads and advances the step counts: keep them on its device
-                # (as torch's fused AdamW does), so a step never syncs with the host
-                bucket.steps = bucket.steps.to(bucket.device)
-                bucket.step_views = list(bucket.steps.unbind(0))
+            # a GPU kernel reads and advances the step counts: keep them on its device
+            # (as torch's fused AdamW does), so a step never syncs with the host
+            bucket.allocate(steps_on_device=bucket.backend == Backend.TRITON)
             self._adopt_state(bucket)
+            if bucket.flat_grads:
+                _flat.attach(bucket)
             if bucket.backend != Backend.REFERENCE:
                 bucket.build_tables()
         return list(buckets.values())
@@ -205,6 +209,33 @@ class FusedOptimizer(Optimizer):
                 self._expose(bucket, i)
                 bucket.n_unexposed -= 1
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset gradients as torch does; with ``flat_grads=True`` zero the flat buffers instead.
+
+        The flat buffers' views stay the parameters' ``.grad`` whatever ``set_to_none``
+        says: that is the point of the option (see fusedwd/optim/_flat.py).
+        """
+        flat = [b for b in (self._plan or ()) if b.grad_views]
+        if not flat:
+            super().zero_grad(set_to_none)
+            return
+        owned = set()
+        for bucket in flat:
+            _flat.zero(bucket)
+            owned.update(id(p) for p in bucket.params)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in owned or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -240,6 +271,8 @@ class FusedOptimizer(Optimizer):
 
     def _prepare_kernel(self, bucket: Bucket) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
         """Fill the bucket's table of this step's segments; returns (rows, staged copies)."""
+        if bucket.grad_views:
+            return _flat.prepare(self, bucket, _ext.cpu()), []
         # The Triton backend works without the C++ module: its parameters then all take
         # the Python path below, one at a time.
         gather = _ext.cpu().gather if bucket.backend == Backend.CPU or _ext.has_cpu() else None

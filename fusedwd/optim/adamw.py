@@ -43,6 +43,11 @@ class AdamW(FusedOptimizer):
             (torch.optim.Adam's coupled L2).
         backend: ``"auto"`` (the compiled kernel for the parameters' device, else the
             reference), ``"cpu"`` or ``"reference"``.
+        flat_grads: re-home every ``p.grad`` into one flat buffer per bucket (views that
+            autograd accumulates into): the step then skips per-tensor gradient checks.
+            ``zero_grad`` zeroes the buffer instead of setting gradients to None, so a
+            parameter without a gradient is stepped with zeros, as under DDP's
+            ``gradient_as_bucket_view``. Worth it for thousands of small tensors.
 
     Returns:
         ``step()`` returns the closure's loss, or None.
@@ -77,11 +82,12 @@ class AdamW(FusedOptimizer):
         fused: Optional[bool] = None,
         decay: str = "decoupled",
         backend: str = "auto",
+        flat_grads: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            decay=decay, backend=backend,
+            decay=decay, backend=backend, flat_grads=flat_grads,
         )
         super().__init__(params, defaults)
 

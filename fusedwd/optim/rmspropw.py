@@ -41,6 +41,11 @@ class RMSpropW(FusedOptimizer):
         maximize: maximize the objective.
         decay: ``"decoupled"``, ``"independent"`` or ``"l2"`` (docs/math.md).
         backend: ``"auto"``, ``"cpu"`` or ``"reference"``.
+        flat_grads: re-home every ``p.grad`` into one flat buffer per bucket (views that
+            autograd accumulates into): the step then skips per-tensor gradient checks.
+            ``zero_grad`` zeroes the buffer instead of setting gradients to None, so a
+            parameter without a gradient is stepped with zeros, as under DDP's
+            ``gradient_as_bucket_view``. Worth it for thousands of small tensors.
 
     Returns:
         ``step()`` returns the closure's loss, or None.
@@ -72,11 +77,12 @@ class RMSpropW(FusedOptimizer):
         *,
         decay: str = "decoupled",
         backend: str = "auto",
+        flat_grads: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
-            decay=decay, backend=backend,
+            decay=decay, backend=backend, flat_grads=flat_grads,
         )
         super().__init__(params, defaults)
 

@@ -38,6 +38,11 @@ class SGDW(FusedOptimizer):
         differentiable: must be False.
         decay: ``"decoupled"``, ``"independent"`` or ``"l2"`` (docs/math.md).
         backend: ``"auto"``, ``"cpu"`` or ``"reference"``.
+        flat_grads: re-home every ``p.grad`` into one flat buffer per bucket (views that
+            autograd accumulates into): the step then skips per-tensor gradient checks.
+            ``zero_grad`` zeroes the buffer instead of setting gradients to None, so a
+            parameter without a gradient is stepped with zeros, as under DDP's
+            ``gradient_as_bucket_view``. Worth it for thousands of small tensors.
 
     Returns:
         ``step()`` returns the closure's loss, or None.
@@ -68,11 +73,12 @@ class SGDW(FusedOptimizer):
         fused: Optional[bool] = None,
         decay: str = "decoupled",
         backend: str = "auto",
+        flat_grads: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
-            decay=decay, backend=backend,
+            decay=decay, backend=backend, flat_grads=flat_grads,
         )
         super().__init__(params, defaults)
 
