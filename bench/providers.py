@@ -26,6 +26,8 @@ BASELINE = "torch-fused"
 FUSEDWD_PREFIX = "fusedwd-"
 # Backends the fusedwd package may offer; "auto" is a choice among these, not a provider.
 FUSEDWD_BACKENDS = ("cpu", "triton", "cuda", "reference")
+# A compiled backend with flat_grads=True: every p.grad a view of one flat buffer per bucket.
+FLAT_SUFFIX = "-flat"
 
 
 @dataclass
@@ -57,7 +59,10 @@ def fusedwd_backends(device: torch.device) -> tuple[list[str], str]:
         return [], f"import fusedwd failed: {exc!r}"
     query = getattr(fusedwd, "available_backends", None)
     if query is not None:
-        return [b for b in query(device) if b != "auto"], ""
+        compiled = [b for b in query(device) if b not in ("auto", "reference")]
+        # each compiled backend also with flat_grads=True, right after it in the table
+        with_flat = [name for b in compiled for name in (b, b + FLAT_SUFFIX)]
+        return with_flat + [b for b in query(device) if b == "reference"], ""
     usable = []
     for backend in FUSEDWD_BACKENDS:
         p = torch.nn.Parameter(torch.ones(8, device=device))
@@ -86,8 +91,16 @@ def torch_adamw(variant: str, base, grads, amsgrad: bool) -> Provider:
 def fusedwd_adamw(backend: str, base, grads, amsgrad: bool) -> Provider:
     import fusedwd
 
-    opt = fusedwd.AdamW(_copy_params(base, grads), amsgrad=amsgrad, backend=backend, **HYPERPARAMETERS)
-    return Provider(FUSEDWD_PREFIX + backend, opt.step, f"fusedwd.AdamW(backend={backend!r})")
+    flat = backend.endswith(FLAT_SUFFIX)
+    name = FUSEDWD_PREFIX + backend
+    backend = backend.removesuffix(FLAT_SUFFIX)
+    opt = fusedwd.AdamW(_copy_params(base, grads), amsgrad=amsgrad, backend=backend, flat_grads=flat,
+                        **HYPERPARAMETERS)
+    # flat_grads moves the gradients into the optimizer's buffer at its first step;
+    # build it now so the copy is not timed
+    if flat:
+        opt.step()
+    return Provider(name, opt.step, f"fusedwd.AdamW(backend={backend!r}{', flat_grads=True' if flat else ''})")
 
 
 def floor(num_params: int, dtype: torch.dtype, device: torch.device, amsgrad: bool) -> Provider:

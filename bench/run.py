@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.min_repeats = min(args.min_repeats, args.repeats)
     known = [providers.FUSEDWD_PREFIX + b for b in providers.FUSEDWD_BACKENDS]
+    known += [providers.FUSEDWD_PREFIX + b + providers.FLAT_SUFFIX for b in providers.FUSEDWD_BACKENDS if b != "reference"]
     known += [*providers.TORCH_VARIANTS, providers.FLOOR]
     if args.optimizers is not None and not set(args.optimizers) <= set(known):
         ap.error(f"unknown provider(s) {sorted(set(args.optimizers) - set(known))}; choose from {known}")
