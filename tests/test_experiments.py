@@ -5,7 +5,9 @@ import json
 import pytest
 
 from fusedwd.experiments import __main__ as cli
-from fusedwd.experiments import equilibrium, propositions
+import math
+
+from fusedwd.experiments import equilibrium, propositions, sharing, spurious
 
 
 def test_propositions_hold_exactly():
@@ -38,3 +40,17 @@ def test_cli_writes_json_and_png(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "propositions.json").read_text())
     assert data["meta"]["experiment"] == "propositions" and len(data["checks"]) == 5
     assert (tmp_path / "propositions.png").stat().st_size > 0
+
+
+def test_sharing_runs_to_completion():
+    # statistical: run, not asserted beyond a well-formed, finite result
+    result = sharing.run(quick=True)
+    assert {(r["decay"], r["uses"]) for r in result["runs"]} == {(d, k) for d in ("decoupled", "l2") for k in (1, 64)}
+    assert all(math.isfinite(r["shrink_per_step"]) for r in result["runs"])
+
+
+def test_spurious_runs_to_completion():
+    result = spurious.run(quick=True)
+    assert {r["decay"] for r in result["runs"]} == {"decoupled", "l2"}
+    for r in result["runs"]:
+        assert 0.0 <= r["spurious_share"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0, r

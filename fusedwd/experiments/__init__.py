@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-EXPERIMENTS = ("propositions", "equilibrium")
+EXPERIMENTS = ("propositions", "equilibrium", "sharing", "spurious")
 
 
 def load(name: str):
