@@ -9,13 +9,17 @@ from typing import Union
 
 import torch
 
-from . import reference
+from . import reference, schedules
 from ._spec import BACKENDS, DECAY_MODES
+from .groups import param_groups
 from .optim import SGDW, AdamW, RMSpropW
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamW", "SGDW", "RMSpropW", "reference", "available_backends", "DECAY_MODES", "BACKENDS", "__version__"]
+__all__ = [
+    "AdamW", "SGDW", "RMSpropW", "param_groups", "schedules", "reference", "available_backends",
+    "DECAY_MODES", "BACKENDS", "__version__",
+]
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
