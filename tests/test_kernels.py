@@ -192,3 +192,19 @@ def test_parameter_subclass_takes_the_generic_path():
     _CountingParameter.calls = 0
     compare_optimizers(opt_a, a, opt_b, b, ["exp_avg"], 3, lambda t: random_grads(a, t))
     assert _CountingParameter.calls >= 3, "the override was bypassed"
+
+
+def test_small_buckets_run_on_one_thread(monkeypatch):
+    # no thread gets fewer than GRAIN_SIZE elements (torch's parallel_for rule)
+    from fusedwd.optim._base import GRAIN_SIZE
+
+    seen = []
+    real = fusedwd.AdamW._launch
+    monkeypatch.setattr(fusedwd.AdamW, "_launch", lambda self, *a: (seen.append(a[-1]), real(self, *a)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for numel in (100, GRAIN_SIZE * 4):
+        p = torch.nn.Parameter(torch.randn(numel))
+        opt = fusedwd.AdamW([p], backend="cpu")
+        p.grad = torch.randn(numel)
+        opt.step()
+    assert seen == [1, 2]

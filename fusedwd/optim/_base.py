@@ -18,6 +18,9 @@ from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
 from . import _flat
 from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay
 
+# Elements per thread below which the CPU pass does not split (torch's at::internal::GRAIN_SIZE).
+GRAIN_SIZE = 32768
+
 # Storage dtype codes of the compiled kernels (csrc/include/fusedwd/common.h).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -314,8 +317,12 @@ class FusedOptimizer(Optimizer):
             launch = _ext.triton(bucket.device).LAUNCHERS[self._HP_TABLE_NAME]
             launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure)
         else:
+            # like torch's parallel_for, no thread gets fewer than GRAIN_SIZE elements: on
+            # small buckets a parallel region costs more than it saves, and on a busy machine
+            # it waits for a descheduled thread at every step
+            threads = max(1, min(torch.get_num_threads(), -(-bucket.length // GRAIN_SIZE)))
             self._launch(_ext.cpu(), bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
-                         DTYPE_CODES[bucket.dtype], bucket.structure, torch.get_num_threads())
+                         DTYPE_CODES[bucket.dtype], bucket.structure, threads)
         for p, p_c, _ in staged:
             if p_c is not p:
                 p.copy_(p_c)
