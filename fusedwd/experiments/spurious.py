@@ -69,7 +69,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     seeds = range(seed, seed + (1 if quick else 5))
     sweeps = {  # the two modes' wd mean different things; sweep each over its useful range
         "decoupled": (0.0, 0.1, 1.0) if quick else (0.0, 0.01, 0.1, 0.3, 1.0, 3.0),
-        "l2": (0.0, 0.01, 0.1) if quick else (0.0, 0.001, 0.01, 0.03, 0.1, 0.3),
+        "l2": (0.0, 0.01, 0.1) if quick else (0.0, 0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
     }
     cases = [(d, wd) for d, wds in sweeps.items() for wd in wds]
     rows = []
