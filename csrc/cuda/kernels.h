@@ -1,0 +1,30 @@
+// The interface between the pybind11 bindings (compiled by the host compiler)
+// and the CUDA kernels (compiled by nvcc, one translation unit per rule).
+// Plain types only.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fusedwd {
+namespace cuda {
+
+struct LaunchArgs {
+  const int64_t* table;    // device: nseg rows of SEG_COLS int64 (layout.h)
+  int64_t nseg;            // number of segments (> 0)
+  const double* hyper;     // device: hyperparameter rows of the rule
+  int dtype;               // DType of p, g and every state
+  unsigned int* arrivals;  // device: one zero word, used and reset to zero by the launch
+  int64_t grid;            // blocks; 0 sizes the persistent grid from the device
+  cudaStream_t stream;
+};
+
+// One launch over every segment; returns the launch's error (cudaSuccess when
+// queued). Callers validated dtype and the addresses.
+cudaError_t adamw(const LaunchArgs& a, bool amsgrad);
+cudaError_t sgdw(const LaunchArgs& a, bool has_momentum, bool nesterov);
+cudaError_t rmspropw(const LaunchArgs& a, bool centered, bool has_momentum);
+
+}  // namespace cuda
+}  // namespace fusedwd

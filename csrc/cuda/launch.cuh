@@ -1,0 +1,79 @@
+// The host side of a launch: grid size, device, error. Included by each
+// rule's translation unit (adamw.cu, sgdw.cu, rmspropw.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "cuda/kernels.h"
+#include "cuda/step.cuh"
+
+FUSEDWD_NS_BEGIN
+namespace cuda_kernels {
+
+// The persistent grid of step_kernel<D, Rule> on `device`, cached per kernel
+// and device: occupancy and SM count do not change while the process runs.
+template <DType D, class Rule>
+int64_t persistent_grid_for(int device, cudaError_t* error) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cache[kMaxDevices];
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int64_t g = cache[device].load(std::memory_order_relaxed);
+    if (g > 0) return g;
+  }
+  int sms = 0;
+  int per_sm = 0;
+  *error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (*error != cudaSuccess) return -1;
+  *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<D, Rule>, kCudaThreads, 0);
+  if (*error != cudaSuccess) return -1;
+  const int64_t g = persistent_grid(sms, per_sm);
+  if (cached) cache[device].store(g, std::memory_order_relaxed);
+  return g;
+}
+
+// Launches step_kernel<D, Rule> on a.stream, on the stream's device.
+template <DType D, class Rule>
+cudaError_t launch(const cuda::LaunchArgs& a) {
+  int current = 0;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  int device = current;
+#if CUDART_VERSION >= 12080
+  // cudaStreamGetDevice is CUDA 12.8's; older toolkits launch on the current device
+  err = cudaStreamGetDevice(a.stream, &device);
+  if (err != cudaSuccess) return err;
+#endif
+  // a launch goes to the current device; torch's stream may belong to another
+  if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  int64_t grid = a.grid;
+  if (grid == 0) grid = persistent_grid_for<D, Rule>(device, &err);
+  if (err == cudaSuccess) {
+    const auto blocks = static_cast<unsigned int>(grid);
+    step_kernel<D, Rule><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals);
+    err = cudaGetLastError();
+  }
+  if (current != device) {
+    const cudaError_t restored = cudaSetDevice(current);
+    if (err == cudaSuccess) err = restored;
+  }
+  return err;
+}
+
+// Runtime dtype -> template.
+template <template <DType> class RuleOf>
+cudaError_t by_dtype(const cuda::LaunchArgs& a) {
+  switch (static_cast<DType>(a.dtype)) {
+    case DType::F32: return launch<DType::F32, RuleOf<DType::F32>>(a);
+    case DType::F16: return launch<DType::F16, RuleOf<DType::F16>>(a);
+    case DType::BF16: return launch<DType::BF16, RuleOf<DType::BF16>>(a);
+    case DType::F64: return launch<DType::F64, RuleOf<DType::F64>>(a);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda_kernels
+FUSEDWD_NS_END

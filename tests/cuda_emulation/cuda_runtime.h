@@ -1,0 +1,64 @@
+// Host stand-ins for the CUDA features csrc/cuda/step.cuh uses, so that its
+// kernel compiles with g++ and runs on a CPU (tests/test_cuda_ext.py). Found
+// before any real <cuda_runtime.h> because run.cpp is compiled with -I here.
+//
+// One block runs at a time, its threads as std::threads: __shared__ variables
+// become statics (shared by the block's threads, reused by the next block),
+// __syncthreads a std::barrier over the block, __shfl_up_sync an exchange
+// through per-warp slots between two warp barriers. Asynchronous copies and
+// cache hints become plain accesses. Warp divergence, the GPU memory model and
+// the device's fp16/bf16 intrinsics are not modelled: this checks the kernel's
+// control flow and index arithmetic, not the hardware.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define __launch_bounds__(threads, blocks)
+
+struct dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local dim3 threadIdx;
+inline dim3 blockIdx;
+inline dim3 gridDim;
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+namespace emulation {
+constexpr int kWarpsPerBlock = 8;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::barrier<>* warp_barriers[kWarpsPerBlock] = {};
+inline int64_t warp_slots[kWarpsPerBlock][32];
+}  // namespace emulation
+
+inline void __syncthreads() { emulation::block_barrier->arrive_and_wait(); }
+
+inline int64_t __shfl_up_sync(unsigned /*mask: the kernel always passes all lanes*/, int64_t v, int d) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  emulation::warp_slots[warp][lane] = v;
+  emulation::warp_barriers[warp]->arrive_and_wait();
+  const int64_t r = lane >= d ? emulation::warp_slots[warp][lane - d] : v;
+  emulation::warp_barriers[warp]->arrive_and_wait();
+  return r;
+}
+
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(int) {}
+
+inline uint4 __ldca(const uint4* p) { return *p; }
+inline uint4 __ldcs(const uint4* p) { return *p; }
+inline void __stwb(uint4* p, uint4 v) { *p = v; }
+
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }

@@ -1,0 +1,191 @@
+// Runs csrc/cuda/step.cuh's kernel on the host (cuda_runtime.h beside this file
+// emulates the CUDA features it uses) and checks, bit for bit, that a launch
+// does what the CPU kernel does: every element of every segment updated once
+// with its own segment's scalars (the same helpers, applied in order here),
+// every step count advanced once, the arrival counter left at zero. Aligned and
+// misaligned buffers, empty segments, two table tiles, grids of 1 and 3.
+// Prints one line per case; exits 1 on any difference.
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "cuda/step.cuh"
+
+using namespace fusedwd;
+using namespace fusedwd::cuda_kernels;
+
+namespace {
+
+// kCudaThreads threads that run the blocks of a launch one after another.
+class Block {
+ public:
+  Block() : block_(kCudaThreads), start_(kCudaThreads + 1), done_(kCudaThreads + 1) {
+    emulation::block_barrier = &block_;
+    for (int w = 0; w < emulation::kWarpsPerBlock; ++w) {
+      warps_.push_back(std::make_unique<std::barrier<>>(32));
+      emulation::warp_barriers[w] = warps_.back().get();
+    }
+    for (unsigned t = 0; t < kCudaThreads; ++t) {
+      threads_.emplace_back([this, t] {
+        threadIdx.x = t;
+        for (;;) {
+          start_.arrive_and_wait();
+          if (stop_) return;
+          job_();
+          done_.arrive_and_wait();
+        }
+      });
+    }
+  }
+
+  ~Block() {
+    stop_ = true;
+    start_.arrive_and_wait();
+    for (std::thread& t : threads_) t.join();
+  }
+
+  void run(const std::function<void()>& job) {
+    job_ = job;
+    start_.arrive_and_wait();
+    done_.arrive_and_wait();
+  }
+
+ private:
+  std::barrier<> block_, start_, done_;
+  std::vector<std::unique_ptr<std::barrier<>>> warps_;
+  std::vector<std::thread> threads_;
+  std::function<void()> job_;
+  bool stop_ = false;  // written before start_, read after it
+};
+
+Block* g_block = nullptr;
+
+template <DType D, class Rule>
+void launch(const int64_t* table, int64_t nseg, const double* hyper, unsigned* arrivals, unsigned grid) {
+  gridDim.x = grid;
+  for (unsigned b = 0; b < grid; ++b) {
+    blockIdx.x = b;
+    g_block->run([=] { step_kernel<D, Rule>(table, nseg, hyper, arrivals); });
+  }
+}
+
+// Two hyper rows per rule: non-default numbers, the second maximizing with coupled L2.
+std::vector<double> hyper_rows(int cols) {
+  if (cols == SGDW_HP_COLS) return {0.05, 0.9, 0.0, 0.9995, 0.0, 1.0, 0.02, 0.8, 0.0, 1.0, 0.03, -1.0};
+  if (cols == ADAMW_HP_COLS) {
+    return {3e-3, 0.8, 0.95, 1e-6, 0.9997, 0.0, 1.0, 1e-2, 0.9, 0.999, 1e-8, 1.0, 0.05, -1.0};
+  }
+  return {1e-3, 0.9, 1e-6, 0.5, 0.9999, 0.0, 1.0, 5e-3, 0.99, 1e-8, 0.9, 1.0, 0.02, -1.0};
+}
+
+template <DType D, class Rule>
+int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bool misaligned) {
+  using T = storage_t<D>;
+  using M = math_t<D>;
+  constexpr int kBuffers = 5;  // p, g, S0, S1, S2
+  const int64_t nseg = static_cast<int64_t>(sizes.size());
+  std::mt19937_64 rng(static_cast<uint64_t>(nseg * 131 + grid * 7 + misaligned));
+  std::normal_distribution<double> normal;
+  // each buffer its own allocation, used from a 16-byte boundary (+1 element when misaligned)
+  std::vector<std::vector<T>> got(nseg * kBuffers);
+  std::vector<int64_t> first(nseg * kBuffers);
+  std::vector<float> steps(nseg);
+  for (int64_t s = 0; s < nseg; ++s) {
+    for (int k = 0; k < kBuffers; ++k) {
+      std::vector<T>& v = got[s * kBuffers + k];
+      v.resize(sizes[s] + 16);
+      for (T& x : v) {
+        // second moments positive; grad_avg small enough that square_avg - grad_avg^2 > 0
+        const double r = normal(rng);
+        const double value = k == 2 || k == 4 ? std::fabs(r) + 1.0 : (k == 3 ? 0.1 * r : r);
+        store<D>(&x, 0, static_cast<M>(value));
+      }
+      int64_t i = 0;
+      while (reinterpret_cast<uintptr_t>(v.data() + i) % kCudaVectorBytes != 0) ++i;
+      first[s * kBuffers + k] = i + (misaligned ? 1 : 0);
+    }
+    steps[s] = static_cast<float>(rng() % 4);
+  }
+  std::vector<std::vector<T>> want = got;
+  std::vector<float> want_steps = steps;
+  const bool used[kBuffers] = {true, true, Rule::kS0, Rule::kS1, Rule::kS2};
+  const int columns[kBuffers] = {SEG_P, SEG_G, SEG_S0, SEG_S1, SEG_S2};
+  std::vector<int64_t> table(nseg * SEG_COLS, 0);
+  for (int64_t s = 0; s < nseg; ++s) {
+    int64_t* row = &table[s * SEG_COLS];
+    for (int k = 0; k < kBuffers; ++k) {
+      T* base = got[s * kBuffers + k].data() + first[s * kBuffers + k];
+      row[columns[k]] = used[k] ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(base)) : 0;
+    }
+    row[SEG_STEP] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(&steps[s]));
+    row[SEG_N] = sizes[s];
+    row[SEG_HP] = s % 2;
+    row[SEG_INDEX] = s;
+  }
+  const std::vector<double> hyper = hyper_rows(Rule::kHpCols);
+  unsigned arrivals = 0;
+  int failures = 0;
+  for (int step = 0; step < 2; ++step) {
+    launch<D, Rule>(table.data(), nseg, hyper.data(), &arrivals, grid);
+    for (int64_t s = 0; s < nseg; ++s) {
+      const auto sc = Rule::scalars(&hyper[(s % 2) * Rule::kHpCols], double(want_steps[s]) + 1.0);
+      T* b[kBuffers];
+      for (int k = 0; k < kBuffers; ++k) b[k] = want[s * kBuffers + k].data() + first[s * kBuffers + k];
+      for (int64_t i = 0; i < sizes[s]; ++i) {
+        M p = load<D>(b[0], i), x = load<D>(b[2], i), y = load<D>(b[3], i), z = load<D>(b[4], i);
+        Rule::update(p, load<D>(b[1], i), x, y, z, sc);
+        store<D>(b[0], i, p);
+        if (Rule::kS0) store<D>(b[2], i, x);
+        if (Rule::kS1) store<D>(b[3], i, y);
+        if (Rule::kS2) store<D>(b[4], i, z);
+      }
+      want_steps[s] += 1.0f;
+    }
+    for (size_t k = 0; k < got.size(); ++k) {
+      if (std::memcmp(got[k].data(), want[k].data(), got[k].size() * sizeof(T)) != 0) {
+        if (failures < 3) std::printf("  launch %d: segment %zu buffer %zu differs\n", step, k / kBuffers, k % kBuffers);
+        ++failures;
+      }
+    }
+    if (steps != want_steps) ++failures;
+    if (arrivals != 0) ++failures;
+  }
+  std::printf("%-28s %4lld segments, grid %u, %s: %s\n", name, static_cast<long long>(nseg), grid,
+              misaligned ? "misaligned" : "aligned", failures ? "FAIL" : "ok");
+  return failures;
+}
+
+}  // namespace
+
+int main() {
+  Block block;
+  g_block = &block;
+  const std::vector<int64_t> mixed = {1, 4097, 0, 64, 63, 3000, 1000, 129, 0, 5, 2048, 2049};
+  std::vector<int64_t> many;  // 300 segments: two table tiles, most of them tiny or empty
+  for (int i = 0; i < 300; ++i) many.push_back(i % 7 == 0 ? 0 : (i * 37) % 90 + (i % 97 == 0 ? 5000 : 0));
+  const std::pair<const std::vector<int64_t>*, unsigned> cases[] = {{&mixed, 1}, {&mixed, 3}, {&many, 3}};
+  int failures = 0;
+  for (const auto& [sizes, grid] : cases) {
+    for (bool misaligned : {false, true}) {
+      failures += check<DType::F32, AdamWRule<DType::F32, false>>("adamw f32", *sizes, grid, misaligned);
+      failures += check<DType::BF16, AdamWRule<DType::BF16, true>>("adamw amsgrad bf16", *sizes, grid, misaligned);
+      failures += check<DType::F16, SgdwRule<DType::F16, false, false>>("sgdw f16", *sizes, grid, misaligned);
+      failures += check<DType::F64, SgdwRule<DType::F64, true, false>>("sgdw momentum f64", *sizes, grid, misaligned);
+      failures += check<DType::F32, SgdwRule<DType::F32, true, true>>("sgdw nesterov f32", *sizes, grid, misaligned);
+      failures += check<DType::BF16, RmspropwRule<DType::BF16, false, false>>("rmspropw bf16", *sizes, grid,
+                                                                               misaligned);
+      failures += check<DType::F64, RmspropwRule<DType::F64, false, true>>("rmspropw momentum f64", *sizes, grid,
+                                                                            misaligned);
+      failures += check<DType::F16, RmspropwRule<DType::F16, true, false>>("rmspropw centered f16", *sizes, grid,
+                                                                            misaligned);
+      failures += check<DType::F32, RmspropwRule<DType::F32, true, true>>("rmspropw centered mom f32", *sizes, grid,
+                                                                           misaligned);
+    }
+  }
+  std::printf(failures ? "FAILED\n" : "ALL OK\n");
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,438 @@
+"""fusedwd._C_cuda: the build, the launch geometry, and (on a GPU) the kernels.
+
+Runs everywhere nvcc is installed, GPU or not: the module must build, hold
+machine code for every requested architecture, import without a GPU, and its
+launch geometry (the same __host__ __device__ functions the kernels run) must
+cover every element exactly once. With a GPU, the kernels are checked against
+fusedwd.reference and the CPU kernel; those tests are skipped without one.
+"""
+
+import itertools
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedwd import _cuda_ext
+from _helpers import assert_close
+from test_headers import find_nvcc
+from test_ops import CASE_IDS, CASES, DTYPES, Problem, compare_every_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+try:
+    import fusedwd._C_cuda as C
+except ImportError:
+    C = None
+
+needs_module = pytest.mark.skipif(C is None, reason="fusedwd._C_cuda is not built (no nvcc, or FUSEDWD_CUDA=0)")
+HAS_GPU = C is not None and C.device_count() > 0 and torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU (or torch without CUDA): kernels are not run")
+
+ELEM_SIZES = [2, 4, 8]
+
+
+# ---------------------------------------------------------------- the build
+
+
+def test_module_is_built_when_nvcc_is_present():
+    if os.environ.get("FUSEDWD_CUDA") == "0":
+        pytest.skip("FUSEDWD_CUDA=0: the CUDA extension is not built")
+    if find_nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    # nvcc also compiled every header of csrc/include/fusedwd into this module
+    assert C is not None, "nvcc is present but fusedwd._C_cuda did not build: see `pip install -v -e .`"
+
+
+def find_cuobjdump():
+    """cuobjdump from PATH, the toolkit of nvcc, the nvidia-cuda-cuobjdump wheel, or triton."""
+    candidates = [shutil.which("cuobjdump")]
+    nvcc = find_nvcc()
+    if nvcc:
+        candidates.append(str(pathlib.Path(os.path.realpath(nvcc)).parent / "cuobjdump"))
+    for site in map(pathlib.Path, sys.path):
+        candidates += [str(p) for p in site.glob("nvidia/*/bin/cuobjdump")]
+        candidates.append(str(site / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def cuobjdump(*args):
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found: `pip install nvidia-cuda-cuobjdump` (or the CUDA toolkit's)")
+    result = subprocess.run([tool, *args, C.__file__], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@needs_module
+def test_machine_code_for_every_requested_arch():
+    requested = C.ARCHS.split(";")
+    elf = re.findall(r"\.sm_(\w+)\.cubin", cuobjdump("--list-elf"))
+    # one cubin per rule's translation unit and architecture
+    assert sorted(elf) == sorted(requested * 3)
+    ptx = set(re.findall(r"\.sm_(\w+)\.ptx", cuobjdump("--list-ptx")))
+    # PTX of the highest architecture (without an arch-specific suffix), for newer GPUs
+    assert ptx == {re.sub(r"[af]$", "", requested[-1])}
+
+
+@needs_module
+def test_every_kernel_within_its_register_budget():
+    """36 kernels (rule x switches x dtype) per architecture, each within its launch
+    bounds: 64 registers per thread, 85 for fp64 (three blocks per SM, see
+    csrc/cuda/step.cuh)."""
+    usage = cuobjdump("--dump-resource-usage")
+    per_arch = {}
+    for block in usage.split("arch = sm_")[1:]:
+        arch = block.split()[0]
+        for name, regs in re.findall(r"Function (\S+):\s+REG:(\d+)", block):
+            per_arch.setdefault(arch, {})[name] = int(regs)
+    assert sorted(per_arch) == sorted(C.ARCHS.split(";"))
+    for arch, kernels in per_arch.items():
+        assert len(kernels) == 36, arch
+        for name, regs in kernels.items():
+            fp64 = "DTypeE3E" in name  # DType::F64 == 3 in the mangled name
+            assert regs <= (85 if fp64 else 64), (arch, name, regs)
+
+
+@needs_module
+def test_every_kernel_moves_data_in_128_bit_accesses():
+    """The vector path compiles to 16-byte global loads and stores (the gradient's
+    evict-first), not to a split into scalar accesses."""
+    ptx = cuobjdump("--dump-ptx")
+    # each kernel's text runs from its .entry to the next one
+    bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
+    assert len(bodies) == 36
+    for name, body in bodies:
+        assert "ld.global.cs.v4.u32" in body, name
+        assert "ld.global.ca.v4.u32" in body and "st.global.wb.v4.u32" in body, name
+
+
+# ---------------------------------------------------------------- without a GPU
+
+
+def test_import_without_a_gpu():
+    """Importing fusedwd, its CUDA module and its ops works with no visible GPU."""
+    code = (
+        "import fusedwd, fusedwd.ops, fusedwd._cuda_ext as x\n"
+        "print(x.is_built(), x.device_count(), x.has_cuda())\n"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(C is not None), "0", "False"]
+
+
+@needs_module
+def test_no_gpu_gives_count_zero_and_clear_errors():
+    if HAS_GPU or C.device_count() > 0:
+        pytest.skip("a GPU is present")
+    assert C.device_count() == 0
+    assert C.status().startswith("cudaGetDeviceCount: cudaError")
+    with pytest.raises(RuntimeError, match="no usable GPU"):
+        _cuda_ext.cuda()
+    # a launch reaches the CUDA runtime, whose error becomes a RuntimeError with its message
+    table = torch.zeros(1, C.SEG_COLS, dtype=torch.int64)
+    table[0, C.SEG_N] = 10
+    with pytest.raises(RuntimeError, match=r"fusedwd\._C_cuda\.adamw_step: cudaError\w+: "):
+        C.adamw_step(table.data_ptr(), 1, table.data_ptr(), 0, False, table.data_ptr(), 0)
+
+
+@needs_module
+def test_error_message_names_the_cuda_error():
+    assert C.error_message(2, "launch") == "launch: cudaErrorMemoryAllocation: out of memory"
+
+
+@needs_module
+def test_bad_arguments_raise_value_error():
+    t = torch.zeros(16, dtype=torch.int64)
+    addr = t.data_ptr()
+    with pytest.raises(ValueError):
+        C.adamw_step(addr, 1, addr, 7, False, addr, 0)  # dtype
+    with pytest.raises(ValueError):
+        C.sgdw_step(addr, -1, addr, 0, True, False, addr, 0)  # nseg
+    with pytest.raises(ValueError):
+        C.rmspropw_step(addr, 1, addr, 0, True, True, 0, 0)  # no arrivals word
+    with pytest.raises(ValueError):
+        C.adamw_step(addr, 1, addr, 0, False, addr, 0, -1)  # blocks
+    with pytest.raises(ValueError):
+        C.adamw_step(addr, 1, addr, 0, False, addr, 0, 2**31)
+    # no segments: nothing is launched, null addresses are never read
+    C.adamw_step(0, 0, 0, 0, True, 0, 0)
+    C.sgdw_step(0, 0, 0, 1, True, True, 0, 0)
+    C.rmspropw_step(0, 0, 0, 3, True, True, 0, 0)
+
+
+@needs_module
+def test_constants_match_the_cpu_module():
+    cpu = pytest.importorskip("fusedwd._C")
+    for name in ("SEG_P", "SEG_G", "SEG_S0", "SEG_S1", "SEG_S2", "SEG_STEP", "SEG_N", "SEG_HP", "SEG_INDEX",
+                 "SEG_COLS", "ADAMW_HP_COLS", "SGDW_HP_COLS", "RMSPROPW_HP_COLS", "DTYPES"):
+        assert getattr(C, name) == getattr(cpu, name), name
+
+
+# ---------------------------------------------------------------- geometry
+
+
+@needs_module
+def test_vector_and_chunk_sizes():
+    assert [C.vector_elems(e) for e in ELEM_SIZES] == [8, 4, 2]
+    assert all(C.vector_elems(e) * e == C.VECTOR_BYTES == 16 for e in ELEM_SIZES)
+    assert all(C.chunk_elems(e) == C.THREADS * C.vector_elems(e) for e in ELEM_SIZES)
+    assert [C.chunks_of(n, 1024) for n in (0, 1, 1023, 1024, 1025, 2**40 + 1)] == [0, 1, 1, 1, 2, 2**30 + 1]
+
+
+@needs_module
+def test_first_owned_chunk():
+    for begin, grid in itertools.product([0, 1, 5, 999, 2**33 + 7], [1, 2, 7, 528]):
+        for block in {0, 1 % grid, grid // 2, grid - 1}:
+            c = C.first_owned_chunk(begin, block, grid)
+            assert begin <= c < begin + grid and c % grid == block
+
+
+@needs_module
+def test_persistent_grid_and_alignment():
+    assert C.persistent_grid(132, 8) == 132 * C.BLOCKS_PER_SM  # H100: capped at BLOCKS_PER_SM
+    assert C.persistent_grid(108, 3) == 324  # occupancy below the cap (fp64)
+    assert C.persistent_grid(0, 0) == 1
+    assert [C.vector_aligned(a) for a in (0, 16, 2**40 + 32, 8, 2**40 + 4)] == [True, True, True, False, False]
+
+
+def all_block_chunks(sizes, elem_size, grid):
+    """Every block's chunks; checks each block's walk on the way."""
+    out = []
+    for block in range(grid):
+        count, chunks = C.block_chunks(sizes, elem_size, grid, block)
+        assert count == len(chunks)
+        # a block walks its chunks in order: (segment, chunk) ascending
+        assert chunks == sorted(chunks)
+        out += chunks
+    return out
+
+
+SIZE_LISTS = [
+    [],
+    [0],
+    [0, 0, 0],
+    [1],
+    [4097, 0, 1, 2048, 2047, 3000],
+    [3, 0, 1, 7] * 200,  # many tiny segments, several table tiles of 256
+    [1000] * 300,
+    [70_000, 5, 0, 131_072],
+]
+
+
+@needs_module
+@pytest.mark.parametrize("grid", [1, 2, 3, 7, 64, 1000])
+@pytest.mark.parametrize("elem_size", ELEM_SIZES)
+@pytest.mark.parametrize("sizes", SIZE_LISTS, ids=lambda s: f"{len(s)}seg-{sum(s)}el")
+def test_blocks_cover_every_element_once(sizes, elem_size, grid):
+    chunk = C.chunk_elems(elem_size)
+    vec = C.vector_elems(elem_size)
+    chunks = all_block_chunks(sizes, elem_size, grid)
+    # every chunk of every segment exactly once, and nothing else
+    expected = [(s, j) for s, n in enumerate(sizes) for j in range(C.chunks_of(n, chunk))]
+    assert sorted((s, j) for s, j, _, _ in chunks) == expected
+    for s, j, begin, end in chunks:
+        # chunks tile [0, n): the j-th starts at j*chunk (a whole number of vectors), the last ends at n
+        assert begin == j * chunk and begin % vec == 0
+        assert end == min(sizes[s], begin + chunk) and begin < end
+    # chunks are dealt round robin: block loads differ by one chunk at most
+    counts = [C.block_chunks(sizes, elem_size, grid, b, 0)[0] for b in range(grid)]
+    assert max(counts) - min(counts) <= 1
+
+
+@needs_module
+def test_totals_beyond_2_31_elements():
+    """64-bit arithmetic: segments of 2^31 and 2^33 elements (not allocated: geometry only)."""
+    sizes = [2**31 + 5, 0, 3, 2**33 + 17]
+    elem_size, grid = 2, 1056
+    chunk = C.chunk_elems(elem_size)
+    total = sum(C.chunks_of(n, chunk) for n in sizes)
+    counts = [C.block_chunks(sizes, elem_size, grid, b, 0)[0] for b in (0, 1, grid - 1)]
+    assert all(total // grid <= c <= total // grid + 1 for c in counts)
+    # the block holding the very last chunk ends exactly at the last element
+    last_block = (total - 1) % grid
+    count, chunks = C.block_chunks(sizes, elem_size, grid, last_block)
+    assert count == len(chunks)
+    assert chunks[-1] == (3, C.chunks_of(sizes[3], chunk) - 1, (sizes[3] - 1) // chunk * chunk, sizes[3])
+    # the first segment's last chunk starts at element 2^31 and holds its 5 last elements
+    j = 2**31 // chunk
+    _, chunks = C.block_chunks(sizes, elem_size, grid, j % grid)
+    assert (0, j, 2**31, 2**31 + 5) in chunks
+
+
+@needs_module
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("elem_size", ELEM_SIZES)
+def test_threads_cover_a_chunk_once(elem_size, aligned):
+    chunk, vec = C.chunk_elems(elem_size), C.vector_elems(elem_size)
+    begin = 3 * chunk
+    for length in sorted({chunk, chunk - 1, 1, vec - 1, vec + 1, 1000 % chunk, 0}):
+        owners = C.thread_elements(begin, begin + length, elem_size, aligned)
+        assert len(owners) == length
+        assert all(0 <= t < C.THREADS for t, _ in owners), "an element with no thread (-1) or two (-2)"
+        if aligned:
+            # thread t owns the vector at begin + t*vec, whole when it fits
+            for k, (t, vectorized) in enumerate(owners):
+                assert t == k // vec
+                assert vectorized == ((k // vec + 1) * vec <= length)
+        else:
+            # a misaligned buffer: scalar accesses, consecutive elements on consecutive threads
+            for k, (t, vectorized) in enumerate(owners):
+                assert t == k % C.THREADS and not vectorized
+    with pytest.raises(ValueError):
+        C.thread_elements(0, chunk + 1, elem_size, aligned)
+
+
+# ---------------------------------------------------------------- the kernel, emulated
+
+
+def test_kernel_on_a_host_emulation(tmp_path):
+    """csrc/cuda/step.cuh's kernel, compiled for the CPU against tests/cuda_emulation/
+    (blocks one at a time, threads as std::threads), does bit for bit what the shared
+    per-element helpers do: every element once with its own segment's scalars, tails,
+    misaligned buffers, empty segments, two table tiles, step counts and the arrival
+    counter. It checks the kernel's control flow without a GPU, not the hardware."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    flags = ["-std=c++20", "-pthread"]
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    if subprocess.run([cxx, *flags, str(probe), "-o", str(tmp_path / "probe")], capture_output=True).returncode:
+        pytest.skip(f"{cxx} has no C++20 <barrier>")
+    exe = tmp_path / "emulated_kernel"
+    emulation = ROOT / "tests" / "cuda_emulation"
+    # -ffp-contract=off: the helpers round as in the CPU and CUDA builds
+    cmd = [cxx, *flags, "-O1", "-ffp-contract=off", "-fno-math-errno", f"-I{emulation}", f"-I{ROOT / 'csrc'}",
+           f"-I{ROOT / 'csrc' / 'include'}", str(emulation / "run.cpp"), "-o", str(exe)]  # fmt: skip
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.endswith("ALL OK\n"), result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+def device_table(prob, grads):
+    """The CUDA problem's int64 segment table on its device (SEG_HP 0: one hyper row)."""
+    rows = []
+    for i, (p, g) in enumerate(zip(prob.params, grads)):
+        row = [0] * C.SEG_COLS
+        row[C.SEG_P], row[C.SEG_G] = p.data_ptr(), g.data_ptr()
+        for col, tensors in zip((C.SEG_S0, C.SEG_S1, C.SEG_S2), prob.states.values()):
+            row[col] = tensors[i].data_ptr() if tensors else 0
+        row[C.SEG_STEP], row[C.SEG_N], row[C.SEG_INDEX] = prob.steps[i].data_ptr(), p.numel(), i
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64, device=prob.device)
+
+
+def launch(prob, table, hyper, arrivals, blocks=0):
+    fn = getattr(C, f"{prob.rule}_step")
+    dtype = C.DTYPES[str(prob.dtype).removeprefix("torch.")]
+    fn(table.data_ptr(), table.shape[0], hyper.data_ptr(), dtype, *prob.switches, arrivals.data_ptr(),
+       torch.cuda.current_stream().cuda_stream, blocks)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
+def test_cuda_op_matches_reference(rule, switches, dtype):
+    kw = dict(decay="independent", maximize=True, lr_max=0.01)
+    gpu, ref = Problem(rule, switches, dtype, device="cuda", **kw), Problem(rule, switches, dtype, **kw)
+    compare_every_step(gpu, ref, 12, lambda g: gpu.step_op(g, gpu.hyper(device="cuda")),
+                       lambda g: ref.step_reference([x.cpu() for x in g]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
+def test_cuda_matches_cpu_kernel(rule, switches, dtype):
+    """Both kernels run the same helpers without FMA contraction: they agree to the tolerance
+    table (the bias corrections' double pow may differ in the last bit between libm and CUDA)."""
+    gpu, cpu = Problem(rule, switches, dtype, device="cuda", decay="l2"), Problem(rule, switches, dtype, decay="l2")
+    compare_every_step(gpu, cpu, 8, gpu.step_op, lambda g: cpu.step_op([x.cpu() for x in g]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("blocks", [1, 3, 1000, 0])
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
+def test_any_grid_steps_every_element_and_count_once(rule, switches, blocks):
+    """Many tiny and empty segments over several table tiles, with grids smaller and larger than
+    the work: each element is updated once per launch and each step count advanced once."""
+    sizes = [(n,) for n in [3, 0, 1, 7, 4097, 1000, 0, 64] * 70]
+    gpu, ref = Problem(rule, switches, torch.float32, sizes, "cuda"), Problem(rule, switches, torch.float32, sizes)
+    hyper = gpu.hyper(device="cuda")
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def step(grads):
+        launch(gpu, device_table(gpu, grads), hyper, arrivals, blocks)
+
+    compare_every_step(gpu, ref, 3, step, lambda g: ref.step_reference([x.cpu() for x in g]))
+    assert arrivals.item() == 0, "the last block resets the arrival counter"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_buffers_take_the_scalar_path(dtype):
+    """Views one element into their storage are not 16-byte aligned: the scalar path must be right."""
+    shapes = [(4097,), (1000,), (5,)]
+    gpu = Problem("adamw", (True,), dtype, shapes, "cuda")
+    ref = Problem("adamw", (True,), dtype, shapes)
+
+    def shifted(t):
+        base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = base[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    gpu.params = [shifted(p) for p in gpu.params]
+    gpu.states = {k: [shifted(t) for t in ts] for k, ts in gpu.states.items()}
+    assert not C.vector_aligned(gpu.params[0].data_ptr())
+    compare_every_step(gpu, ref, 4, lambda g: gpu.step_op([shifted(x) for x in g]),
+                       lambda g: ref.step_reference([x.cpu() for x in g]))
+
+
+@needs_gpu
+def test_launch_is_graph_capturable():
+    """lr, step counts and tables are read from device memory: a captured step replays like eager steps."""
+    shapes = [(4097,), (33, 17), (1,)]
+    gpu = Problem("adamw", (False,), torch.float32, shapes, "cuda")
+    ref = Problem("adamw", (False,), torch.float32, shapes)
+    grads = gpu.grads(0)
+    table, hyper = device_table(gpu, grads), gpu.hyper(device="cuda")
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: occupancy and SM count get cached
+        launch(gpu, table, hyper, arrivals)
+    torch.cuda.current_stream().wait_stream(side)
+    ref.step_reference([g.cpu() for g in grads])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch(gpu, table, hyper, arrivals)
+    for lr in (1e-3, 3e-4, 2e-3):
+        # a new lr is written into the captured hyper row, as an lr scheduler would
+        gpu.hp["lr"] = ref.hp["lr"] = lr
+        hyper.copy_(gpu.hyper(device="cuda"))
+        graph.replay()
+        ref.step_reference([g.cpu() for g in grads])
+        torch.cuda.synchronize()
+        for (name, x), (_, y) in zip(gpu.tensors(), ref.tensors()):
+            assert_close(x.cpu(), y, f"lr {lr} {name}", torch.float32, 4.0)
+        assert [float(s) for s in gpu.steps] == [float(s) for s in ref.steps]
+
+
+@needs_gpu
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
+def test_opcheck_on_cuda(rule, switches):
+    prob = Problem(rule, switches, torch.float32, shapes=[(3,), (4, 5), (0,)], device="cuda")
+    torch.library.opcheck(prob.op().default, prob.op_args(prob.grads(0), prob.hyper(device="cuda")))
