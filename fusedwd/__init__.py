@@ -28,10 +28,10 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     Example:
         >>> fusedwd.available_backends("cpu")
         ['cpu', 'reference']
-        >>> fusedwd.available_backends("cuda")  # with Triton installed
-        ['triton', 'reference']
+        >>> fusedwd.available_backends("cuda")  # CUDA extension built, Triton installed
+        ['cuda', 'triton', 'reference']
     """
-    from . import _ext
+    from . import _cuda_ext, _ext
 
     device = torch.device(device)
     backends = []
@@ -39,6 +39,8 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
         backends.append("cpu")
     # Triton only where it compiles for the device: the interpreter (TRITON_INTERPRET=1)
     # also steps CPU tensors, but it is a testing aid, far slower than the reference.
+    if device.type == "cuda" and _cuda_ext.has_cuda():
+        backends.append("cuda")
     if device.type == "cuda" and torch.cuda.is_available() and _ext.triton_unusable(device) is None:
         backends.append("triton")
     backends.append("reference")

@@ -57,6 +57,8 @@ class Bucket:
     table_out: Optional[Tensor] = None  # int64 [n, SEG_COLS], this step's active rows
     exposed: list[bool] = field(default_factory=list)  # state[p] holds the views
     n_unexposed: int = 0
+    # the CUDA kernel's arrival counter (one zero int32 on the device, left at zero)
+    arrivals: Optional[Tensor] = None
     # flat_grads=True: every p.grad is a view of one flat buffer (fusedwd/optim/_flat.py)
     grad_buffer: Optional[Tensor] = None
     grad_views: list[Tensor] = field(default_factory=list)

@@ -29,6 +29,7 @@ class Backend(str, enum.Enum):
     AUTO = "auto"  # the compiled kernel for the tensors' device, else the reference
     CPU = "cpu"  # the C++ CPU kernel (fusedwd._C)
     TRITON = "triton"  # the Triton kernels (fusedwd.triton): CUDA tensors, or CPU ones under TRITON_INTERPRET=1
+    CUDA = "cuda"  # the CUDA C++ kernels (fusedwd._C_cuda): CUDA tensors
     REFERENCE = "reference"  # fusedwd.reference: pure torch, the executable spec
 
 

@@ -216,3 +216,16 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
         other = fusedwd.AdamW(make_params([(2,)]))
         other.param_groups[0]["params"][0].grad = torch.ones(2)
         other.step()
+
+
+def test_backend_cuda_without_a_gpu_is_a_clear_error():
+    from fusedwd import _cuda_ext
+
+    if _cuda_ext.has_cuda():
+        pytest.skip("a GPU is present: backend='cuda' runs")
+    p = make_params([(4,)])[0]
+    opt = fusedwd.AdamW([p], backend="cuda")
+    p.grad = torch.randn(4)
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        opt.step()
+    assert "cuda" not in fusedwd.available_backends("cuda")

@@ -47,3 +47,14 @@ def test_hyper_row_follows_the_names(cls, group):
 
 def test_dtype_codes():
     assert {str(dt).removeprefix("torch."): code for dt, code in DTYPE_CODES.items()} == _C.DTYPES
+
+
+def test_cuda_module_agrees():
+    # both modules read the same tables: their layouts must be one
+    K = pytest.importorskip("fusedwd._C_cuda", reason="fusedwd._C_cuda is not built")
+    for name in ("SEG_P", "SEG_G", "SEG_S0", "SEG_S1", "SEG_S2", "SEG_STEP", "SEG_N", "SEG_HP", "SEG_INDEX", "SEG_COLS"):
+        assert getattr(K, name) == getattr(_C, name), name
+    assert K.DTYPES == _C.DTYPES
+    for cls in (AdamW, SGDW, RMSpropW):
+        assert getattr(K, cls._HP_TABLE_NAME + "_COLS") == len(cls._HP_NAMES)
+        assert hasattr(K, cls._HP_TABLE_NAME.removesuffix("_HP").lower() + "_step")

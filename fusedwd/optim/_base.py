@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _ext
+from .. import _cuda_ext, _ext
 from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
 from . import _flat
 from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay
@@ -118,6 +118,14 @@ class FusedOptimizer(Optimizer):
         if requested == Backend.TRITON:
             _ext.triton(p.device)  # raises with the reason when Triton cannot step this device
             return Backend.TRITON.value
+        if requested == Backend.CUDA:
+            _cuda_ext.cuda()  # raises with the reason: not built, or no usable GPU
+            if p.device.type != "cuda":
+                raise RuntimeError(
+                    f"backend='cuda' runs on CUDA tensors, but a parameter is on {p.device}; "
+                    "use backend='auto', 'cpu' or 'reference'"
+                )
+            return Backend.CUDA.value
         if p.device.type == "cpu":
             if requested == Backend.CPU or _ext.has_cpu():
                 _ext.cpu()  # raises the kept ImportError when backend='cpu' was asked for
@@ -129,6 +137,8 @@ class FusedOptimizer(Optimizer):
                 f"backend='cpu' runs on CPU tensors, but a parameter is on {p.device}; "
                 "use backend='auto' or 'reference'"
             )
+        if p.device.type == "cuda" and _cuda_ext.has_cuda():
+            return Backend.CUDA.value
         if p.device.type == "cuda" and _ext.has_triton() and _ext.triton_unusable(p.device) is None:
             return Backend.TRITON.value
         # no compiled kernel for this device: the reference runs anywhere torch does
@@ -162,7 +172,7 @@ class FusedOptimizer(Optimizer):
         for bucket in buckets.values():
             # a GPU kernel reads and advances the step counts: keep them on its device
             # (as torch's fused AdamW does), so a step never syncs with the host
-            bucket.allocate(steps_on_device=bucket.backend == Backend.TRITON)
+            bucket.allocate(steps_on_device=bucket.backend in (Backend.TRITON, Backend.CUDA))
             self._adopt_state(bucket)
             if bucket.flat_grads:
                 _flat.attach(bucket)
@@ -316,6 +326,8 @@ class FusedOptimizer(Optimizer):
         if bucket.backend == Backend.TRITON:
             launch = _ext.triton(bucket.device).LAUNCHERS[self._HP_TABLE_NAME]
             launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure)
+        elif bucket.backend == Backend.CUDA:
+            self._run_cuda(bucket, hyper, n_active)
         else:
             # like torch's parallel_for, no thread gets fewer than GRAIN_SIZE elements: on
             # small buckets a parallel region costs more than it saves, and on a busy machine
@@ -328,6 +340,19 @@ class FusedOptimizer(Optimizer):
                 p.copy_(p_c)
         if bucket.n_unexposed:
             self._expose_after_step(bucket, bucket.table_out[:n_active, SEG_INDEX].tolist())
+
+    def _run_cuda(self, bucket: Bucket, hyper: Tensor, n_active: int) -> None:
+        """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device."""
+        ext, device = _cuda_ext.cuda(), bucket.device
+        # this step's rows and numbers, on the device; freed after the call, which the
+        # caching allocator orders after the kernel on the same stream
+        table = bucket.table_out[:n_active].to(device, non_blocking=True)
+        hyper_d = hyper.to(device, non_blocking=True)
+        if bucket.arrivals is None:
+            bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+        step = getattr(ext, self._HP_TABLE_NAME.removesuffix("_HP").lower() + "_step")  # ADAMW_HP -> adamw_step
+        step(table.data_ptr(), n_active, hyper_d.data_ptr(), DTYPE_CODES[bucket.dtype], *bucket.structure,
+             bucket.arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
 
     def _prepare_reference(self, bucket: Bucket) -> dict[int, list[int]]:
         """This step's parameters of the bucket, by param group row."""
