@@ -14,6 +14,7 @@
 
 #include "cpu/kernels.h"
 #include "fusedwd/common.h"
+#include "layout_bindings.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
 
@@ -359,16 +360,7 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error(e.what());
   }
 
-  m.attr("SEG_P") = static_cast<int>(SEG_P);
-  m.attr("SEG_G") = static_cast<int>(SEG_G);
-  m.attr("SEG_S0") = static_cast<int>(SEG_S0);
-  m.attr("SEG_S1") = static_cast<int>(SEG_S1);
-  m.attr("SEG_S2") = static_cast<int>(SEG_S2);
-  m.attr("SEG_STEP") = static_cast<int>(SEG_STEP);
-  m.attr("SEG_N") = static_cast<int>(SEG_N);
-  m.attr("SEG_HP") = static_cast<int>(SEG_HP);
-  m.attr("SEG_INDEX") = static_cast<int>(SEG_INDEX);
-  m.attr("SEG_COLS") = static_cast<int>(SEG_COLS);
+  export_layout(m);
 
   py::dict adamw_hp;
   adamw_hp["lr"] = static_cast<int>(ADAMW_LR);
@@ -379,7 +371,6 @@ PYBIND11_MODULE(_C, m) {
   adamw_hp["l2"] = static_cast<int>(ADAMW_L2);
   adamw_hp["grad_sign"] = static_cast<int>(ADAMW_GRAD_SIGN);
   m.attr("ADAMW_HP") = adamw_hp;
-  m.attr("ADAMW_HP_COLS") = static_cast<int>(ADAMW_HP_COLS);
 
   py::dict sgdw_hp;
   sgdw_hp["lr"] = static_cast<int>(SGDW_LR);
@@ -389,7 +380,6 @@ PYBIND11_MODULE(_C, m) {
   sgdw_hp["l2"] = static_cast<int>(SGDW_L2);
   sgdw_hp["grad_sign"] = static_cast<int>(SGDW_GRAD_SIGN);
   m.attr("SGDW_HP") = sgdw_hp;
-  m.attr("SGDW_HP_COLS") = static_cast<int>(SGDW_HP_COLS);
 
   py::dict rmspropw_hp;
   rmspropw_hp["lr"] = static_cast<int>(RMSPROPW_LR);
@@ -400,14 +390,7 @@ PYBIND11_MODULE(_C, m) {
   rmspropw_hp["l2"] = static_cast<int>(RMSPROPW_L2);
   rmspropw_hp["grad_sign"] = static_cast<int>(RMSPROPW_GRAD_SIGN);
   m.attr("RMSPROPW_HP") = rmspropw_hp;
-  m.attr("RMSPROPW_HP_COLS") = static_cast<int>(RMSPROPW_HP_COLS);
 
-  py::dict dtypes;
-  dtypes["float32"] = static_cast<int>(DType::F32);
-  dtypes["float16"] = static_cast<int>(DType::F16);
-  dtypes["bfloat16"] = static_cast<int>(DType::BF16);
-  dtypes["float64"] = static_cast<int>(DType::F64);
-  m.attr("DTYPES") = dtypes;
 
   m.def(
       "adamw_step",

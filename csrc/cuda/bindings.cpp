@@ -19,6 +19,7 @@
 #include "cuda/kernels.h"
 #include "fusedwd/common.h"
 #include "fusedwd/launch.h"
+#include "layout_bindings.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
 
@@ -172,26 +173,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   using namespace fusedwd;
   m.doc() = "fusedwd CUDA kernels over segment tables (see docs/design.md, docs/backends.md)";
 
-  m.attr("SEG_P") = static_cast<int>(SEG_P);
-  m.attr("SEG_G") = static_cast<int>(SEG_G);
-  m.attr("SEG_S0") = static_cast<int>(SEG_S0);
-  m.attr("SEG_S1") = static_cast<int>(SEG_S1);
-  m.attr("SEG_S2") = static_cast<int>(SEG_S2);
-  m.attr("SEG_STEP") = static_cast<int>(SEG_STEP);
-  m.attr("SEG_N") = static_cast<int>(SEG_N);
-  m.attr("SEG_HP") = static_cast<int>(SEG_HP);
-  m.attr("SEG_INDEX") = static_cast<int>(SEG_INDEX);
-  m.attr("SEG_COLS") = static_cast<int>(SEG_COLS);
-  m.attr("ADAMW_HP_COLS") = static_cast<int>(ADAMW_HP_COLS);
-  m.attr("SGDW_HP_COLS") = static_cast<int>(SGDW_HP_COLS);
-  m.attr("RMSPROPW_HP_COLS") = static_cast<int>(RMSPROPW_HP_COLS);
+  export_layout(m);
 
-  py::dict dtypes;
-  dtypes["float32"] = static_cast<int>(DType::F32);
-  dtypes["float16"] = static_cast<int>(DType::F16);
-  dtypes["bfloat16"] = static_cast<int>(DType::BF16);
-  dtypes["float64"] = static_cast<int>(DType::F64);
-  m.attr("DTYPES") = dtypes;
 
   m.attr("THREADS") = kCudaThreads;
   m.attr("VECTOR_BYTES") = kCudaVectorBytes;
