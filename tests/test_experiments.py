@@ -7,7 +7,7 @@ import pytest
 from fusedwd.experiments import __main__ as cli
 import math
 
-from fusedwd.experiments import equilibrium, propositions, sharing, spurious
+from fusedwd.experiments import equilibrium, propositions, quantization, sharing, spurious
 
 
 def test_propositions_hold_exactly():
@@ -54,3 +54,9 @@ def test_spurious_runs_to_completion():
     assert {r["decay"] for r in result["runs"]} == {"decoupled", "l2"}
     for r in result["runs"]:
         assert 0.0 <= r["spurious_share"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0, r
+
+
+def test_quantization_runs_to_completion():
+    result = quantization.run(quick=True)
+    for r in result["runs"]:
+        assert 0.0 <= r["acc_int8"] <= 1.0 and 0.0 < r["weight_error"] < 0.05, r

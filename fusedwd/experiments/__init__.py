@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-EXPERIMENTS = ("propositions", "equilibrium", "sharing", "spurious")
+EXPERIMENTS = ("propositions", "equilibrium", "sharing", "spurious", "quantization")
 
 
 def load(name: str):
