@@ -12,6 +12,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Optional
 
+import torch
+
 _cuda: Optional[ModuleType] = None
 _cuda_error: Optional[BaseException] = None
 
@@ -51,3 +53,23 @@ def cuda() -> ModuleType:
             f"{_cuda.CUDART_VERSION // 1000}.{_cuda.CUDART_VERSION % 1000 // 10}."
         )
     return _cuda
+
+
+def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: int, switches: tuple,
+         device: "torch.device", arrivals: Optional["torch.Tensor"] = None) -> None:
+    """One ``<rule>_step`` launch on torch's current stream of ``device``.
+
+    ``table`` and ``hyper`` may live on the host: they are copied to the device
+    first, into temporaries freed after the call, which the caching allocator
+    reuses only for work queued after this launch on the same stream.
+    ``arrivals`` (one zero int32 on the device, left at zero by the kernel) may be
+    kept by the caller across steps.
+    """
+    ext = cuda()
+    with torch.cuda.device(device):
+        table_dev = table.to(device, non_blocking=True)
+        hyper_dev = hyper.to(device, non_blocking=True).contiguous()
+        if arrivals is None:
+            arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+        getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
+                                     *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 __all__ = ["param_groups", "is_norm_module"]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import _cuda_ext, _ext
 from ._buckets import SEG_COLS, SEG_G, SEG_HP, SEG_INDEX, SEG_N, SEG_P, SEG_S0, SEG_S1, SEG_S2, SEG_STEP
-from ._spec import decay_factors
+from ._spec import decay_row
 from .optim._base import DTYPE_CODES
 
 __all__ = ["adamw_step_", "sgdw_step_", "rmspropw_step_", "adamw_hyper", "sgdw_hyper", "rmspropw_hyper"]
@@ -43,8 +43,11 @@ def _hyper(values: Sequence[float], device: Optional[torch.device]) -> Tensor:
 
 
 def _decay_columns(lr: float, weight_decay: float, decay: str, lr_max: Optional[float], maximize: bool):
-    decay_mult, l2 = decay_factors(decay, lr, weight_decay, lr if lr_max is None else lr_max)
-    return decay_mult, l2, -1.0 if maximize else 1.0
+    """(decay_mult, l2, grad_sign): the columns every rule's row shares, as the optimizers compute them."""
+    group = dict(lr=lr, weight_decay=weight_decay, decay=decay, maximize=maximize)
+    if lr_max is not None:
+        group["lr_max"] = lr_max
+    return decay_row(group)[1:]
 
 
 def adamw_hyper(lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -149,7 +152,7 @@ def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[
             rows.append(row)
         table = torch.tensor(rows, dtype=torch.int64)
         if device.type == "cuda":
-            _launch_cuda(rule, table, hyper, DTYPE_CODES[dtype], switches, device)
+            _cuda_ext.step(rule, table, hyper, DTYPE_CODES[dtype], switches, device)
         else:
             ext = _ext.cpu()
             hp = hyper.to("cpu").contiguous()
@@ -157,20 +160,6 @@ def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[
                                          torch.get_num_threads())
         for original, staged in write_back:
             original.copy_(staged)
-
-
-def _launch_cuda(rule: str, table: Tensor, hyper: Tensor, dtype_code: int, switches: Tuple[bool, ...],
-                 device: torch.device) -> None:
-    ext = _cuda_ext.cuda()
-    with torch.cuda.device(device):
-        # temporaries allocated on the current stream: the caching allocator reuses
-        # them only for work queued after this launch on that stream
-        table_dev = table.to(device, non_blocking=True)
-        hyper_dev = hyper.to(device, non_blocking=True).contiguous()
-        arrivals = torch.zeros(1, dtype=torch.int32, device=device)
-        stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
-                                     *switches, arrivals.data_ptr(), stream)
 
 
 # ------------------------------------------------------------ the ops

@@ -7,7 +7,7 @@ import torch
 
 import fusedwd
 from fusedwd import _ext
-from _helpers import AWKWARD_SHAPES, assert_close, assign_grads, clone_params, compare_optimizers, make_params, random_grads
+from _helpers import AWKWARD_SHAPES, assert_close, clone_params, compare_optimizers, make_params, random_grads
 
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])
 

@@ -1,6 +1,5 @@
 """flat_grads=True: gradients re-homed into one flat buffer per bucket."""
 
-import warnings
 
 import pytest
 import torch

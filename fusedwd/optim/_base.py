@@ -57,7 +57,13 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
-        raise NotImplementedError
+        """One CPU pass: every rule's kernel takes (table, nseg, hyper, dtype, *switches, threads)."""
+        getattr(ext, self._kernel_name() + "_step")(table, nseg, hyper, dtype, *structure, threads)
+
+    @classmethod
+    def _kernel_name(cls) -> str:
+        """The rule's name in the compiled modules: ADAMW_HP -> adamw (adamw_step)."""
+        return cls._HP_TABLE_NAME.removesuffix("_HP").lower()
 
     def _reference(self, group: dict[str, Any], structure: tuple, params: list[Tensor], grads: list[Tensor],
                    states: dict[str, list[Tensor]], steps: list[Tensor]) -> None:
@@ -343,16 +349,10 @@ class FusedOptimizer(Optimizer):
 
     def _run_cuda(self, bucket: Bucket, hyper: Tensor, n_active: int) -> None:
         """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device."""
-        ext, device = _cuda_ext.cuda(), bucket.device
-        # this step's rows and numbers, on the device; freed after the call, which the
-        # caching allocator orders after the kernel on the same stream
-        table = bucket.table_out[:n_active].to(device, non_blocking=True)
-        hyper_d = hyper.to(device, non_blocking=True)
         if bucket.arrivals is None:
-            bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=device)
-        step = getattr(ext, self._HP_TABLE_NAME.removesuffix("_HP").lower() + "_step")  # ADAMW_HP -> adamw_step
-        step(table.data_ptr(), n_active, hyper_d.data_ptr(), DTYPE_CODES[bucket.dtype], *bucket.structure,
-             bucket.arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+            bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+        _cuda_ext.step(self._kernel_name(), bucket.table_out[:n_active], hyper, DTYPE_CODES[bucket.dtype],
+                       bucket.structure, bucket.device, bucket.arrivals)
 
     def _prepare_reference(self, bucket: Bucket) -> dict[int, list[int]]:
         """This step's parameters of the bucket, by param group row."""

@@ -106,10 +106,6 @@ class AdamW(FusedOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         return [lr, beta1, beta2, float(group["eps"]), decay_mult, l2, grad_sign]
 
-    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
-        (amsgrad,) = structure
-        ext.adamw_step(table, nseg, hyper, dtype, amsgrad, threads)
-
     def _reference(self, group, structure, params, grads, states, steps) -> None:
         (amsgrad,) = structure
         beta1, beta2 = (float(b) for b in group["betas"])

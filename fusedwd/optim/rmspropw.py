@@ -100,10 +100,6 @@ class RMSpropW(FusedOptimizer):
         lr, decay_mult, l2, grad_sign = decay_row(group)
         return [lr, float(group["alpha"]), float(group["eps"]), float(group["momentum"]), decay_mult, l2, grad_sign]
 
-    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
-        centered, has_momentum = structure
-        ext.rmspropw_step(table, nseg, hyper, dtype, centered, has_momentum, threads)
-
     def _reference(self, group, structure, params, grads, states, steps) -> None:
         centered, _ = structure
         none = [None] * len(params)

@@ -101,10 +101,6 @@ class SGDW(FusedOptimizer):
         lr, decay_mult, l2, grad_sign = decay_row(group)
         return [lr, float(group["momentum"]), float(group["dampening"]), decay_mult, l2, grad_sign]
 
-    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
-        has_momentum, nesterov = structure
-        ext.sgdw_step(table, nseg, hyper, dtype, has_momentum, nesterov, threads)
-
     def _reference(self, group, structure, params, grads, states, steps) -> None:
         reference.sgdw(
             params, grads, states.get("momentum_buffer", [None] * len(params)), steps,
