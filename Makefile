@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 # triton: tests/test_triton.py runs the Triton kernels (in Triton's interpreter where there is no GPU)
-DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja triton
+DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja triton scikit-learn
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
