@@ -44,6 +44,8 @@ class Bucket:
     structure: tuple  # the rule's structural switches (amsgrad, nesterov, ...)
     state_names: tuple[Optional[str], ...]  # per column S0, S1, S2; None where the rule keeps no state
     flat_grads: bool = False  # p.grad re-homed into grad_buffer (fusedwd/optim/_flat.py)
+    # DTensor parameters (FSDP2): shapes, pointers and states are their local shards (fusedwd/optim/_dtensor.py)
+    dtensor: bool = False
     params: list[Tensor] = field(default_factory=list)
     group_rows: list[int] = field(default_factory=list)  # index of each param's group
     shapes: list[torch.Size] = field(default_factory=list)
@@ -89,6 +91,8 @@ class Bucket:
         steps_base, step_size = self.steps.data_ptr(), self.steps.element_size()
         rows = []
         for i, p in enumerate(self.params):
+            if self.dtensor:
+                p = p._local_tensor  # a DTensor's shard on this rank (its own data_ptr() is 0)
             row = [0] * SEG_COLS
             row[SEG_P] = p.data_ptr()
             for column, name in zip(STATE_COLUMNS, self.state_names):

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from .. import _cuda_ext, _ext
 from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
-from . import _flat
+from . import _dtensor, _flat
 from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay
 
 # Elements per thread below which the CPU pass does not split (torch's at::internal::GRAIN_SIZE).
@@ -89,6 +89,7 @@ class FusedOptimizer(Optimizer):
                 )
             if p.layout != torch.strided:
                 raise TypeError(f"{type(self).__name__} does not support {p.layout} parameters")
+            _dtensor.check_flat_grads(type(self).__name__, group, p)
         self._plan = None
 
     def _complete_group(self, group: dict[str, Any]) -> None:
@@ -165,16 +166,19 @@ class FusedOptimizer(Optimizer):
             slots = self._state_slots(structure)
             for p in group["params"]:
                 backend = self._resolve_backend(group["backend"], p)
+                _dtensor.check_flat_grads(type(self).__name__, group, p)
+                dtensor = _dtensor.is_dtensor(p)
                 # flat_grads: contiguous parameters of a compiled backend (check_views is in fusedwd._C)
                 flat = bool(group.get("flat_grads")) and backend != Backend.REFERENCE and _ext.has_cpu() \
                     and p.is_contiguous()
-                key = (p.device, p.dtype, backend, structure, flat)
+                key = (p.device, p.dtype, backend, structure, flat, dtensor)
                 bucket = buckets.get(key)
                 if bucket is None:
-                    bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots, flat_grads=flat)
+                    bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots, flat_grads=flat,
+                                                   dtensor=dtensor)
                 bucket.params.append(p)
                 bucket.group_rows.append(row)
-                bucket.shapes.append(p.shape)
+                bucket.shapes.append(_dtensor.local(p).shape)
         for bucket in buckets.values():
             # a GPU kernel reads and advances the step counts: keep them on its device
             # (as torch's fused AdamW does), so a step never syncs with the host
@@ -200,11 +204,13 @@ class FusedOptimizer(Optimizer):
                 old = state.get(name)
                 if old is None:
                     continue  # a state this structure adds (e.g. amsgrad switched on) starts at zero
-                if not isinstance(old, Tensor) or old.shape != p.shape:
+                if bucket.dtensor and isinstance(old, Tensor):
+                    old = _dtensor.local_state(old, p)  # shapes below are this rank's shard
+                if not isinstance(old, Tensor) or old.shape != bucket.shapes[i]:
                     raise RuntimeError(
                         f"{type(self).__name__}: state '{name}' of {self._describe(bucket, i)} has shape "
                         f"{tuple(old.shape) if isinstance(old, Tensor) else type(old).__name__}, "
-                        f"expected {tuple(p.shape)}"
+                        f"expected {tuple(bucket.shapes[i])}"
                     )
                 bucket.views[name][i].copy_(old)
             step = self._initialized_step(state)
@@ -214,9 +220,10 @@ class FusedOptimizer(Optimizer):
         bucket.n_unexposed = bucket.exposed.count(False)
 
     def _expose(self, bucket: Bucket, i: int) -> None:
-        state = self.state[bucket.params[i]]
+        p = bucket.params[i]
+        state = self.state[p]
         for name in filter(None, bucket.state_names):
-            state[name] = bucket.views[name][i]
+            state[name] = _dtensor.wrap(bucket.views[name][i], p) if bucket.dtensor else bucket.views[name][i]
         if self._STEP_IN_STATE:
             state["step"] = bucket.step_views[i]
         bucket.exposed[i] = True
@@ -294,7 +301,9 @@ class FusedOptimizer(Optimizer):
             return _flat.prepare(self, bucket, _ext.cpu()), []
         # The Triton backend works without the C++ module: its parameters then all take
         # the Python path below, one at a time.
-        gather = _ext.cpu().gather if bucket.backend == Backend.CPU or _ext.has_cpu() else None
+        # gather reads tensors through raw pointers: a DTensor's shard is one level down.
+        gather = _ext.cpu().gather if (bucket.backend == Backend.CPU or _ext.has_cpu()) and not bucket.dtensor \
+            else None
         # On a CUDA bucket gather cannot check the gradient's device. torch's .grad setter
         # already requires the parameter's device, and a parameter moved since the plan was
         # built has a new address, which sends it to _check_param below.
@@ -312,7 +321,7 @@ class FusedOptimizer(Optimizer):
             if i >= n:
                 return n_active, staged
             # gather stops at a parameter it cannot take as is: diagnose it here
-            p, g = params[i], params[i].grad
+            p, g = self._local_pair(bucket, i)
             self._check_param(bucket, i, p, g)
             p_c, g_c = p, g
             if not (p.is_contiguous() and g.is_contiguous()):
@@ -358,10 +367,9 @@ class FusedOptimizer(Optimizer):
         """This step's parameters of the bucket, by param group row."""
         by_group: dict[int, list[int]] = {}
         for i, p in enumerate(bucket.params):
-            g = p.grad
-            if g is None:
+            if p.grad is None:
                 continue
-            self._check_param(bucket, i, p, g)
+            self._check_param(bucket, i, *self._local_pair(bucket, i))
             by_group.setdefault(bucket.group_rows[i], []).append(i)
         return by_group
 
@@ -370,8 +378,8 @@ class FusedOptimizer(Optimizer):
             self._reference(
                 self.param_groups[row],
                 bucket.structure,
-                [bucket.params[i] for i in indices],
-                [bucket.params[i].grad for i in indices],
+                [_dtensor.local(bucket.params[i]) for i in indices],
+                [_dtensor.local(bucket.params[i].grad) for i in indices],
                 {name: [bucket.views[name][i] for i in indices] for name in filter(None, bucket.state_names)},
                 [bucket.step_views[i] for i in indices],
             )
@@ -386,6 +394,13 @@ class FusedOptimizer(Optimizer):
         names = group.get("param_names")
         name = f" '{names[position]}'" if names and isinstance(position, int) else ""
         return f"parameter {position}{name} of param group {row}"
+
+    def _local_pair(self, bucket: Bucket, i: int) -> tuple[Tensor, Tensor]:
+        """Parameter i and its gradient as the step sees them: a DTensor's local shards."""
+        p, g = bucket.params[i], bucket.params[i].grad
+        if not bucket.dtensor:
+            return p, g
+        return _dtensor.local_pair(f"{type(self).__name__}: {self._describe(bucket, i)}", p, g)
 
     def _check_param(self, bucket: Bucket, i: int, p: Tensor, g: Tensor) -> None:
         """Raise a clear error for a parameter or gradient the step cannot take."""
