@@ -1,0 +1,341 @@
+"""fusedwd under FSDP2 (``fully_shard``, DTensor parameters): 2 processes, gloo, loopback, bounded time.
+
+One pair of ranks per backend runs every scenario in turn and writes full
+(gathered) parameters, states and state_dict layouts to a file; the tests below
+read that file. The model's shapes shard unevenly over 2 ranks (33 rows: 17 and
+16; 5: 3 and 2) and one parameter of a single row leaves rank 1 an empty shard.
+"""
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedwd
+from fusedwd.groups import param_groups
+from _helpers import assert_close
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+STEPS = 6
+SPLIT = 3  # the checkpoint runs save after SPLIT steps and resume for the rest
+BATCH = 16
+TIMEOUT_S = 120
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-7, amsgrad=True)
+STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class _Gain(torch.nn.Module):
+    """A (1, n) parameter: sharded on dim 0 over 2 ranks, rank 1 holds none of it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(1.0 + 0.5 * torch.randn(1, n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def _model(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 33), torch.nn.LayerNorm(33), torch.nn.GELU(), torch.nn.Linear(33, 5), _Gain(5)
+    )
+
+
+def _batch(step: int):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 12, generator=gen), torch.randint(0, 5, (BATCH,), generator=gen)
+
+
+def _fusedwd(model, backend, **kwargs):
+    return fusedwd.AdamW(param_groups(model, weight_decay=0.1), **HYPER, backend=backend, **kwargs)
+
+
+def _train(model, opt, steps, rank=None) -> None:
+    """Steps on the global batch; with ``rank``, on this rank's half (FSDP averages the halves)."""
+    for t in steps:
+        x, y = _batch(t)
+        if rank is not None:
+            half = BATCH // WORLD
+            x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
+
+
+def _gathered(model, opt) -> dict:
+    """Full parameters and states (collectives: every rank calls this)."""
+    params = [_full(p) for p in model.parameters()]
+    states = [{k: _full(v) for k, v in opt.state[p].items()} for p in model.parameters()]
+    return {"params": params, "states": states}
+
+
+def _single_process(backend: str, steps) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = _model()
+    opt = _fusedwd(model, backend)
+    _train(model, opt, steps)
+    return model, opt
+
+
+def _worker(rank: int, backend: str, out_dir: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        store = "file://" + os.path.join(out_dir, "rendezvous")
+        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+        )
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor, Replicate
+
+        def sharded(model, per_layer=True):
+            if per_layer:
+                for layer in model:
+                    if any(True for _ in layer.parameters()):
+                        fully_shard(layer)
+            fully_shard(model)
+            return model
+
+        def layout(model, opt) -> dict:
+            """fqn -> state name -> (type, placements, global shape), as get_optimizer_state_dict gives it."""
+            osd = get_optimizer_state_dict(model, opt)
+            return {
+                fqn: {k: (type(v).__name__, tuple(map(str, v.placements)) if isinstance(v, DTensor) else None,
+                          tuple(v.shape)) for k, v in st.items()}
+                for fqn, st in osd["state"].items()
+            }
+
+        out = {}
+        # (a) one fused optimizer, however the modules are wrapped, and torch's AdamW on the same shards
+        model = sharded(_model())
+        opt = _fusedwd(model, backend)
+        _train(model, opt, range(STEPS), rank)
+        out["per_layer"] = _gathered(model, opt)
+        out["layout"] = layout(model, opt)
+        out["param_placements"] = {n: tuple(map(str, p.placements)) for n, p in model.named_parameters()}
+        in_order = [p for group in opt.param_groups for p in group["params"]]  # state_dict's numbering
+        out["state_types"] = [
+            {k: (type(v).__name__, v.device_mesh == p.device_mesh and tuple(v.placements) == tuple(p.placements)
+                 and v.shape == p.shape if isinstance(v, DTensor) else None)
+             for k, v in opt.state_dict()["state"][i].items()}
+            for i, p in enumerate(in_order)
+        ]
+
+        root = sharded(_model(), per_layer=False)
+        opt_root = _fusedwd(root, backend)
+        _train(root, opt_root, range(STEPS), rank)
+        out["root_only"] = _gathered(root, opt_root)
+
+        ref = sharded(_model())
+        opt_ref = torch.optim.AdamW(param_groups(ref, weight_decay=0.1), **HYPER)
+        _train(ref, opt_ref, range(STEPS), rank)
+        out["torch"] = _gathered(ref, opt_ref)
+        out["torch_layout"] = layout(ref, opt_ref)
+
+        # (b) distributed checkpoint after SPLIT steps, resumed in a fresh model and optimizer
+        ckpt = os.path.join(out_dir, "checkpoint")
+        model = sharded(_model())
+        opt = _fusedwd(model, backend)
+        _train(model, opt, range(SPLIT), rank)
+        # the same states, replicated instead of sharded (a collective: taken before saving, on every rank)
+        replicated = opt.state_dict()
+        replicated["state"] = {
+            i: {k: v.redistribute(v.device_mesh, [Replicate()]) if isinstance(v, DTensor) else v.clone()
+                for k, v in st.items()}
+            for i, st in replicated["state"].items()
+        }
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+        model = sharded(_model(seed=1))  # other weights: the load must replace them
+        opt = _fusedwd(model, backend)
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        # replicated states load into sharded parameters (each rank keeps its shard)
+        model_r = sharded(_model(seed=1))
+        set_model_state_dict(model_r, sd["model"])  # before training: sd holds the resumed model's own tensors
+        opt_r = _fusedwd(model_r, backend)
+        opt_r.load_state_dict(replicated)
+        _train(model, opt, range(SPLIT, STEPS), rank)
+        out["resumed"] = _gathered(model, opt)
+        _train(model_r, opt_r, range(SPLIT, STEPS), rank)
+        out["from_replicated"] = _gathered(model_r, opt_r)
+
+        # a gradient that is not sharded like its parameter: a clear error, and no state written
+        bad_grads = {"plain": lambda p: torch.zeros(p.shape),
+                     "replicated": lambda p: torch.randn_like(p).redistribute(p.device_mesh, [Replicate()])}
+        out["bad_grad_errors"] = {}
+        last = opt.param_groups[-1]["params"][-1]  # the bucket's last parameter: the others are gathered first
+        for kind, make in bad_grads.items():
+            before = _gathered(model, opt)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            last.grad = make(last)
+            try:
+                opt.step()
+                message = None
+            except RuntimeError as e:
+                message = str(e)
+            after = _gathered(model, opt)
+            untouched = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])) and all(
+                torch.equal(sa[k], sb[k]) for sa, sb in zip(before["states"], after["states"]) for k in sa
+            )
+            out["bad_grad_errors"][kind] = (message, untouched)
+
+        # an unsharded checkpoint (plain tensors) resumes under FSDP2
+        single, opt_single = _single_process(backend, range(SPLIT))
+        model = _model()
+        model.load_state_dict(single.state_dict())
+        model = sharded(model)
+        opt = _fusedwd(model, backend)
+        opt.load_state_dict(opt_single.state_dict())
+        _train(model, opt, range(SPLIT, STEPS), rank)
+        out["from_unsharded"] = _gathered(model, opt)
+
+        # torch's get_optimizer_state_dict steps a fresh optimizer once with lr=0 and zero gradients
+        out["init_changes"] = {}
+        for decay in ("decoupled", "independent", "l2"):
+            model = sharded(_model())
+            opt = _fusedwd(model, backend, decay=decay)
+            before = [p.to_local().clone() for p in model.parameters()]
+            get_optimizer_state_dict(model, opt)
+            change = torch.tensor(max(
+                (p.to_local() - b).abs().max().item() if b.numel() else 0.0
+                for p, b in zip(model.parameters(), before)
+            ))
+            dist.all_reduce(change, op=dist.ReduceOp.MAX)  # both ranks' shards
+            out["init_changes"][decay] = change.item()
+
+        try:
+            _fusedwd(model, backend, flat_grads=True)
+            out["flat_grads_error"] = None
+        except ValueError as e:
+            out["flat_grads_error"] = str(e)
+
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, "results.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    # as in test_distributed.py: gloo's threads can abort at interpreter exit after the results are written
+    os._exit(0)
+
+
+@pytest.fixture(scope="module", params=["cpu", "reference"])
+def run(request, tmp_path_factory):
+    backend = request.param
+    if backend == "cpu" and "cpu" not in fusedwd.available_backends("cpu"):
+        pytest.skip("fusedwd._C is not built")
+    out_dir = tmp_path_factory.mktemp(f"fsdp_{backend}")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, backend, str(out_dir))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail(f"FSDP2 ({backend}): a rank did not finish within {TIMEOUT_S} s")
+    errors = [f.read_text() for f in out_dir.glob("error*.txt")]
+    codes = [p.exitcode for p in procs]
+    assert not errors and codes == [0] * WORLD, f"exit codes {codes}\n" + "\n".join(errors)
+    model, opt = _single_process(backend, range(STEPS))
+    single = {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "states": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
+    }
+    return backend, torch.load(out_dir / "results.pt"), single
+
+
+def _assert_same_run(got: dict, expected: dict, what: str, exact: bool = False) -> None:
+    for k, (a, b) in enumerate(zip(got["params"], expected["params"], strict=True)):
+        if exact:
+            assert torch.equal(a, b), f"{what}: parameter {k} differs"
+        else:
+            # reduce-scatter sums the halves in another order than one process does: a few ulps per step
+            assert_close(a, b, f"{what}: parameter {k}", scale=1.0)
+    for k, (sa, sb) in enumerate(zip(got["states"], expected["states"], strict=True)):
+        assert set(sa) == set(sb) == {"step", *STATES}, f"{what}: parameter {k} states {set(sa)} vs {set(sb)}"
+        assert float(sa["step"]) == float(sb["step"]) == STEPS, f"{what}: parameter {k} step count"
+        for name in STATES:
+            if exact:
+                assert torch.equal(sa[name], sb[name]), f"{what}: parameter {k} state {name} differs"
+            else:
+                assert_close(sa[name], sb[name], f"{what}: parameter {k} state {name}", scale=1.0)
+
+
+def test_matches_unsharded_whatever_the_wrapping(run):
+    _, out, single = run
+    _assert_same_run(out["per_layer"], single, "fully_shard per layer + root vs one process")
+    _assert_same_run(out["root_only"], single, "fully_shard on the root only vs one process")
+
+
+def test_matches_torch_adamw_under_fsdp2(run):
+    _, out, _ = run
+    _assert_same_run(out["per_layer"], out["torch"], "fusedwd vs torch.optim.AdamW, both under FSDP2")
+
+
+def test_states_are_dtensors_sharded_like_their_parameters(run):
+    _, out, _ = run
+    for k, types in enumerate(out["state_types"]):
+        assert types["step"] == ("Tensor", None), f"parameter {k}: step is {types['step']}"  # torch's layout
+        for name in STATES:
+            assert types[name] == ("DTensor", True), f"parameter {k}: {name} is {types[name]}"
+    # get_optimizer_state_dict sees torch.optim.AdamW's structure: names, types, placements, shapes
+    assert out["layout"] == out["torch_layout"]
+    for fqn, states in out["layout"].items():
+        for name in STATES:
+            assert states[name][1] == out["param_placements"][fqn], (fqn, name)
+
+
+def test_distributed_checkpoint_round_trip(run):
+    _, out, _ = run
+    # the same operations on the same numbers: identical to the uninterrupted run
+    _assert_same_run(out["resumed"], out["per_layer"], "dcp.save + dcp.load mid-run vs uninterrupted", exact=True)
+
+
+def test_replicated_states_load_into_sharded_parameters(run):
+    _, out, _ = run
+    _assert_same_run(out["from_replicated"], out["per_layer"], "Replicate() states loaded mid-run", exact=True)
+
+
+def test_gradient_sharded_otherwise_than_its_parameter_is_an_error(run):
+    _, out, _ = run
+    message, untouched = out["bad_grad_errors"]["plain"]
+    assert message is not None and "is a DTensor, but its gradient is a Tensor" in message, message
+    assert untouched
+    message, untouched = out["bad_grad_errors"]["replicated"]
+    assert message is not None and "but its gradient as (Replicate(),)" in message, message
+    assert untouched
+
+
+def test_unsharded_checkpoint_resumes_under_fsdp2(run):
+    _, out, single = run
+    _assert_same_run(out["from_unsharded"], single, "a plain state_dict loaded into FSDP2 vs one process")
+
+
+def test_get_optimizer_state_dict_initialization_leaves_parameters(run):
+    _, out, _ = run
+    assert out["init_changes"] == {"decoupled": 0.0, "independent": 0.0, "l2": 0.0}
+
+
+def test_flat_grads_rejects_dtensor_parameters(run):
+    _, out, _ = run
+    assert out["flat_grads_error"] is not None and "flat_grads" in out["flat_grads_error"]
