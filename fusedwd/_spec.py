@@ -86,8 +86,19 @@ def check_backend(value: Any) -> str:
     return value
 
 
+def _check_device_lr(lr: Any) -> None:
+    """capturable=True: a tensor lr is checked without reading it (a read would sync)."""
+    if lr.numel() != 1:
+        raise ValueError(f"lr must be a number or a 1-element tensor, got a tensor of shape {tuple(lr.shape)}")
+    if not lr.is_floating_point():
+        raise TypeError(f"lr must be a floating-point tensor, got {lr.dtype}")
+
+
 def _check_common(group: Mapping[str, Any]) -> None:
-    _check_range("lr", group["lr"], 0.0)
+    if group.get("capturable", False) and isinstance(group["lr"], torch.Tensor):
+        _check_device_lr(group["lr"])
+    else:
+        _check_range("lr", group["lr"], 0.0)
     _check_range("weight_decay", group["weight_decay"], 0.0)
     _check_bool("maximize", group["maximize"])
     _check_bool("flat_grads", group.get("flat_grads", False))
@@ -95,8 +106,7 @@ def _check_common(group: Mapping[str, Any]) -> None:
     check_backend(group["backend"])
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by fusedwd (its steps are fused in-place kernels)")
-    if group.get("capturable", False):
-        raise ValueError("capturable=True is not supported yet: lr and step are read on the host each step")
+    _check_bool("capturable", group.get("capturable", False))
 
 
 def check_adamw(group: Mapping[str, Any]) -> None:
@@ -127,11 +137,15 @@ def check_rmspropw(group: Mapping[str, Any]) -> None:
     _check_bool("centered", group["centered"])
 
 
-def decay_factors(decay: str, lr: float, weight_decay: float, lr_max: float) -> tuple[float, float]:
+def decay_factors(decay: str, lr: Any, weight_decay: float, lr_max: float) -> tuple[Any, float]:
     """Resolve a decay mode into ``(decay_mult, l2)`` (docs/math.md#weight-decay-modes).
 
     Every rule then starts with ``g <- grad_sign*g + l2*p; p <- decay_mult*p``.
+    ``lr`` may be a float64 0-dim tensor (the capturable and compiled paths): the
+    same operations then run on the device and ``decay_mult`` is a tensor.
     """
+    if isinstance(lr, torch.Tensor) and decay == Decay.INDEPENDENT and lr_max <= 0:
+        return torch.where(lr > 0, 1.0 - weight_decay, 1.0), 0.0
     if decay == Decay.DECOUPLED:
         return 1.0 - lr * weight_decay, 0.0
     if decay == Decay.INDEPENDENT:
@@ -153,8 +167,27 @@ def group_lr_max(group: Mapping[str, Any]) -> float:
     return _real_number("lr", group["lr"])
 
 
-def decay_row(group: Mapping[str, Any]) -> tuple[float, float, float, float]:
-    """``(lr, decay_mult, l2, grad_sign)`` of a group for this step: the columns every rule shares."""
-    lr = _real_number("lr", group["lr"])
+def decay_row(group: Mapping[str, Any], device: Any = None) -> tuple[Any, Any, float, float]:
+    """``(lr, decay_mult, l2, grad_sign)`` of a group for this step: the columns every rule shares.
+
+    With ``device``, a tensor lr is never read on the host: lr and decay_mult come
+    back as float64 0-dim tensors on ``device``, computed by the same operations.
+    """
+    if device is not None and isinstance(group["lr"], torch.Tensor):
+        lr = group["lr"].detach().reshape(()).to(device=device, dtype=torch.float64)
+    else:
+        lr = _real_number("lr", group["lr"])
     decay_mult, l2 = decay_factors(group["decay"], lr, float(group["weight_decay"]), group_lr_max(group))
     return lr, decay_mult, l2, -1.0 if group["maximize"] else 1.0
+
+
+def hyper_tensor(row: list, device: Any) -> torch.Tensor:
+    """A hyperparameter row of floats and 0-dim tensors as one float64 tensor on ``device``.
+
+    Constants are filled on the device (torch.full launches a fill, not a host copy),
+    so building the row neither syncs nor breaks a CUDA graph capture.
+    """
+    return torch.stack([
+        x if isinstance(x, torch.Tensor) else torch.full((), float(x), dtype=torch.float64, device=device)
+        for x in row
+    ])

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from .. import _cuda_ext, _ext
 from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
 from . import _dtensor, _flat
-from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay
+from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay, group_lr_max, hyper_tensor
 
 # Elements per thread below which the CPU pass does not split (torch's at::internal::GRAIN_SIZE).
 GRAIN_SIZE = 32768
@@ -53,7 +53,12 @@ class FusedOptimizer(Optimizer):
     def _state_slots(self, structure: tuple) -> tuple[Optional[str], ...]:
         raise NotImplementedError
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+    def _hyper_row(self, group: dict[str, Any], device: Any = None) -> list[Any]:
+        """The group's row of the rule's hyperparameter table (docs/design.md#hyperparameter-table).
+
+        With ``device``, a tensor lr is not read on the host: the entries that depend
+        on it are float64 0-dim tensors on ``device`` (see _spec.decay_row).
+        """
         raise NotImplementedError
 
     def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
@@ -98,16 +103,15 @@ class FusedOptimizer(Optimizer):
             group.setdefault(key, value)
         if "lr_max" not in group:
             # docs/math.md: lr_max is the group's initial lr; a scheduler records it as initial_lr
-            lr = group.get("initial_lr", group["lr"])
-            group["lr_max"] = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+            group["lr_max"] = group_lr_max(group)
         self._check_group(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            # fusedwd reads lr and step on the host and never differentiates through a
-            # step; a torch checkpoint saved with these set steps identically without them.
-            group["capturable"] = False
+            # fusedwd never differentiates through a step; a torch checkpoint saved
+            # with differentiable=True steps identically without it.
+            group.setdefault("capturable", False)
             group["differentiable"] = False
             self._complete_group(group)
         # the plan holds raw pointers into buffers of the original object: rebuild it
@@ -277,6 +281,9 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
         for group in self.param_groups:
             self._check_group(group)  # schedulers and users edit groups between steps
         plan = self._current_plan()
@@ -291,9 +298,20 @@ class FusedOptimizer(Optimizer):
                 self._run_reference(bucket, work)
             else:
                 if hyper is None:
-                    hyper = torch.tensor([self._hyper_row(g) for g in self.param_groups], dtype=torch.float64)
+                    hyper = self._hyper_table(bucket.device)
                 self._run_kernel(bucket, hyper, *work)
         return loss
+
+    def _hyper_table(self, device: torch.device) -> Tensor:
+        """Every group's hyperparameter row, as the kernels read them.
+
+        capturable=True builds it on the buckets' device from a tensor lr without a
+        host read (a CUDA graph replays it with the lr of the replay); otherwise it is
+        built on the host from numbers.
+        """
+        if any(g.get("capturable") for g in self.param_groups):
+            return torch.stack([hyper_tensor(self._hyper_row(g, device), device) for g in self.param_groups])
+        return torch.tensor([self._hyper_row(g) for g in self.param_groups], dtype=torch.float64)
 
     def _prepare_kernel(self, bucket: Bucket) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
         """Fill the bucket's table of this step's segments; returns (rows, staged copies)."""
@@ -423,3 +441,64 @@ class FusedOptimizer(Optimizer):
                 f"{who}: its gradient is {g.dtype} {tuple(g.shape)} on {g.device}, "
                 f"expected the parameter's {p.dtype} {tuple(p.shape)} on {p.device}"
             )
+
+    # ------------------------------------------- the traced step (torch.compile)
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], s0: list[Tensor],
+                    s1: list[Tensor], s2: list[Tensor], steps: list[Tensor]) -> None:
+        """Fill the lists a fused op steps for one group: its parameters with a gradient,
+        their gradients, state views (columns S0..S2) and step counts.
+
+        torch.compile calls a method of this name eagerly, outside the graph, and guards
+        on the optimizer's state (torch/_dynamo/variables/optimizer.py): the plan, the
+        flat buffers and every state exist before tracing starts.
+        """
+        self._check_group(group)
+        plan = self._current_plan()
+        where = {id(p): (b, i) for b in plan for i, p in enumerate(b.params)}
+        columns = (s0, s1, s2)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            bucket, i = where[id(p)]
+            if bucket.dtensor:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a compiled step does not take DTensor parameters (FSDP2) yet; "
+                    f"{self._describe(bucket, i)} is one: call opt.step() outside torch.compile"
+                )
+            if bucket.backend not in (Backend.CPU, Backend.CUDA):
+                raise RuntimeError(
+                    f"{type(self).__name__}: a compiled step runs the fused ops (backend 'cpu' or 'cuda'); "
+                    f"{self._describe(bucket, i)} is on backend '{bucket.backend}'"
+                )
+            self._check_param(bucket, i, p, p.grad)
+            params.append(p)
+            grads.append(p.grad)
+            for column, name in zip(columns, bucket.state_names):
+                if name is not None:
+                    column.append(bucket.views[name][i])
+            steps.append(bucket.step_views[i])
+            if not bucket.exposed[i]:
+                self._expose(bucket, i)
+                bucket.n_unexposed -= 1
+
+    def _traced_step(self) -> None:
+        """The step torch.compile traces: one fused op per group, lr read from the graph.
+
+        A tensor lr enters the graph as an input, so a scheduler changing it does not
+        recompile; a float lr is a constant the graph guards on, as in torch.optim.
+        """
+        op = getattr(torch.ops.fusedwd, self._kernel_name() + "_step_")
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            s0: list[Tensor] = []
+            s1: list[Tensor] = []
+            s2: list[Tensor] = []
+            steps: list[Tensor] = []
+            self._init_group(group, params, grads, s0, s1, s2, steps)
+            if not params:
+                continue
+            structure = self._structure(group)
+            states = (s0, s1, s2)[: len(self._state_slots(structure))]
+            hyper = hyper_tensor(self._hyper_row(group, params[0].device), params[0].device)
+            op(params, grads, *states, steps, hyper, *structure)

@@ -37,7 +37,9 @@ class AdamW(FusedOptimizer):
         amsgrad: use the maximum of past squared-gradient averages.
         maximize: maximize the objective instead of minimizing it.
         foreach, fused: accepted for drop-in compatibility; every step is fused.
-        capturable, differentiable: must be False (not supported yet).
+        capturable: build the step's hyperparameters on the device from a tensor lr,
+            never reading lr, step or found_inf on the host (for CUDA graphs; docs/design.md).
+        differentiable: must be False (a fused in-place step is not differentiable).
         decay: ``"decoupled"`` (torch.optim.AdamW), ``"independent"`` (the paper's
             fully decoupled decay, scaled by ``lr/lr_max`` only) or ``"l2"``
             (torch.optim.Adam's coupled L2).
@@ -101,8 +103,8 @@ class AdamW(FusedOptimizer):
         (amsgrad,) = structure
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        lr, decay_mult, l2, grad_sign = decay_row(group)
+    def _hyper_row(self, group: dict[str, Any], device: Any = None) -> list[Any]:
+        lr, decay_mult, l2, grad_sign = decay_row(group, device)
         beta1, beta2 = (float(b) for b in group["betas"])
         return [lr, beta1, beta2, float(group["eps"]), decay_mult, l2, grad_sign]
 

@@ -36,7 +36,9 @@ class RMSpropW(FusedOptimizer):
         weight_decay: decay coefficient; its meaning depends on ``decay``.
         momentum: momentum factor.
         centered: normalize by an estimate of the gradient's variance.
-        capturable, differentiable: must be False (not supported yet).
+        capturable: build the step's hyperparameters on the device from a tensor lr,
+            never reading lr, step or found_inf on the host (for CUDA graphs; docs/design.md).
+        differentiable: must be False (a fused in-place step is not differentiable).
         foreach: accepted for drop-in compatibility; every step is fused.
         maximize: maximize the objective.
         decay: ``"decoupled"``, ``"independent"`` or ``"l2"`` (docs/math.md).
@@ -96,8 +98,8 @@ class RMSpropW(FusedOptimizer):
         centered, has_momentum = structure
         return ("square_avg", "grad_avg" if centered else None, "momentum_buffer" if has_momentum else None)
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        lr, decay_mult, l2, grad_sign = decay_row(group)
+    def _hyper_row(self, group: dict[str, Any], device: Any = None) -> list[Any]:
+        lr, decay_mult, l2, grad_sign = decay_row(group, device)
         return [lr, float(group["alpha"]), float(group["eps"]), float(group["momentum"]), decay_mult, l2, grad_sign]
 
     def _reference(self, group, structure, params, grads, states, steps) -> None:

@@ -36,6 +36,8 @@ class SGDW(FusedOptimizer):
         maximize: maximize the objective.
         foreach, fused: accepted for drop-in compatibility; every step is fused.
         differentiable: must be False.
+        capturable: build the step's hyperparameters on the device from a tensor lr,
+            never reading lr or step on the host (for CUDA graphs; docs/design.md).
         decay: ``"decoupled"``, ``"independent"`` or ``"l2"`` (docs/math.md).
         backend: ``"auto"``, ``"cpu"`` or ``"reference"``.
         flat_grads: re-home every ``p.grad`` into one flat buffer per bucket (views that
@@ -71,6 +73,7 @@ class SGDW(FusedOptimizer):
         foreach: Optional[bool] = None,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        capturable: bool = False,
         decay: str = "decoupled",
         backend: str = "auto",
         flat_grads: bool = False,
@@ -78,7 +81,7 @@ class SGDW(FusedOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
-            decay=decay, backend=backend, flat_grads=flat_grads,
+            capturable=capturable, decay=decay, backend=backend, flat_grads=flat_grads,
         )
         super().__init__(params, defaults)
 
@@ -97,8 +100,8 @@ class SGDW(FusedOptimizer):
         # that first step has happened (SGD's step count itself is internal)
         return 1.0 if state.get("momentum_buffer") is not None else None
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        lr, decay_mult, l2, grad_sign = decay_row(group)
+    def _hyper_row(self, group: dict[str, Any], device: Any = None) -> list[Any]:
+        lr, decay_mult, l2, grad_sign = decay_row(group, device)
         return [lr, float(group["momentum"]), float(group["dampening"]), decay_mult, l2, grad_sign]
 
     def _reference(self, group, structure, params, grads, states, steps) -> None:

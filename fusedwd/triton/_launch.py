@@ -48,8 +48,12 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device)
         )
     if hyper.dtype != torch.float64 or hyper.dim() != 2 or hyper.shape[1] != hp_cols:
         raise ValueError(f"hyper must be a float64 [groups, {hp_cols}] table, got {hyper.dtype} {tuple(hyper.shape)}")
-    if segments.device.type != "cpu" or hyper.device.type != "cpu":
-        raise ValueError("the segment and hyperparameter tables are read on the host; pass CPU tensors")
+    if segments.device.type != "cpu":
+        raise ValueError("the segment table is read on the host; pass a CPU tensor")
+    # capturable=True builds the hyperparameter rows on the device: they are never read on the host
+    hyper_on_host = hyper.device.type == "cpu"
+    if not hyper_on_host and hyper.device != device:
+        raise ValueError(f"hyper must be on the host or on {device}, got a tensor on {hyper.device}")
     nseg = segments.shape[0]
     hp_rows = segments[:, SEG_HP]
     if int(hp_rows.min()) < 0 or int(hp_rows.max()) >= hyper.shape[0]:
@@ -67,12 +71,15 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device)
     start_part[0] = 0
     torch.cumsum(blocks, 0, out=start_part[1:])
     arrival_part.zero_()
-    hyper_part.view(torch.float64).copy_(hyper.reshape(-1))
+    if hyper_on_host:
+        hyper_part.view(torch.float64).copy_(hyper.reshape(-1))
     num_blocks = int(start_part[-1])
 
     if device.type != "cpu":
         packed = packed.to(device, non_blocking=True)
     seg_part, start_part, arrival_part, hyper_part = packed.split([n_seg, n_start, nseg, n_hyper])
+    if not hyper_on_host:
+        hyper_part.view(torch.float64).copy_(hyper.reshape(-1))  # device to device, queued after the upload
     return _LaunchTables(seg_part, start_part, arrival_part, hyper_part.view(torch.float64), nseg, num_blocks)
 
 
@@ -104,7 +111,7 @@ def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dty
     Args:
         segments: int64 ``[nseg, SEG_COLS]`` on the host: the bucket's rows for this
             step (docs/design.md#segment-table); every address points into ``device``.
-        hyper: float64 ``[groups, 7]`` on the host: ``lr, beta1, beta2, eps,
+        hyper: float64 ``[groups, 7]`` on the host (or on ``device``: capturable=True): ``lr, beta1, beta2, eps,
             decay_mult, l2, grad_sign`` per param group.
         device: where the tensors the rows point to live (CPU only under
             ``TRITON_INTERPRET=1``).
