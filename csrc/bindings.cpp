@@ -286,18 +286,57 @@ void check_step_args(int64_t nseg, int dtype, int num_threads) {
   }
 }
 
+// The precision options of a step: how p, its master copy and the states are stored.
+struct Precision {
+  int state_dtype;   // -1: the parameter's dtype
+  bool master;       // fp32 master copy at SEG_MASTER
+  bool stochastic;   // stochastic rounding of bf16 p
+  uintptr_t ctl;     // address of the float32 control block (layout.h Ctl), or 0
+  uint64_t seed;     // stochastic rounding seed
+};
+
+std::string dtype_name(int d) {
+  static const char* names[] = {"float32", "float16", "bfloat16", "float64"};
+  return d >= 0 && d <= 3 ? names[d] : std::to_string(d);
+}
+
+// The storage combinations by_layout (csrc/cpu/loops.h) instantiates.
+void check_layout(int dtype, int state_dtype, bool master, bool stochastic) {
+  const auto F32 = static_cast<int>(DType::F32), F16 = static_cast<int>(DType::F16);
+  const auto BF16 = static_cast<int>(DType::BF16), F64 = static_cast<int>(DType::F64);
+  const bool half_p = dtype == F16 || dtype == BF16;
+  const bool half_s = state_dtype == F16 || state_dtype == BF16;
+  bool ok;
+  if (master) {
+    ok = half_p && !stochastic && (state_dtype == F32 || half_s);
+  } else if (stochastic) {
+    ok = dtype == BF16 && (state_dtype == BF16 || state_dtype == F32);
+  } else {
+    ok = state_dtype == dtype || (dtype == F32 && half_s) || (half_p && state_dtype == F32);
+  }
+  (void)F64;
+  if (!ok) {
+    throw py::value_error("unsupported storage layout: params " + dtype_name(dtype) + ", states " +
+                          dtype_name(state_dtype) + (master ? ", fp32 master weights" : "") +
+                          (stochastic ? ", stochastic rounding" : ""));
+  }
+}
+
 // Runs one rule's pass over the bucket with the GIL released.
 template <typename Pass>
 void run_step(uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, int num_threads,
-              Pass pass) {
+              const Precision& pr, Pass pass) {
   check_step_args(nseg, dtype, num_threads);
+  const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
+  check_layout(dtype, state_dtype, pr.master, pr.stochastic);
   if (nseg == 0) return;
   py::gil_scoped_release release;
   // the tables are int64 / float64 tensors owned by the caller, passed by address
   const int64_t* rows = reinterpret_cast<const int64_t*>(table);
   const std::vector<int64_t> offs = cpu::segment_offsets(rows, nseg);
   const cpu::StepArgs args{rows, nseg, reinterpret_cast<const double*>(hyper), offs.data(),
-                           dtype, num_threads};
+                           dtype, num_threads, state_dtype, pr.master, pr.stochastic,
+                           reinterpret_cast<const float*>(pr.ctl), pr.seed};
   pass(cpu::active(), args);
 }
 
@@ -395,38 +434,52 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "adamw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool amsgrad,
-         int num_threads) {
+         int num_threads, int state_dtype, bool master, bool stochastic_rounding, uintptr_t ctl,
+         uint64_t seed) {
         run_step(table, nseg, hyper, dtype, num_threads,
+                 {state_dtype, master, stochastic_rounding, ctl, seed},
                  [=](const cpu::Kernels& k, const cpu::StepArgs& a) { k.adamw(a, amsgrad); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("amsgrad"),
-      py::arg("num_threads"),
+      py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
+      py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
       "One AdamW step over nseg segments (addresses of the int64 segment table and the\n"
-      "float64 hyper table); advances every segment's step count by one.");
+      "float64 hyper table); advances every segment's step count by one.\n"
+      "state_dtype (-1: dtype), master (fp32 master copies at SEG_MASTER), stochastic_rounding\n"
+      "(bf16 params), ctl (address of the float32 control block: 1/grad_scale, found_inf, clip\n"
+      "coefficient; a nonzero found_inf skips the step, step counts included) and seed.");
   m.def(
       "sgdw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool has_momentum,
-         bool nesterov, int num_threads) {
+         bool nesterov, int num_threads, int state_dtype, bool master, bool stochastic_rounding,
+         uintptr_t ctl, uint64_t seed) {
         run_step(table, nseg, hyper, dtype, num_threads,
+                 {state_dtype, master, stochastic_rounding, ctl, seed},
                  [=](const cpu::Kernels& k, const cpu::StepArgs& a) {
                    k.sgdw(a, has_momentum, nesterov);
                  });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
-      py::arg("has_momentum"), py::arg("nesterov"), py::arg("num_threads"),
-      "One SGDW step over nseg segments; advances every segment's step count by one.");
+      py::arg("has_momentum"), py::arg("nesterov"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
+      py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      "One SGDW step over nseg segments; advances every segment's step count by one.\n"
+      "Precision keywords as for adamw_step.");
   m.def(
       "rmspropw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool centered,
-         bool has_momentum, int num_threads) {
+         bool has_momentum, int num_threads, int state_dtype, bool master,
+         bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
         run_step(table, nseg, hyper, dtype, num_threads,
+                 {state_dtype, master, stochastic_rounding, ctl, seed},
                  [=](const cpu::Kernels& k, const cpu::StepArgs& a) {
                    k.rmspropw(a, centered, has_momentum);
                  });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("centered"),
-      py::arg("has_momentum"), py::arg("num_threads"),
-      "One RMSpropW step over nseg segments; advances every segment's step count by one.");
+      py::arg("has_momentum"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
+      py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      "One RMSpropW step over nseg segments; advances every segment's step count by one.\n"
+      "Precision keywords as for adamw_step.");
 
   m.def("gather", &gather, py::arg("params"), py::arg("start"), py::arg("table_in"),
         py::arg("table_out"), py::arg("n_out"), py::arg("grad_dtype"), py::arg("expect_cpu"),

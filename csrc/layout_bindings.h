@@ -20,7 +20,13 @@ inline void export_layout(pybind11::module_& m) {
   m.attr("SEG_N") = static_cast<int>(SEG_N);
   m.attr("SEG_HP") = static_cast<int>(SEG_HP);
   m.attr("SEG_INDEX") = static_cast<int>(SEG_INDEX);
+  m.attr("SEG_MASTER") = static_cast<int>(SEG_MASTER);
+  m.attr("SEG_SALT") = static_cast<int>(SEG_SALT);
   m.attr("SEG_COLS") = static_cast<int>(SEG_COLS);
+  m.attr("CTL_INV_SCALE") = static_cast<int>(CTL_INV_SCALE);
+  m.attr("CTL_FOUND_INF") = static_cast<int>(CTL_FOUND_INF);
+  m.attr("CTL_CLIP") = static_cast<int>(CTL_CLIP);
+  m.attr("CTL_SIZE") = static_cast<int>(CTL_SIZE);
   m.attr("ADAMW_HP_COLS") = static_cast<int>(ADAMW_HP_COLS);
   m.attr("SGDW_HP_COLS") = static_cast<int>(SGDW_HP_COLS);
   m.attr("RMSPROPW_HP_COLS") = static_cast<int>(RMSPROPW_HP_COLS);

@@ -16,8 +16,11 @@ from torch import Tensor
 
 # Segment-table columns (docs/design.md#segment-table); csrc/include/fusedwd/layout.h
 # holds the same numbers; tests/test_layout.py checks they agree.
-SEG_P, SEG_G, SEG_S0, SEG_S1, SEG_S2, SEG_STEP, SEG_N, SEG_HP, SEG_INDEX = range(9)
-SEG_COLS = 9
+SEG_P, SEG_G, SEG_S0, SEG_S1, SEG_S2, SEG_STEP, SEG_N, SEG_HP, SEG_INDEX, SEG_MASTER, SEG_SALT = range(11)
+SEG_COLS = 11
+# The per-launch float32 control block (layout.h Ctl): 1/grad_scale, found_inf, clip coefficient.
+CTL_INV_SCALE, CTL_FOUND_INF, CTL_CLIP = range(3)
+CTL_SIZE = 3
 STATE_COLUMNS = (SEG_S0, SEG_S1, SEG_S2)
 
 ALIGN_BYTES = 64  # one cache line; also a full AVX-512 vector

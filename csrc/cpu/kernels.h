@@ -16,8 +16,13 @@ struct StepArgs {
   int64_t nseg;          // number of segments (> 0)
   const double* hyper;   // hyperparameter rows of the rule
   const int64_t* offs;   // prefix sums of the segment sizes, nseg + 1 entries
-  int dtype;             // DType of p, g and every state
+  int dtype;             // DType of p and g
   int num_threads;       // >= 1
+  int state_dtype;       // DType of every state
+  bool master;           // SEG_MASTER holds an fp32 master copy of each 16-bit p
+  bool stochastic;       // round bf16 p stochastically (no master)
+  const float* ctl;      // the control block (layout.h Ctl), or nullptr: no AMP, no clipping
+  uint64_t seed;         // stochastic rounding seed
 };
 
 // traffic_pass takes at most this many read and this many write buffers.

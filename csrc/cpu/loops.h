@@ -38,10 +38,20 @@ inline T* column_ptr(const int64_t* row, int col) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(row[col]));
 }
 
+// GradScaler found an inf (or the clipping norm is not finite): the step is
+// skipped and nothing is written, step counts included.
+inline bool skipped(const StepArgs& a) { return a.ctl != nullptr && a.ctl[CTL_FOUND_INF] != 0.0f; }
+
+// What the gradient is multiplied by: unscaling and clipping, one product.
+inline double grad_mult(const StepArgs& a) {
+  return a.ctl == nullptr ? 1.0 : static_cast<double>(a.ctl[CTL_INV_SCALE] * a.ctl[CTL_CLIP]);
+}
+
 // The walk shared by every rule. Seg(row, hyper_row, t, lo, hi) updates
 // elements [lo, hi) of one segment; t is the 1-based step being taken.
 template <int HP_COLS, typename Seg>
 void for_each_slice(const StepArgs& a, Seg seg) {
+  if (skipped(a)) return;
 #pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
   {
     const int64_t nt = omp_get_num_threads();
@@ -70,29 +80,33 @@ void for_each_slice(const StepArgs& a, Seg seg) {
 }
 
 // Each pass takes the storage types of the parameter (P), the gradient (G) and
-// the states (S) separately; the math runs in the parameter's math type. Only
-// P == G == S is instantiated today (torch's rule); master weights and
-// low-precision states add instantiations, not new loops.
-template <DType P, DType G, DType S, bool AMSGRAD>
+// the states (S) separately; the math runs in the parameter's math type (fp32
+// for 16-bit storage). MASTER reads and writes p through its fp32 master copy;
+// SR rounds a bf16 p stochastically. by_layout() lists the instantiations.
+template <DType P, DType G, DType S, bool MASTER, bool SR, bool AMSGRAD>
 void adamw_pass(const StepArgs& a) {
   using M = math_t<P>;
-  for_each_slice<ADAMW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
-                                      int64_t lo, int64_t hi) {
+  const double gm = grad_mult(a);
+  const uint64_t seed = a.seed;
+  for_each_slice<ADAMW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+                                              int64_t lo, int64_t hi) {
     storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
     const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
     storage_t<S>* __restrict__ m = column_ptr<storage_t<S>>(row, SEG_S0);
     storage_t<S>* __restrict__ v = column_ptr<storage_t<S>>(row, SEG_S1);
     storage_t<S>* __restrict__ vmax = column_ptr<storage_t<S>>(row, SEG_S2);
-    const AdamWScalars<M> sc = adamw_scalars<M>(hp, t);
+    const AdamWScalars<M> sc = adamw_scalars<M>(hp, t, gm);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      M pi = load<P>(p, i);
+      M pi = load_param<P, MASTER>(p, master, i);
       M mi = load<S>(m, i);
       M vi = load<S>(v, i);
       // S2 is 0 without amsgrad: never touched
       M vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
       adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
-      store<P>(p, i, pi);
+      store_param<P, MASTER, SR>(p, master, i, pi, key);
       store<S>(m, i, mi);
       store<S>(v, i, vi);
       if (AMSGRAD) store<S>(vmax, i, vmaxi);
@@ -100,47 +114,55 @@ void adamw_pass(const StepArgs& a) {
   });
 }
 
-template <DType P, DType G, DType S, bool HAS_MOMENTUM, bool NESTEROV>
+template <DType P, DType G, DType S, bool MASTER, bool SR, bool HAS_MOMENTUM, bool NESTEROV>
 void sgdw_pass(const StepArgs& a) {
   using M = math_t<P>;
-  for_each_slice<SGDW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
-                                     int64_t lo, int64_t hi) {
+  const double gm = grad_mult(a);
+  const uint64_t seed = a.seed;
+  for_each_slice<SGDW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+                                             int64_t lo, int64_t hi) {
     storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
     const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
     storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S0);
-    const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t);
+    const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t, gm);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      M pi = load<P>(p, i);
+      M pi = load_param<P, MASTER>(p, master, i);
       // S0 is 0 without momentum: never touched
       M bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
       sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
-      store<P>(p, i, pi);
+      store_param<P, MASTER, SR>(p, master, i, pi, key);
       if (HAS_MOMENTUM) store<S>(buf, i, bi);
     }
   });
 }
 
-template <DType P, DType G, DType S, bool CENTERED, bool HAS_MOMENTUM>
+template <DType P, DType G, DType S, bool MASTER, bool SR, bool CENTERED, bool HAS_MOMENTUM>
 void rmspropw_pass(const StepArgs& a) {
   using M = math_t<P>;
-  for_each_slice<RMSPROPW_HP_COLS>(a, [](const int64_t* row, const double* hp, double t,
-                                         int64_t lo, int64_t hi) {
+  const double gm = grad_mult(a);
+  const uint64_t seed = a.seed;
+  for_each_slice<RMSPROPW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+                                                 int64_t lo, int64_t hi) {
     storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
     const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
     storage_t<S>* __restrict__ sq = column_ptr<storage_t<S>>(row, SEG_S0);
     storage_t<S>* __restrict__ ga = column_ptr<storage_t<S>>(row, SEG_S1);
     storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S2);
-    const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t);
+    const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t, gm);
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      M pi = load<P>(p, i);
+      M pi = load_param<P, MASTER>(p, master, i);
       M sqi = load<S>(sq, i);
       // S1 / S2 are 0 when not centered / without momentum: never touched
       M gai = CENTERED ? load<S>(ga, i) : M(0);
       M bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
       rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
-      store<P>(p, i, pi);
+      store_param<P, MASTER, SR>(p, master, i, pi, key);
       store<S>(sq, i, sqi);
       if (CENTERED) store<S>(ga, i, gai);
       if (HAS_MOMENTUM) store<S>(buf, i, bi);
@@ -148,72 +170,101 @@ void rmspropw_pass(const StepArgs& a) {
   });
 }
 
-// Runtime dtype -> template. Callers validated dtype.
-template <template <DType> class Pass>
-void by_dtype(const StepArgs& a) {
-  switch (static_cast<DType>(a.dtype)) {
-    case DType::F32: return Pass<DType::F32>::run(a);
-    case DType::F16: return Pass<DType::F16>::run(a);
-    case DType::BF16: return Pass<DType::BF16>::run(a);
-    case DType::F64: return Pass<DType::F64>::run(a);
+// Runtime storage layout -> template; the bindings validated it
+// (fusedwd/_spec.py KERNEL_LAYOUTS lists the same combinations).
+template <template <DType, DType, bool, bool> class Pass>
+void by_layout(const StepArgs& a) {
+  using D = DType;
+  const D p = static_cast<D>(a.dtype);
+  const D s = static_cast<D>(a.state_dtype);
+  if (a.master) {  // 16-bit p, fp32 master, fp32 / bf16 / fp16 states
+    if (p == D::BF16) {
+      if (s == D::F32) return Pass<D::BF16, D::F32, true, false>::run(a);
+      if (s == D::BF16) return Pass<D::BF16, D::BF16, true, false>::run(a);
+      return Pass<D::BF16, D::F16, true, false>::run(a);
+    }
+    if (s == D::F32) return Pass<D::F16, D::F32, true, false>::run(a);
+    if (s == D::BF16) return Pass<D::F16, D::BF16, true, false>::run(a);
+    return Pass<D::F16, D::F16, true, false>::run(a);
   }
+  if (a.stochastic) {  // bf16 p rounded stochastically, bf16 or fp32 states
+    if (s == D::F32) return Pass<D::BF16, D::F32, false, true>::run(a);
+    return Pass<D::BF16, D::BF16, false, true>::run(a);
+  }
+  if (p == s) {
+    switch (p) {
+      case D::F32: return Pass<D::F32, D::F32, false, false>::run(a);
+      case D::F16: return Pass<D::F16, D::F16, false, false>::run(a);
+      case D::BF16: return Pass<D::BF16, D::BF16, false, false>::run(a);
+      case D::F64: return Pass<D::F64, D::F64, false, false>::run(a);
+    }
+  }
+  if (p == D::F32) {  // fp32 p, 16-bit states
+    if (s == D::BF16) return Pass<D::F32, D::BF16, false, false>::run(a);
+    return Pass<D::F32, D::F16, false, false>::run(a);
+  }
+  // 16-bit p, fp32 states
+  if (p == D::BF16) return Pass<D::BF16, D::F32, false, false>::run(a);
+  return Pass<D::F16, D::F32, false, false>::run(a);
 }
 
 template <bool AMSGRAD>
 struct AdamW {
-  template <DType D>
+  template <DType P, DType S, bool MASTER, bool SR>
   struct Pass {
-    static void run(const StepArgs& a) { adamw_pass<D, D, D, AMSGRAD>(a); }
+    static void run(const StepArgs& a) { adamw_pass<P, P, S, MASTER, SR, AMSGRAD>(a); }
   };
 };
 
 template <bool HAS_MOMENTUM, bool NESTEROV>
 struct Sgdw {
-  template <DType D>
+  template <DType P, DType S, bool MASTER, bool SR>
   struct Pass {
-    static void run(const StepArgs& a) { sgdw_pass<D, D, D, HAS_MOMENTUM, NESTEROV>(a); }
+    static void run(const StepArgs& a) { sgdw_pass<P, P, S, MASTER, SR, HAS_MOMENTUM, NESTEROV>(a); }
   };
 };
 
 template <bool CENTERED, bool HAS_MOMENTUM>
 struct Rmspropw {
-  template <DType D>
+  template <DType P, DType S, bool MASTER, bool SR>
   struct Pass {
-    static void run(const StepArgs& a) { rmspropw_pass<D, D, D, CENTERED, HAS_MOMENTUM>(a); }
+    static void run(const StepArgs& a) {
+      rmspropw_pass<P, P, S, MASTER, SR, CENTERED, HAS_MOMENTUM>(a);
+    }
   };
 };
 
 inline void adamw(const StepArgs& a, bool amsgrad) {
   if (amsgrad) {
-    by_dtype<AdamW<true>::Pass>(a);
+    by_layout<AdamW<true>::Pass>(a);
   } else {
-    by_dtype<AdamW<false>::Pass>(a);
+    by_layout<AdamW<false>::Pass>(a);
   }
 }
 
 inline void sgdw(const StepArgs& a, bool has_momentum, bool nesterov) {
   if (!has_momentum) {
     // nesterov needs momentum (validated in Python): without it d = g either way
-    by_dtype<Sgdw<false, false>::Pass>(a);
+    by_layout<Sgdw<false, false>::Pass>(a);
   } else if (nesterov) {
-    by_dtype<Sgdw<true, true>::Pass>(a);
+    by_layout<Sgdw<true, true>::Pass>(a);
   } else {
-    by_dtype<Sgdw<true, false>::Pass>(a);
+    by_layout<Sgdw<true, false>::Pass>(a);
   }
 }
 
 inline void rmspropw(const StepArgs& a, bool centered, bool has_momentum) {
   if (centered) {
     if (has_momentum) {
-      by_dtype<Rmspropw<true, true>::Pass>(a);
+      by_layout<Rmspropw<true, true>::Pass>(a);
     } else {
-      by_dtype<Rmspropw<true, false>::Pass>(a);
+      by_layout<Rmspropw<true, false>::Pass>(a);
     }
   } else {
     if (has_momentum) {
-      by_dtype<Rmspropw<false, true>::Pass>(a);
+      by_layout<Rmspropw<false, true>::Pass>(a);
     } else {
-      by_dtype<Rmspropw<false, false>::Pass>(a);
+      by_layout<Rmspropw<false, false>::Pass>(a);
     }
   }
 }

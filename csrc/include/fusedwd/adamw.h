@@ -22,11 +22,12 @@ struct AdamWScalars {
 
 // hp: the segment's AdamW hyper row; t: the 1-based step being taken.
 template <typename M>
-FUSEDWD_HD inline AdamWScalars<M> adamw_scalars(const double* hp, double t) {
+FUSEDWD_HD inline AdamWScalars<M> adamw_scalars(const double* hp, double t, double grad_mult = 1.0) {
   const double beta1 = hp[ADAMW_BETA1];
   const double beta2 = hp[ADAMW_BETA2];
   AdamWScalars<M> s;
-  s.grad_sign = static_cast<M>(hp[ADAMW_GRAD_SIGN]);
+  // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
+  s.grad_sign = static_cast<M>(hp[ADAMW_GRAD_SIGN] * grad_mult);
   s.l2 = static_cast<M>(hp[ADAMW_L2]);
   s.decay_mult = static_cast<M>(hp[ADAMW_DECAY_MULT]);
   s.beta1 = static_cast<M>(beta1);

@@ -175,6 +175,72 @@ FUSEDWD_HD inline void store(storage_t<D>* ptr, int64_t i, math_t<D> x) {
   }
 }
 
+// ---------------------------------------------------------------- stochastic rounding
+// docs/math.md#stochastic-rounding; reference: fusedwd.reference.stochastic_round_bf16.
+// The random bits of an element are a hash of (seed, parameter salt, step, element
+// index): reproducible, and independent of how tensors are bucketed or split
+// between threads and blocks.
+
+// murmur3's 32-bit finalizer: every input bit affects every output bit.
+FUSEDWD_HD inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Per segment and step: the key every element's bits derive from.
+FUSEDWD_HD inline uint32_t sr_key(uint64_t seed, int64_t salt, double t) {
+  uint32_t k = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + 0x9e3779b9u));
+  k = mix32(k ^ static_cast<uint32_t>(salt));
+  return mix32(k + static_cast<uint32_t>(static_cast<int64_t>(t)) * 0x9e3779b9u);
+}
+
+// 32 random bits for element i of the segment (indices past 2^32 fold their high half in).
+FUSEDWD_HD inline uint32_t sr_bits(uint32_t key, int64_t i) {
+  const uint64_t u = static_cast<uint64_t>(i);
+  return mix32(key ^ static_cast<uint32_t>(u ^ (u >> 32)) * 0x27d4eb2fu);
+}
+
+// Unbiased rounding of an fp32 to bf16: add 16 random bits below the kept ones and
+// truncate, so x rounds up with probability (x - down)/(up - down). NaN and Inf are
+// kept (NaN quieted, as by float_to_bf16).
+FUSEDWD_HD inline uint16_t float_to_bf16_sr(float x, uint32_t bits) {
+  const uint32_t u = float_bits(x);
+  const uint32_t magnitude = u & 0x7fffffffu;
+  const uint32_t rounded = (u + (bits & 0xffffu)) >> 16;
+  const uint32_t special = magnitude > 0x7f800000u ? ((u >> 16) | 0x0040u) : (u >> 16);
+  return static_cast<uint16_t>(magnitude >= 0x7f800000u ? special : rounded);
+}
+
+// ---------------------------------------------------------------- parameter access
+// A parameter is read from its fp32 master copy when there is one (MASTER), and
+// written to both: the master exactly, the parameter rounded to nearest even, or
+// stochastically when SR (bf16 parameters without a master).
+template <DType P, bool MASTER>
+FUSEDWD_HD inline math_t<P> load_param(const storage_t<P>* p, const float* master, int64_t i) {
+  if constexpr (MASTER) {
+    return master[i];
+  } else {
+    return load<P>(p, i);
+  }
+}
+
+template <DType P, bool MASTER, bool SR>
+FUSEDWD_HD inline void store_param(storage_t<P>* p, float* master, int64_t i, math_t<P> x, uint32_t key) {
+  if constexpr (MASTER) {
+    master[i] = x;
+    store<P>(p, i, x);
+  } else if constexpr (SR) {
+    static_assert(P == DType::BF16, "stochastic rounding stores bf16 parameters");
+    p[i] = float_to_bf16_sr(x, sr_bits(key, i));
+  } else {
+    store<P>(p, i, x);
+  }
+}
+
 FUSEDWD_HD inline float sqrt_m(float x) { return ::sqrtf(x); }
 FUSEDWD_HD inline double sqrt_m(double x) { return ::sqrt(x); }
 

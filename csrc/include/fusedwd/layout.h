@@ -17,7 +17,19 @@ enum SegCol : int {
   SEG_N = 6,      // number of elements
   SEG_HP = 7,     // row index into the hyperparameter table
   SEG_INDEX = 8,  // index of the parameter inside its bucket (unused by kernels)
-  SEG_COLS = 9,
+  SEG_MASTER = 9,  // address of the fp32 master copy of p (master weights), or 0
+  SEG_SALT = 10,   // the parameter's stochastic-rounding salt (its index in the optimizer)
+  SEG_COLS = 11,
+};
+
+// The per-launch control block (float32, on the tensors' device), written by the
+// optimizer from GradScaler's grad_scale / found_inf and the clipping norm; kernels
+// read it, so a skipped or scaled step needs no host read.
+enum Ctl : int {
+  CTL_INV_SCALE = 0,  // 1 / grad_scale (1 without AMP)
+  CTL_FOUND_INF = 1,  // nonzero: skip the step, write nothing (step counts included)
+  CTL_CLIP = 2,       // gradient-norm clip coefficient (1 without clipping)
+  CTL_SIZE = 3,
 };
 
 // One float64 row per param group, per rule.

@@ -21,9 +21,10 @@ struct RmspropwScalars {
 // hp: the segment's RMSpropW hyper row; t (1-based step) is not used by the
 // rule but kept for a uniform signature across rules.
 template <typename M>
-FUSEDWD_HD inline RmspropwScalars<M> rmspropw_scalars(const double* hp, double /*t*/) {
+FUSEDWD_HD inline RmspropwScalars<M> rmspropw_scalars(const double* hp, double /*t*/, double grad_mult = 1.0) {
   RmspropwScalars<M> s;
-  s.grad_sign = static_cast<M>(hp[RMSPROPW_GRAD_SIGN]);
+  // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
+  s.grad_sign = static_cast<M>(hp[RMSPROPW_GRAD_SIGN] * grad_mult);
   s.l2 = static_cast<M>(hp[RMSPROPW_L2]);
   s.decay_mult = static_cast<M>(hp[RMSPROPW_DECAY_MULT]);
   s.lr = static_cast<M>(hp[RMSPROPW_LR]);

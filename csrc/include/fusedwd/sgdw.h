@@ -20,9 +20,10 @@ struct SgdwScalars {
 
 // hp: the segment's SGDW hyper row; t: the 1-based step being taken.
 template <typename M>
-FUSEDWD_HD inline SgdwScalars<M> sgdw_scalars(const double* hp, double t) {
+FUSEDWD_HD inline SgdwScalars<M> sgdw_scalars(const double* hp, double t, double grad_mult = 1.0) {
   SgdwScalars<M> s;
-  s.grad_sign = static_cast<M>(hp[SGDW_GRAD_SIGN]);
+  // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
+  s.grad_sign = static_cast<M>(hp[SGDW_GRAD_SIGN] * grad_mult);
   s.l2 = static_cast<M>(hp[SGDW_L2]);
   s.decay_mult = static_cast<M>(hp[SGDW_DECAY_MULT]);
   s.lr = static_cast<M>(hp[SGDW_LR]);
