@@ -47,6 +47,11 @@ class Bucket:
     structure: tuple  # the rule's structural switches (amsgrad, nesterov, ...)
     state_names: tuple[Optional[str], ...]  # per column S0, S1, S2; None where the rule keeps no state
     flat_grads: bool = False  # p.grad re-homed into grad_buffer (fusedwd/optim/_flat.py)
+    # storage of the states, and the precision options (fusedwd/_spec.py storage_layout)
+    state_dtype: Optional[torch.dtype] = None  # None: the parameters' dtype
+    master: bool = False  # an fp32 master copy of every (16-bit) parameter
+    stochastic_rounding: bool = False  # bf16 parameters rounded stochastically
+    salts: list[int] = field(default_factory=list)  # per parameter: its index in the optimizer
     # DTensor parameters (FSDP2): shapes, pointers and states are their local shards (fusedwd/optim/_dtensor.py)
     dtensor: bool = False
     params: list[Tensor] = field(default_factory=list)
@@ -56,6 +61,8 @@ class Bucket:
     length: int = 0  # elements in each flat buffer, alignment padding included
     buffers: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)
+    master_buffer: Optional[Tensor] = None  # float32, laid out like the states
+    master_views: list[Tensor] = field(default_factory=list)
     steps: Optional[Tensor] = None  # float32 step count per parameter
     step_views: list[Tensor] = field(default_factory=list)
     table_in: Optional[Tensor] = None  # int64 [n, SEG_COLS], pointers cached at build
@@ -71,13 +78,20 @@ class Bucket:
     def allocate(self, steps_on_device: bool = False) -> None:
         """Allocate the flat buffers and build the per-parameter views."""
         numels = [int(torch.Size(s).numel()) for s in self.shapes]
-        element_size = torch.empty((), dtype=self.dtype).element_size()
+        if self.state_dtype is None:
+            self.state_dtype = self.dtype
+        # offsets aligned for the narrowest buffer are aligned for every wider one
+        widths = [self.dtype, self.state_dtype] + ([torch.float32] if self.master else [])
+        element_size = min(torch.empty((), dtype=d).element_size() for d in widths)
         self.offsets, total = aligned_offsets(numels, element_size)
         self.length = total
         for name in filter(None, self.state_names):
-            flat = torch.zeros(total, dtype=self.dtype, device=self.device)
+            flat = torch.zeros(total, dtype=self.state_dtype, device=self.device)
             self.buffers[name] = flat
             self.views[name] = self.flat_views(flat)
+        if self.master:
+            self.master_buffer = torch.zeros(total, dtype=torch.float32, device=self.device)
+            self.master_views = self.flat_views(self.master_buffer)
         # torch keeps `step` as a float32 scalar tensor on the host (non-capturable path)
         self.steps = torch.zeros(len(self.params), dtype=torch.float32,
                                  device=self.device if steps_on_device else "cpu")
@@ -106,6 +120,8 @@ class Bucket:
             row[SEG_N] = p.numel()
             row[SEG_HP] = self.group_rows[i]
             row[SEG_INDEX] = i
+            row[SEG_MASTER] = self.master_views[i].data_ptr() if self.master else 0
+            row[SEG_SALT] = self.salts[i] if self.salts else 0
             rows.append(row)
         self.table_in = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), SEG_COLS)
         self.table_out = torch.zeros_like(self.table_in)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -107,6 +107,17 @@ def _check_common(group: Mapping[str, Any]) -> None:
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by fusedwd (its steps are fused in-place kernels)")
     _check_bool("capturable", group.get("capturable", False))
+    _check_bool("master_weights", group.get("master_weights", False))
+    _check_bool("stochastic_rounding", group.get("stochastic_rounding", False))
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None and state_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"state_dtype must be None (the parameter's dtype) or one of "
+            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}; got {state_dtype!r}"
+        )
+    if group.get("master_weights", False) and group.get("stochastic_rounding", False):
+        raise ValueError("stochastic_rounding=True rounds parameters that have no master copy; "
+                         "it cannot be combined with master_weights=True")
 
 
 def check_adamw(group: Mapping[str, Any]) -> None:
@@ -135,6 +146,44 @@ def check_rmspropw(group: Mapping[str, Any]) -> None:
     _check_range("eps", group["eps"], 0.0)
     _check_range("momentum", group["momentum"], 0.0)
     _check_bool("centered", group["centered"])
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def storage_layout(dtype: torch.dtype, group: Mapping[str, Any]) -> tuple[torch.dtype, bool, bool]:
+    """``(state_dtype, master, stochastic_rounding)`` for parameters of ``dtype`` in ``group``.
+
+    master_weights applies to 16-bit parameters (fp32 and fp64 ones are their own
+    master); stochastic_rounding to bf16 parameters. The combinations are the
+    kernels' (csrc/cpu/loops.h by_layout); any other raises a ValueError.
+    """
+    half = dtype in HALF_DTYPES
+    master = bool(group.get("master_weights", False)) and half
+    stochastic = bool(group.get("stochastic_rounding", False)) and dtype == torch.bfloat16 and not master
+    state = group.get("state_dtype") or (torch.float32 if master else dtype)
+    if master:
+        ok = state in (torch.float32,) + HALF_DTYPES
+    elif stochastic:
+        ok = state in (torch.bfloat16, torch.float32)
+    else:
+        ok = state == dtype or (dtype == torch.float32 and state in HALF_DTYPES) or (half and state == torch.float32)
+    if not ok:
+        options = " with master_weights" if master else (" with stochastic_rounding" if stochastic else "")
+        raise ValueError(
+            f"state_dtype={state} is not supported for {dtype} parameters{options}: states are stored in the "
+            "parameter's dtype, in float32, or (for float32 parameters or with master weights) in bfloat16/float16"
+        )
+    return state, master, stochastic
+
+
+def check_max_grad_norm(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    x = _real_number("max_grad_norm", value)
+    if not x > 0 or math.isinf(x):
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (expected None or a finite number > 0)")
+    return x
 
 
 def decay_factors(decay: str, lr: Any, weight_decay: float, lr_max: float) -> tuple[Any, float]:

@@ -16,7 +16,10 @@ from torch.optim import Optimizer
 from .. import _cuda_ext, _ext
 from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
 from . import _dtensor, _flat
-from .._spec import SUPPORTED_DTYPES, Backend, check_backend, check_decay, group_lr_max, hyper_tensor
+from .._buckets import CTL_CLIP, CTL_FOUND_INF, CTL_INV_SCALE, CTL_SIZE
+from .._spec import (SUPPORTED_DTYPES, Backend, check_backend, check_decay, check_max_grad_norm, group_lr_max,
+                     hyper_tensor, storage_layout)
+from ..reference import Precision
 
 # Elements per thread below which the CPU pass does not split (torch's at::internal::GRAIN_SIZE).
 GRAIN_SIZE = 32768
@@ -35,11 +38,18 @@ class FusedOptimizer(Optimizer):
     _HP_NAMES: ClassVar[tuple[str, ...]] = ()  # hyperparameter row, in kernel column order
     _HP_TABLE_NAME: ClassVar[str] = ""  # name of the column dict in fusedwd._C
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    # GradScaler hands the step its scale and found_inf (as attributes grad_scale and
+    # found_inf) instead of unscaling the gradients and skipping the step itself
+    _step_supports_amp_scaling: ClassVar[bool] = True
+
+    def __init__(self, params: Any, defaults: dict[str, Any], max_grad_norm: Optional[float] = None) -> None:
         self._plan: Optional[list[Bucket]] = None
         self._plan_key: Optional[tuple] = None
         check_decay(defaults["decay"])
         check_backend(defaults["backend"])
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        # the global gradient norm of the last step (a 0-dim float32 tensor), with max_grad_norm
+        self.last_grad_norm: Optional[Tensor] = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- rule hooks
@@ -61,9 +71,10 @@ class FusedOptimizer(Optimizer):
         """
         raise NotImplementedError
 
-    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int) -> None:
-        """One CPU pass: every rule's kernel takes (table, nseg, hyper, dtype, *switches, threads)."""
-        getattr(ext, self._kernel_name() + "_step")(table, nseg, hyper, dtype, *structure, threads)
+    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int,
+                **precision: Any) -> None:
+        """One CPU pass: every rule's kernel takes (table, nseg, hyper, dtype, *switches, threads, **precision)."""
+        getattr(ext, self._kernel_name() + "_step")(table, nseg, hyper, dtype, *structure, threads, **precision)
 
     @classmethod
     def _kernel_name(cls) -> str:
@@ -106,8 +117,14 @@ class FusedOptimizer(Optimizer):
             group["lr_max"] = group_lr_max(group)
         self._check_group(group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles defaults, state and param_groups; max_grad_norm is an option too
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.max_grad_norm = state.get("max_grad_norm")
+        self.last_grad_norm = None
         for group in self.param_groups:
             # fusedwd never differentiates through a step; a torch checkpoint saved
             # with differentiable=True steps identically without it.
@@ -119,7 +136,26 @@ class FusedOptimizer(Optimizer):
         self._plan_key = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, keeping each saved state's dtype.
+
+        torch casts every floating state to its parameter's dtype, which would round an
+        fp32 master copy or fp32 states of a bf16 parameter; fusedwd keeps them as saved
+        and converts them once, into the buckets' storage dtypes, at the next step
+        (docs/design.md#precision).
+        """
+        saved = {}
+        for saved_group, group in zip(state_dict.get("param_groups", ()), self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                entry = state_dict.get("state", {}).get(pid)
+                if isinstance(entry, dict):
+                    saved[id(p)] = {k: v for k, v in entry.items()
+                                    if k != "step" and isinstance(v, Tensor) and v.is_floating_point()
+                                    and v.dtype != p.dtype}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                for name, value in saved.get(id(p), {}).items():
+                    self.state[p][name] = value.to(device=p.device)
         self._plan = None
 
     # ------------------------------------------------------------------- plan
@@ -156,7 +192,8 @@ class FusedOptimizer(Optimizer):
         return Backend.REFERENCE.value
 
     def _current_plan(self) -> list[Bucket]:
-        key = tuple((id(g["params"]), len(g["params"]), self._structure(g), g["backend"], g.get("flat_grads"))
+        key = tuple((id(g["params"]), len(g["params"]), self._structure(g), g["backend"], g.get("flat_grads"),
+                     g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"))
                     for g in self.param_groups)
         if self._plan is None or key != self._plan_key:
             self._plan = self._build_plan()
@@ -165,22 +202,28 @@ class FusedOptimizer(Optimizer):
 
     def _build_plan(self) -> list[Bucket]:
         buckets: dict[tuple, Bucket] = {}
+        salt = 0  # each parameter's index in the optimizer: its stochastic-rounding salt
         for row, group in enumerate(self.param_groups):
             structure = self._structure(group)
             slots = self._state_slots(structure)
             for p in group["params"]:
+                layout = storage_layout(p.dtype, group)
                 backend = self._resolve_backend(group["backend"], p)
                 _dtensor.check_flat_grads(type(self).__name__, group, p)
                 dtensor = _dtensor.is_dtensor(p)
                 # flat_grads: contiguous parameters of a compiled backend (check_views is in fusedwd._C)
                 flat = bool(group.get("flat_grads")) and backend != Backend.REFERENCE and _ext.has_cpu() \
                     and p.is_contiguous()
-                key = (p.device, p.dtype, backend, structure, flat, dtensor)
+                key = (p.device, p.dtype, backend, structure, flat, dtensor, layout)
                 bucket = buckets.get(key)
                 if bucket is None:
+                    state_dtype, master, stochastic = layout
                     bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots, flat_grads=flat,
-                                                   dtensor=dtensor)
+                                                   dtensor=dtensor, state_dtype=state_dtype, master=master,
+                                                   stochastic_rounding=stochastic)
                 bucket.params.append(p)
+                bucket.salts.append(salt)
+                salt += 1
                 bucket.group_rows.append(row)
                 bucket.shapes.append(_dtensor.local(p).shape)
         for bucket in buckets.values():
@@ -196,9 +239,13 @@ class FusedOptimizer(Optimizer):
 
     def _adopt_state(self, bucket: Bucket) -> None:
         """Move existing per-parameter state (a checkpoint, an earlier plan) into the flat buffers."""
-        keeps_state = self._STEP_IN_STATE or any(bucket.state_names)
+        keeps_state = self._STEP_IN_STATE or any(bucket.state_names) or bucket.master
         for i, p in enumerate(bucket.params):
             state = self.state.get(p)
+            if bucket.master:
+                # a master starts as the parameter; a saved one (below) replaces it
+                bucket.master_views[i].copy_(_dtensor.local(p).detach())
+            self._adopt_master(bucket, i, state)
             if not keeps_state:
                 bucket.exposed[i] = True
                 continue
@@ -223,11 +270,35 @@ class FusedOptimizer(Optimizer):
             self._expose(bucket, i)
         bucket.n_unexposed = bucket.exposed.count(False)
 
+    def _adopt_master(self, bucket: Bucket, i: int, state: Optional[dict[str, Any]]) -> None:
+        """docs/design.md#precision: a saved fp32 master is kept, never dropped silently."""
+        old = state.get("master_param") if state else None
+        if old is None:
+            return
+        if not bucket.master:
+            raise ValueError(
+                f"{type(self).__name__}: the state of {self._describe(bucket, i)} carries an fp32 master copy "
+                "('master_param') but this optimizer keeps none for it; construct it with master_weights=True, "
+                "or delete the 'master_param' entries to continue from the (rounded) parameters"
+            )
+        if bucket.dtensor and isinstance(old, Tensor):
+            old = _dtensor.local_state(old, bucket.params[i])
+        if not isinstance(old, Tensor) or old.shape != bucket.shapes[i]:
+            raise RuntimeError(
+                f"{type(self).__name__}: 'master_param' of {self._describe(bucket, i)} has shape "
+                f"{tuple(old.shape) if isinstance(old, Tensor) else type(old).__name__}, "
+                f"expected {tuple(bucket.shapes[i])}"
+            )
+        bucket.master_views[i].copy_(old)
+
     def _expose(self, bucket: Bucket, i: int) -> None:
         p = bucket.params[i]
         state = self.state[p]
+        wrap = (lambda view: _dtensor.wrap(view, p)) if bucket.dtensor else (lambda view: view)
         for name in filter(None, bucket.state_names):
-            state[name] = _dtensor.wrap(bucket.views[name][i], p) if bucket.dtensor else bucket.views[name][i]
+            state[name] = wrap(bucket.views[name][i])
+        if bucket.master:
+            state["master_param"] = wrap(bucket.master_views[i])
         if self._STEP_IN_STATE:
             state["step"] = bucket.step_views[i]
         bucket.exposed[i] = True
@@ -292,15 +363,90 @@ class FusedOptimizer(Optimizer):
         prepared = [
             self._prepare_reference(b) if b.backend == Backend.REFERENCE else self._prepare_kernel(b) for b in plan
         ]
+        ctl = self._control(plan)
         hyper: Optional[Tensor] = None
         for bucket, work in zip(plan, prepared):
             if bucket.backend == Backend.REFERENCE:
-                self._run_reference(bucket, work)
+                self._run_reference(bucket, work, ctl)
             else:
                 if hyper is None:
                     hyper = self._hyper_table(bucket.device)
-                self._run_kernel(bucket, hyper, *work)
+                self._run_kernel(bucket, hyper, *work, ctl=ctl)
         return loss
+
+    # ------------------------------------------------------- AMP and clipping
+    def _control(self, plan: list[Bucket]) -> Optional[Tensor]:
+        """The control block every pass of this step reads (csrc/include/fusedwd/layout.h Ctl).
+
+        From GradScaler's ``grad_scale`` (None once ``scaler.unscale_(opt)`` ran: the
+        gradients are not unscaled twice) and ``found_inf``, and from the global gradient
+        norm under ``max_grad_norm``; computed with tensor operations on the device, so
+        neither a skipped nor a clipped step reads anything on the host. None: no AMP, no
+        clipping.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None and self.max_grad_norm is None:
+            return None
+        device = plan[0].device if plan else torch.device("cpu")
+        one = torch.ones((), dtype=torch.float32, device=device)
+        # GradScaler's own unscale uses the fp32 reciprocal computed in fp64
+        inv_scale = grad_scale.double().reciprocal().float().to(device).reshape(()) if grad_scale is not None else one
+        found = found_inf.float().to(device).reshape(()) if found_inf is not None else torch.zeros_like(one)
+        clip = one
+        if self.max_grad_norm is not None:
+            norm = self._grad_norm(plan, device) * inv_scale
+            # torch.nn.utils.clip_grad_norm_'s coefficient
+            clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            found = found + (~torch.isfinite(norm)).float()
+            self.last_grad_norm = norm
+        ctl = torch.empty(CTL_SIZE, dtype=torch.float32, device=device)
+        ctl[CTL_INV_SCALE], ctl[CTL_FOUND_INF], ctl[CTL_CLIP] = inv_scale, found, clip
+        return ctl
+
+    def _grad_norm(self, plan: list[Bucket], device: torch.device) -> Tensor:
+        """The 2-norm of every gradient this step takes: per-tensor norms accumulated in fp32
+        (one read of each gradient), then the norm of the norms, as clip_grad_norm_ does."""
+        if any(b.dtensor for b in plan):
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm needs the norm over every rank's shards; with DTensor "
+                "parameters (FSDP2) clip with torch.nn.utils.clip_grad_norm_, which reduces across ranks"
+            )
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for bucket in plan:
+            for p in bucket.params:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        norms = [n.to(device) for grads in by_device.values()
+                 for n in torch._foreach_norm(grads, 2.0, dtype=torch.float32)]
+        if not norms:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+    def _precision(self, bucket: Bucket, ctl: Optional[Tensor], dtype_code: Callable[[torch.dtype], Any]) -> dict:
+        """The kernels' precision keywords for a bucket, only those that differ from the default."""
+        kw: dict[str, Any] = {}
+        if bucket.state_dtype != bucket.dtype:
+            kw["state_dtype"] = dtype_code(bucket.state_dtype)
+        if bucket.master:
+            kw["master"] = True
+        if bucket.stochastic_rounding:
+            kw["stochastic_rounding"] = True
+            kw["seed"] = self._stochastic_seed()
+        if ctl is not None:
+            kw["ctl"] = ctl.to(bucket.device)
+        return kw
+
+    def _stochastic_seed(self) -> int:
+        """The seed of stochastic rounding: drawn once from torch's generator, kept in the
+        param groups (so in state_dict) for a run resumed from a checkpoint."""
+        for group in self.param_groups:
+            if "sr_seed" in group:
+                return int(group["sr_seed"])
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        for group in self.param_groups:
+            group["sr_seed"] = seed
+        return seed
 
     def _hyper_table(self, device: torch.device) -> Tensor:
         """Every group's hyperparameter row, as the kernels read them.
@@ -353,33 +499,37 @@ class FusedOptimizer(Optimizer):
             i, n_active = i + 1, n_active + 1
 
     def _run_kernel(self, bucket: Bucket, hyper: Tensor, n_active: int,
-                    staged: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+                    staged: list[tuple[Tensor, Tensor, Tensor]], ctl: Optional[Tensor] = None) -> None:
         if not n_active:
             return
         if bucket.backend == Backend.TRITON:
             launch = _ext.triton(bucket.device).LAUNCHERS[self._HP_TABLE_NAME]
-            launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure)
+            launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure,
+                   **self._precision(bucket, ctl, lambda d: d))
         elif bucket.backend == Backend.CUDA:
-            self._run_cuda(bucket, hyper, n_active)
+            self._run_cuda(bucket, hyper, n_active, self._precision(bucket, ctl, DTYPE_CODES.__getitem__))
         else:
             # like torch's parallel_for, no thread gets fewer than GRAIN_SIZE elements: on
             # small buckets a parallel region costs more than it saves, and on a busy machine
             # it waits for a descheduled thread at every step
             threads = max(1, min(torch.get_num_threads(), -(-bucket.length // GRAIN_SIZE)))
+            precision = self._precision(bucket, ctl, DTYPE_CODES.__getitem__)
+            if "ctl" in precision:
+                precision["ctl"] = precision["ctl"].data_ptr()  # a CPU tensor, alive as ctl
             self._launch(_ext.cpu(), bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
-                         DTYPE_CODES[bucket.dtype], bucket.structure, threads)
+                         DTYPE_CODES[bucket.dtype], bucket.structure, threads, **precision)
         for p, p_c, _ in staged:
             if p_c is not p:
                 p.copy_(p_c)
         if bucket.n_unexposed:
             self._expose_after_step(bucket, bucket.table_out[:n_active, SEG_INDEX].tolist())
 
-    def _run_cuda(self, bucket: Bucket, hyper: Tensor, n_active: int) -> None:
+    def _run_cuda(self, bucket: Bucket, hyper: Tensor, n_active: int, precision: dict) -> None:
         """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device."""
         if bucket.arrivals is None:
             bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
         _cuda_ext.step(self._kernel_name(), bucket.table_out[:n_active], hyper, DTYPE_CODES[bucket.dtype],
-                       bucket.structure, bucket.device, bucket.arrivals)
+                       bucket.structure, bucket.device, bucket.arrivals, **precision)
 
     def _prepare_reference(self, bucket: Bucket) -> dict[int, list[int]]:
         """This step's parameters of the bucket, by param group row."""
@@ -391,8 +541,20 @@ class FusedOptimizer(Optimizer):
             by_group.setdefault(bucket.group_rows[i], []).append(i)
         return by_group
 
-    def _run_reference(self, bucket: Bucket, by_group: dict[int, list[int]]) -> None:
+    def _run_reference(self, bucket: Bucket, by_group: dict[int, list[int]], ctl: Optional[Tensor] = None) -> None:
+        grad_mult = 1.0
+        if ctl is not None:
+            # the reference is the readable spec, not a capturable path: it reads ctl on the host
+            if float(ctl[CTL_FOUND_INF]) != 0.0:
+                return
+            grad_mult = float(ctl[CTL_INV_SCALE] * ctl[CTL_CLIP])  # the fp32 product, as the kernels form it
+        seed = self._stochastic_seed() if bucket.stochastic_rounding else 0
         for row, indices in by_group.items():
+            precision = Precision(
+                masters=[bucket.master_views[i] for i in indices] if bucket.master else None,
+                grad_mult=grad_mult, stochastic_rounding=bucket.stochastic_rounding, seed=seed,
+                salts=[bucket.salts[i] for i in indices],
+            )
             self._reference(
                 self.param_groups[row],
                 bucket.structure,
@@ -400,6 +562,7 @@ class FusedOptimizer(Optimizer):
                 [_dtensor.local(bucket.params[i].grad) for i in indices],
                 {name: [bucket.views[name][i] for i in indices] for name in filter(None, bucket.state_names)},
                 [bucket.step_views[i] for i in indices],
+                precision,
             )
             if bucket.n_unexposed:
                 self._expose_after_step(bucket, indices)
@@ -464,6 +627,13 @@ class FusedOptimizer(Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}: a compiled step does not take DTensor parameters (FSDP2) yet; "
                     f"{self._describe(bucket, i)} is one: call opt.step() outside torch.compile"
+                )
+            if bucket.master or bucket.stochastic_rounding or bucket.state_dtype != bucket.dtype \
+                    or self.max_grad_norm is not None or getattr(self, "found_inf", None) is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a compiled step does not take master_weights, state_dtype, "
+                    "stochastic_rounding, max_grad_norm or GradScaler's found_inf yet; call opt.step() "
+                    "outside torch.compile"
                 )
             if bucket.backend not in (Backend.CPU, Backend.CUDA):
                 raise RuntimeError(

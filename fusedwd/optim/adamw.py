@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -50,6 +51,18 @@ class AdamW(FusedOptimizer):
             ``zero_grad`` zeroes the buffer instead of setting gradients to None, so a
             parameter without a gradient is stepped with zeros, as under DDP's
             ``gradient_as_bucket_view``. Worth it for thousands of small tensors.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (flat, like the
+            states): the step reads and writes the master and writes the parameter rounded
+            to nearest even in the same pass (docs/math.md#precision).
+        state_dtype: storage dtype of the states (default: the parameter's, float32 with
+            master weights); math is always float32. bfloat16/float16 states quarter the
+            memory of float32 ones.
+        stochastic_rounding: round updated bf16 parameters (without a master) stochastically,
+            from a seeded hash of (seed, parameter, step, element): unbiased and reproducible.
+        max_grad_norm: clip the global gradient norm (all parameters, all groups) to this
+            value inside the step: one read pass for the norm, the clip coefficient applied
+            in the update pass. The norm is kept as ``opt.last_grad_norm``; a non-finite
+            norm skips the step.
 
     Returns:
         ``step()`` returns the closure's loss, or None.
@@ -85,13 +98,18 @@ class AdamW(FusedOptimizer):
         decay: str = "decoupled",
         backend: str = "auto",
         flat_grads: bool = False,
+        master_weights: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        max_grad_norm: Optional[float] = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decay=decay, backend=backend, flat_grads=flat_grads,
+            master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_adamw(group)
@@ -108,7 +126,7 @@ class AdamW(FusedOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         return [lr, beta1, beta2, float(group["eps"]), decay_mult, l2, grad_sign]
 
-    def _reference(self, group, structure, params, grads, states, steps) -> None:
+    def _reference(self, group, structure, params, grads, states, steps, precision) -> None:
         (amsgrad,) = structure
         beta1, beta2 = (float(b) for b in group["betas"])
         reference.adamw(
@@ -116,5 +134,5 @@ class AdamW(FusedOptimizer):
             states.get("max_exp_avg_sq", [None] * len(params)), steps,
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), decay=group["decay"], lr_max=group_lr_max(group),
-            amsgrad=amsgrad, maximize=group["maximize"],
+            amsgrad=amsgrad, maximize=group["maximize"], precision=precision,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -48,6 +49,18 @@ class RMSpropW(FusedOptimizer):
             ``zero_grad`` zeroes the buffer instead of setting gradients to None, so a
             parameter without a gradient is stepped with zeros, as under DDP's
             ``gradient_as_bucket_view``. Worth it for thousands of small tensors.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (flat, like the
+            states): the step reads and writes the master and writes the parameter rounded
+            to nearest even in the same pass (docs/math.md#precision).
+        state_dtype: storage dtype of the states (default: the parameter's, float32 with
+            master weights); math is always float32. bfloat16/float16 states quarter the
+            memory of float32 ones.
+        stochastic_rounding: round updated bf16 parameters (without a master) stochastically,
+            from a seeded hash of (seed, parameter, step, element): unbiased and reproducible.
+        max_grad_norm: clip the global gradient norm (all parameters, all groups) to this
+            value inside the step: one read pass for the norm, the clip coefficient applied
+            in the update pass. The norm is kept as ``opt.last_grad_norm``; a non-finite
+            norm skips the step.
 
     Returns:
         ``step()`` returns the closure's loss, or None.
@@ -80,13 +93,18 @@ class RMSpropW(FusedOptimizer):
         decay: str = "decoupled",
         backend: str = "auto",
         flat_grads: bool = False,
+        master_weights: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        max_grad_norm: Optional[float] = None,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
             decay=decay, backend=backend, flat_grads=flat_grads,
+            master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_rmspropw(group)
@@ -102,12 +120,12 @@ class RMSpropW(FusedOptimizer):
         lr, decay_mult, l2, grad_sign = decay_row(group, device)
         return [lr, float(group["alpha"]), float(group["eps"]), float(group["momentum"]), decay_mult, l2, grad_sign]
 
-    def _reference(self, group, structure, params, grads, states, steps) -> None:
+    def _reference(self, group, structure, params, grads, states, steps, precision) -> None:
         centered, _ = structure
         none = [None] * len(params)
         reference.rmspropw(
             params, grads, states["square_avg"], states.get("grad_avg", none), states.get("momentum_buffer", none),
             steps, lr=float(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
             momentum=float(group["momentum"]), centered=centered, weight_decay=float(group["weight_decay"]),
-            decay=group["decay"], lr_max=group_lr_max(group), maximize=group["maximize"],
+            decay=group["decay"], lr_max=group_lr_max(group), maximize=group["maximize"], precision=precision,
         )
