@@ -44,6 +44,7 @@ test: build
 
 bench: build
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.precision
 
 clean:
 	rm -rf build *.egg-info fusedwd/*.so $(VENV)

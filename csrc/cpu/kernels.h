@@ -26,7 +26,7 @@ struct StepArgs {
 };
 
 // traffic_pass takes at most this many read and this many write buffers.
-constexpr int kMaxTrafficBuffers = 6;
+constexpr int kMaxTrafficBuffers = 8;
 
 struct TrafficArgs {
   const uintptr_t* reads;   // addresses of the buffers read
