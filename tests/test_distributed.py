@@ -122,3 +122,18 @@ def test_engine_matches_single_process(engine, backend, tmp_path):
     for k, (a, b) in enumerate(zip(got, expected)):
         # all-reduce sums the halves in another order than one process does: a few ulps per step
         assert_close(a, b, f"parameter {k}", scale=1.0)
+
+
+def test_zero_refuses_max_grad_norm(tmp_path):
+    # each rank's optimizer holds a shard: its own norm is not the global one, so the
+    # fused clipping would be silently wrong; the user is sent to clip_grad_norm_
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method="file://" + str(tmp_path / "rendezvous"), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="clip_grad_norm_"):
+            ZeroRedundancyOptimizer(_model().parameters(), optimizer_class=fusedwd.AdamW, max_grad_norm=1.0)
+        ZeroRedundancyOptimizer(_model().parameters(), optimizer_class=fusedwd.AdamW, lr=1e-3)
+        fusedwd.AdamW(_model().parameters(), max_grad_norm=1.0)  # outside ZeRO the option stays
+    finally:
+        dist.destroy_process_group()

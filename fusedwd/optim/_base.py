@@ -7,6 +7,7 @@ buckets with flat states, gathers gradients, and runs one pass per bucket.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -26,6 +27,22 @@ GRAIN_SIZE = 32768
 
 # Storage dtype codes of the compiled kernels (csrc/include/fusedwd/common.h).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _built_by_zero() -> bool:
+    """Whether ZeroRedundancyOptimizer is constructing this optimizer over one rank's shard."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:
+        return False
+    frame = sys._getframe(2)
+    for _ in range(8):  # its constructor calls ours a few frames up
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class FusedOptimizer(Optimizer):
@@ -48,6 +65,12 @@ class FusedOptimizer(Optimizer):
         check_decay(defaults["decay"])
         check_backend(defaults["backend"])
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if self.max_grad_norm is not None and _built_by_zero():
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm inside torch.distributed.optim.ZeroRedundancyOptimizer would "
+                "clip each rank's shard by its own norm; clip the full gradients with "
+                "torch.nn.utils.clip_grad_norm_ before zero.step() instead"
+            )
         # the global gradient norm of the last step (a 0-dim float32 tensor), with max_grad_norm
         self.last_grad_norm: Optional[Tensor] = None
         super().__init__(params, defaults)

@@ -57,7 +57,8 @@ class SGDW(FusedOptimizer):
         max_grad_norm: clip the global gradient norm (all parameters, all groups) to this
             value inside the step: one read pass for the norm, the clip coefficient applied
             in the update pass. The norm is kept as ``opt.last_grad_norm``; a non-finite
-            norm skips the step.
+            norm skips the step. Not under ZeroRedundancyOptimizer or FSDP2, where a rank
+            holds a shard (a ValueError: clip with torch.nn.utils.clip_grad_norm_).
 
     Returns:
         ``step()`` returns the closure's loss, or None.
