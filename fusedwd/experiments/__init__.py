@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-EXPERIMENTS = ("propositions", "equilibrium", "sharing", "spurious", "quantization")
+EXPERIMENTS = ("propositions", "equilibrium", "sharing", "spurious", "quantization", "heatmap", "schedules")
 
 
 def load(name: str):
