@@ -21,6 +21,8 @@ import torch
 import fusedwd
 from fusedwd import _buckets, _ext
 from _helpers import assert_close, make_params, random_grads
+from _layouts import (LAYOUT_IDS, LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES, SEED, LayoutBucket, assert_same_bits,
+                      compare_with_cpu, control)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
@@ -329,6 +331,123 @@ def test_state_dict_round_trip_with_the_reference():
     _compare_across_devices(opt_a, a, opt_b, b, states, 5, lambda t: random_grads(b, t + 3))
 
 
+# ------------------------------------------------------------------ mixed precision
+# Storage layouts, the control block and stochastic rounding (issue 5), at the launcher
+# level: LayoutBucket builds the segment table, and the CPU kernel steps an identical
+# copy through the same rows, control blocks and seed (tests/_layouts.py).
+needs_cpu = pytest.mark.skipif(not _ext.has_cpu(), reason="fusedwd._C is not built")
+# one and two blocks, an empty segment, and a short one whose buffers are misaligned
+PRECISION_SIZES = [1, 37, 1030, 0, 5]
+MISALIGNED = frozenset({4})
+
+
+def _launch_bucket(triton_kernels, bucket):
+    """step(ctl, seed): the rule's launcher over the bucket's table, with its layout."""
+    launcher = getattr(triton_kernels, f"{bucket.rule}_step_triton")
+
+    def step(ctl, seed):
+        launcher(bucket.table(), bucket.hyper, bucket.device, bucket.dtype, *bucket.switches,
+                 state_dtype=bucket.state_dtype, master=bucket.master, stochastic_rounding=bucket.stochastic,
+                 ctl=ctl, seed=seed)
+
+    return step
+
+
+def _exact(rule, layout):
+    # as in test_triton_matches_cpu_kernel: bitwise on the interpreter, except fp64 AdamW's bias corrections
+    return INTERPRET and not (rule == "adamw" and layout[0] == torch.float64)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+def test_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kernels):
+    """Each storage layout (every state in use), through no control block, AMP unscaling with
+    clipping, a found_inf step that must write nothing (step counts and masters included), and
+    unscaling alone."""
+    bucket = LayoutBucket(rule, switches, layout, PRECISION_SIZES, DEVICE, MISALIGNED)
+    compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=_exact(rule, layout))
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", [(torch.bfloat16, torch.float32, True, False),
+                                    (torch.bfloat16, torch.bfloat16, False, True)], ids=["bf16-f32-master", "bf16-sr"])
+@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
+                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+def test_every_switch_with_masters_and_stochastic_rounding(rule, switches, layout, triton_kernels):
+    # the switches that leave state columns unused (0 in the table), with a master and with SR
+    bucket = LayoutBucket(rule, switches, layout, PRECISION_SIZES, DEVICE, MISALIGNED)
+    compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=INTERPRET)
+
+
+def test_grad_mult_is_applied(triton_kernels):
+    """1/grad_scale times the clip coefficient multiplies the gradient: 8x gradients under
+    inv_scale 1/4 and clip 1/2 step exactly as the gradients without a control block, and
+    unlike 8x gradients without one."""
+    layout = (torch.float32, torch.float32, False, False)
+    buckets = [LayoutBucket("sgdw", (True, False), layout, [37, 1030], DEVICE) for _ in range(3)]
+    scaled, plain, unscaled = buckets
+    for b, factor in ((scaled, 8.0), (plain, 1.0), (unscaled, 8.0)):
+        b.new_grads(0)
+        for g in b.grads:
+            g.mul_(factor)
+    _launch_bucket(triton_kernels, scaled)(control(0.25, 0.0, 0.5, DEVICE), 0)
+    _launch_bucket(triton_kernels, plain)(None, 0)
+    _launch_bucket(triton_kernels, unscaled)(None, 0)
+    assert_same_bits(scaled, plain, "8x gradients, grad_mult 1/8")
+    with pytest.raises(AssertionError):
+        assert_same_bits(unscaled, plain, "8x gradients, no control block")
+
+
+def test_stochastic_rounding_is_seeded_and_unbiased_in_its_choice(triton_kernels):
+    """The same seed rounds alike, another seed otherwise; every result is one of the two bf16
+    neighbours of what nearest rounding keeps, and both occur."""
+    layout = (torch.bfloat16, torch.float32, False, True)
+
+    def run(seed, stochastic=True):
+        b = LayoutBucket("adamw", (False,), (layout[0], layout[1], False, stochastic), [1030], DEVICE)
+        b.new_grads(0)
+        _launch_bucket(triton_kernels, b)(None, seed)
+        return b.params[0].cpu()
+
+    first, again, other, nearest = run(SEED), run(SEED), run(SEED + 1), run(SEED, stochastic=False)
+    assert torch.equal(first.view(torch.int16), again.view(torch.int16))
+    assert not torch.equal(first.view(torch.int16), other.view(torch.int16))
+    ulps = (first.view(torch.int16).int() - nearest.view(torch.int16).int()).abs()
+    assert int(ulps.max()) <= 1 and 0 < int((ulps == 1).sum()) < first.numel()
+
+
+def test_found_inf_skips_before_any_block_arrives(triton_kernels):
+    # every program leaves at once: no step count advances, even of segments of several blocks
+    bucket = LayoutBucket("adamw", (True,), (torch.bfloat16, torch.float32, True, False), [1, 2049, 0], DEVICE)
+    bucket.new_grads(0)
+    before = bucket.snapshot()
+    for found_inf in (1.0, float("nan"), -3.0):
+        _launch_bucket(triton_kernels, bucket)(control(0.5, found_inf, 1.0, DEVICE), 0)
+        assert [torch.equal(x, y) for x, y in zip(before, bucket.snapshot())] == [True] * len(before), found_inf
+    _launch_bucket(triton_kernels, bucket)(control(0.5, 0.0, 1.0, DEVICE), 0)
+    assert torch.equal(bucket.steps.cpu(), torch.tensor([1.0, 4.0, 2.0]))
+
+
+def test_launcher_rejects_bad_precision_options(triton_kernels):
+    bucket = LayoutBucket("sgdw", (True, False), (torch.float32, torch.float32, False, False), [3], DEVICE)
+    launch = triton_kernels.sgdw_step_triton
+    args = (bucket.table(), bucket.hyper, DEVICE, torch.float32, True, False)
+    with pytest.raises(ValueError, match="unsupported storage layout"):
+        launch(*args, master=True)  # fp32 parameters are their own master
+    with pytest.raises(ValueError, match="unsupported storage layout"):
+        launch(*args, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="unsupported storage layout"):
+        launch(bucket.table(), bucket.hyper, DEVICE, torch.bfloat16, True, False, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="ctl must be"):
+        launch(*args, ctl=torch.ones(3, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="seed"):
+        launch(*args, seed=-1)
+    with pytest.raises(TypeError):
+        launch(*args, state_dtype=torch.int8)
+    assert float(bucket.steps[0]) == 0.0, "a rejected launch wrote a step count"
+
+
 # ------------------------------------------------------------------ layout and wiring
 @pytest.mark.parametrize("cls, prefix", [(fusedwd.AdamW, "ADAMW"), (fusedwd.SGDW, "SGDW"),
                                          (fusedwd.RMSpropW, "RMSPROPW")])
@@ -382,31 +501,43 @@ def test_launcher_rejects_malformed_tables(triton_kernels):
 # ------------------------------------------------------------------ the GPU compile path
 _COMPILE_EVERY_VARIANT = textwrap.dedent("""
     import itertools, re
+    import torch
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fusedwd.triton import _kernels as K, _launch as L
+    from _layouts import LAYOUTS
 
     switches = {K._adamw_kernel: ["AMSGRAD"], K._sgdw_kernel: ["HAS_MOMENTUM", "NESTEROV"],
                 K._rmspropw_kernel: ["CENTERED", "HAS_MOMENTUM"]}
-    tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32"}
+    tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
+              "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
     for kernel, names in switches.items():
-        for storage in L._STORAGE.values():
-            for values in itertools.product([False, True], repeat=len(names)):
-                math = tl.float64 if storage == tl.float64 else tl.float32
-                consts = dict(STORAGE=storage, MATH=math, BLOCK_SIZE=L.BLOCK_SIZE, **dict(zip(names, values)))
-                source = ASTSource(kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
-                compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32),
-                                          options=dict(num_warps=L.NUM_WARPS, enable_fp_fusion=False))
-                ptx = compiled.asm["ptx"]
-                # IEEE division and sqrt, no contracted multiply-add, and the acq_rel arrival
-                bad = re.findall(r"\\b(?:div\\.full|div\\.approx|sqrt\\.approx|rcp\\.approx|fma)\\.\\S+", ptx)
-                assert not bad, (kernel.__name__, consts, sorted(set(bad)))
-                assert "atom.global.gpu.acq_rel.add" in ptx, (kernel.__name__, consts)
-                # the full, aligned blocks' path: 128-bit loads and stores
-                assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), \\
-                    (kernel.__name__, consts)
-                print(kernel.__name__, consts, "ok")
+        # every switch combination in the single-dtype layouts; in the others, every state in use
+        variants = []
+        for p, s, master, sr in LAYOUTS:
+            if p == s and not (master or sr):
+                variants += [((p, s, master, sr), v) for v in itertools.product([False, True], repeat=len(names))]
+            else:
+                variants.append(((p, s, master, sr), (True,) * len(names)))
+        for (p, s, master, sr), values in variants:
+            math = tl.float64 if p == torch.float64 else tl.float32
+            consts = dict(P=L._STORAGE[p], S=L._STORAGE[s], MATH=math, MASTER=master, SR=sr,
+                          BLOCK_SIZE=L.BLOCK_SIZE, **dict(zip(names, values)))
+            source = ASTSource(kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32),
+                                      options=dict(num_warps=L.NUM_WARPS, enable_fp_fusion=False))
+            ptx = compiled.asm["ptx"]
+            # IEEE division and sqrt, no contracted multiply-add, and the acq_rel arrival
+            bad = re.findall(r"\\b(?:div\\.full|div\\.approx|sqrt\\.approx|rcp\\.approx|fma)\\.\\S+", ptx)
+            assert not bad, (kernel.__name__, consts, sorted(set(bad)))
+            assert "atom.global.gpu.acq_rel.add" in ptx, (kernel.__name__, consts)
+            # the rounding bits' hash in uint32: logical shifts, as C++'s
+            assert not sr or "shr.s32" not in ptx, (kernel.__name__, consts)
+            # the full, aligned blocks' path: 128-bit loads and stores
+            assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), \\
+                (kernel.__name__, consts)
+            print(kernel.__name__, consts, "ok")
 """)
 
 
@@ -418,10 +549,10 @@ def test_every_variant_compiles_for_a_gpu(tmp_path):
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), here, env.get("PYTHONPATH")]))
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, and leave ~/.triton alone
     done = subprocess.run([sys.executable, "-c", _COMPILE_EVERY_VARIANT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(" ok") == 2 * 4 + 4 * 4 + 4 * 4
+    assert done.stdout.count(" ok") == (2 + 4 + 4) * 4 + 3 * 12

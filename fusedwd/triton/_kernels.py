@@ -11,6 +11,15 @@ cannot know it of addresses read from a table) is updated without a mask, so
 it compiles to 128-bit accesses; other blocks take the masked path. Both call
 the same per-rule block function.
 
+Parameters and gradients are stored in one dtype (``P``), the states in
+another (``S``, the same or float32 / 16-bit, csrc/cpu/loops.h by_layout);
+with ``MASTER`` a 16-bit parameter is read from its fp32 master copy and both
+are written, with ``SR`` a bf16 parameter is rounded stochastically
+(``_load_param`` / ``_store_param``, as csrc/include/fusedwd/common.h's
+load_param / store_param). A float32 control block read at run time carries
+1/grad_scale and the clip coefficient, folded into grad_sign, and found_inf,
+which skips the launch's every write, step counts included.
+
 The element math lives in ``_adamw_update``, ``_sgdw_update`` and
 ``_rmspropw_update``, written in the order of csrc/include/fusedwd/<rule>.h so
 that both backends round alike. Divisions and square roots are the IEEE
@@ -36,7 +45,13 @@ SEG_S2 = tl.constexpr(_buckets.SEG_S2)
 SEG_STEP = tl.constexpr(_buckets.SEG_STEP)
 SEG_N = tl.constexpr(_buckets.SEG_N)
 SEG_HP = tl.constexpr(_buckets.SEG_HP)
+SEG_MASTER = tl.constexpr(_buckets.SEG_MASTER)
+SEG_SALT = tl.constexpr(_buckets.SEG_SALT)
 SEG_COLS = tl.constexpr(_buckets.SEG_COLS)
+# The control block (csrc/include/fusedwd/layout.h Ctl).
+CTL_INV_SCALE = tl.constexpr(_buckets.CTL_INV_SCALE)
+CTL_FOUND_INF = tl.constexpr(_buckets.CTL_FOUND_INF)
+CTL_CLIP = tl.constexpr(_buckets.CTL_CLIP)
 
 # Hyperparameter-table columns (docs/design.md#hyperparameter-table), as in
 # csrc/include/fusedwd/layout.h; tests/test_triton.py checks them against each
@@ -50,7 +65,7 @@ RMSPROPW_LR, RMSPROPW_ALPHA, RMSPROPW_EPS, RMSPROPW_MOMENTUM, RMSPROPW_DECAY_MUL
 
 # The tables are read with scalar loads, so their alignment buys nothing:
 # specializing on it would only compile more variants.
-_TABLE_ARGS = ["seg_ptr", "block_start_ptr", "arrivals_ptr", "hp_ptr", "nseg"]
+_TABLE_ARGS = ["seg_ptr", "block_start_ptr", "arrivals_ptr", "hp_ptr", "nseg", "ctl_ptr", "seed_ptr"]
 
 
 # ------------------------------------------------------------------ segments
@@ -78,9 +93,9 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr):
     mask = offs < n
     # A full block whose buffers all start 16-byte aligned needs no mask and may use
     # 128-bit accesses; Triton cannot know either from addresses read out of a table.
-    # Unused state columns hold 0, which is aligned.
+    # Unused state and master columns hold 0, which is aligned.
     addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
-                 | tl.load(row + SEG_S2))
+                 | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
     vector = (start + BLOCK_SIZE <= n) & ((addresses & 15) == 0)
     return row, offs, mask, vector, seg, nblocks
 
@@ -124,6 +139,60 @@ def _pow_int(base, exponent):
     return result
 
 
+# ------------------------------------------------------------- control block
+@triton.jit
+def _skipped(ctl_ptr):
+    """GradScaler found an inf (or the clip norm is not finite): the launch writes nothing, step counts included."""
+    return tl.load(ctl_ptr + CTL_FOUND_INF) != 0.0
+
+
+@triton.jit
+def _grad_mult(ctl_ptr):
+    """What every gradient is multiplied by: 1/grad_scale times the clip coefficient.
+
+    Their float32 product widened to float64, as csrc/cpu/loops.h grad_mult(); the
+    rules fold it into grad_sign in float64 and round that once to the math type.
+    """
+    return (tl.load(ctl_ptr + CTL_INV_SCALE) * tl.load(ctl_ptr + CTL_CLIP)).to(tl.float64)
+
+
+# ------------------------------------------------------- stochastic rounding
+# docs/math.md#stochastic-rounding; reference: fusedwd.reference.stochastic_round_bf16.
+# The hash of csrc/include/fusedwd/common.h in uint32 arithmetic, which wraps
+# modulo 2^32 like C++'s (literals above 2^31 are uint32 constants) and shifts
+# logically; tests/test_triton.py checks it against the C++ kernel bit for bit.
+@triton.jit
+def _mix32(h):
+    # murmur3's 32-bit finalizer
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _sr_key(seed_ptr, row, t):
+    """The key of the segment's random bits at step t (uint32): common.h sr_key(seed, row[SEG_SALT], t)."""
+    seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+    k = _mix32(seed.to(tl.uint32) ^ _mix32((seed >> 32).to(tl.uint32) + 0x9E3779B9))
+    k = _mix32(k ^ tl.load(row + SEG_SALT).to(tl.uint32))
+    return _mix32(k + t.to(tl.int64).to(tl.uint32) * 0x9E3779B9)
+
+
+@triton.jit
+def _bf16_stochastic(x, key, offs):
+    """fp32 -> bf16 bits rounded up with probability (x - down)/(up - down): common.h float_to_bf16_sr
+    with the bits sr_bits(key, i) of segment element i. NaN (quieted) and Inf are kept."""
+    i = offs.to(tl.uint64, bitcast=True)
+    bits = _mix32(key ^ ((i ^ (i >> 32)).to(tl.uint32) * 0x27D4EB2F))
+    u = x.to(tl.uint32, bitcast=True)
+    magnitude = u & 0x7FFFFFFF
+    rounded = (u + (bits & 0xFFFF)) >> 16
+    special = tl.where(magnitude > 0x7F800000, (u >> 16) | 0x0040, u >> 16)
+    return tl.where(magnitude >= 0x7F800000, special, rounded).to(tl.uint16)
+
+
 # ------------------------------------------------------- storage <-> math type
 @triton.jit
 def _load(ptr, offs, mask, STORAGE: tl.constexpr, MATH: tl.constexpr):
@@ -165,6 +234,48 @@ def _pointer(row, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _param_pointers(row, P: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr):
+    """The parameter's buffer and, with MASTER, its fp32 master copy (else the parameter's buffer again, unused)."""
+    p_ptr = _pointer(row, SEG_P, P, ALIGNED)
+    master_ptr = p_ptr
+    if MASTER:
+        master_ptr = _pointer(row, SEG_MASTER, tl.float32, ALIGNED)
+    return p_ptr, master_ptr
+
+
+@triton.jit
+def _load_param(p_ptr, master_ptr, offs, mask, P: tl.constexpr, MATH: tl.constexpr, MASTER: tl.constexpr):
+    """The parameter in the math type: its fp32 master copy when there is one (common.h load_param)."""
+    if MASTER:
+        return tl.load(master_ptr + offs, mask=mask)
+    else:
+        return _load(p_ptr, offs, mask, P, MATH)
+
+
+@triton.jit
+def _store_param(p_ptr, master_ptr, offs, x, mask, key, P: tl.constexpr, MASTER: tl.constexpr,
+                 SR: tl.constexpr):
+    """Store the updated parameter (common.h store_param): the master exactly and p rounded to nearest
+    even (MASTER), p rounded stochastically (SR, bf16), or p rounded to nearest even."""
+    if MASTER:
+        tl.store(master_ptr + offs, x, mask=mask)
+        _store(p_ptr, offs, x, mask, P)
+    elif SR:
+        tl.store(p_ptr + offs, _bf16_stochastic(x, key, offs).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        _store(p_ptr, offs, x, mask, P)
+
+
+@triton.jit
+def _precision(row, t, ctl_ptr, seed_ptr, SR: tl.constexpr):
+    """The segment's gradient multiplier (float64) and stochastic-rounding key (uint32, 0 without SR)."""
+    key = tl.full((), 0, tl.uint32)
+    if SR:
+        key = _sr_key(seed_ptr, row, t)
+    return _grad_mult(ctl_ptr), key
+
+
+@triton.jit
 def _sqrt_rn(x):
     # float32 sqrt and division are approximate on NVIDIA GPUs unless asked for
     # IEEE rounding; float64 ones are always correctly rounded (and the float32
@@ -203,8 +314,8 @@ def _adamw_update(p, g, m, v, vmax, grad_sign, l2, decay_mult, beta1, one_minus_
 
 
 @triton.jit
-def _adamw_block(row, offs, mask, t, hp_ptr, STORAGE: tl.constexpr, MATH: tl.constexpr, AMSGRAD: tl.constexpr,
-                 ALIGNED: tl.constexpr):
+def _adamw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
+                 MASTER: tl.constexpr, SR: tl.constexpr, AMSGRAD: tl.constexpr, ALIGNED: tl.constexpr):
     # per-segment scalars in float64 from the segment's own step, then rounded to the math type
     hp = hp_ptr + tl.load(row + SEG_HP) * ADAMW_HP_COLS
     beta1 = tl.load(hp + ADAMW_BETA1)
@@ -212,52 +323,61 @@ def _adamw_block(row, offs, mask, t, hp_ptr, STORAGE: tl.constexpr, MATH: tl.con
     step_size = _div_rn(tl.load(hp + ADAMW_LR), 1.0 - _pow_int(beta1, t.to(tl.int64)))
     bc2_sqrt = _sqrt_rn(1.0 - _pow_int(beta2, t.to(tl.int64)))
 
-    p_ptr = _pointer(row, SEG_P, STORAGE, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, STORAGE, ALIGNED)
-    m_ptr = _pointer(row, SEG_S0, STORAGE, ALIGNED)  # exp_avg
-    v_ptr = _pointer(row, SEG_S1, STORAGE, ALIGNED)  # exp_avg_sq
-    p = _load(p_ptr, offs, mask, STORAGE, MATH)
-    g = _load(g_ptr, offs, mask, STORAGE, MATH)
-    m = _load(m_ptr, offs, mask, STORAGE, MATH)
-    v = _load(v_ptr, offs, mask, STORAGE, MATH)
+    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
+    m_ptr = _pointer(row, SEG_S0, S, ALIGNED)  # exp_avg
+    v_ptr = _pointer(row, SEG_S1, S, ALIGNED)  # exp_avg_sq
+    p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
+    g = _load(g_ptr, offs, mask, P, MATH)
+    m = _load(m_ptr, offs, mask, S, MATH)
+    v = _load(v_ptr, offs, mask, S, MATH)
     vmax = v
     if AMSGRAD:
-        vmax_ptr = _pointer(row, SEG_S2, STORAGE, ALIGNED)  # max_exp_avg_sq
-        vmax = _load(vmax_ptr, offs, mask, STORAGE, MATH)
+        vmax_ptr = _pointer(row, SEG_S2, S, ALIGNED)  # max_exp_avg_sq
+        vmax = _load(vmax_ptr, offs, mask, S, MATH)
 
     p, m, v, vmax = _adamw_update(
         p, g, m, v, vmax,
-        tl.load(hp + ADAMW_GRAD_SIGN).to(MATH), tl.load(hp + ADAMW_L2).to(MATH),
+        (tl.load(hp + ADAMW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + ADAMW_L2).to(MATH),
         tl.load(hp + ADAMW_DECAY_MULT).to(MATH),
         beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH), (1.0 - beta2).to(MATH),
         tl.load(hp + ADAMW_EPS).to(MATH), step_size.to(MATH), bc2_sqrt.to(MATH), AMSGRAD,
     )
 
-    _store(p_ptr, offs, p, mask, STORAGE)
-    _store(m_ptr, offs, m, mask, STORAGE)
-    _store(v_ptr, offs, v, mask, STORAGE)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
+    _store(m_ptr, offs, m, mask, S)
+    _store(v_ptr, offs, v, mask, S)
     if AMSGRAD:
-        _store(vmax_ptr, offs, vmax, mask, STORAGE)
+        _store(vmax_ptr, offs, vmax, mask, S)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
 def _adamw_kernel(
-    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows)
+    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
     arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
     hp_ptr,  # float64 [groups, ADAMW_HP_COLS]: lr, beta1, beta2, eps, decay_mult, l2, grad_sign
     nseg,  # number of segments
-    STORAGE: tl.constexpr,  # element type of p, g and every state
+    ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
+    seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
+    P: tl.constexpr,  # element type of p and g
+    S: tl.constexpr,  # element type of every state
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
+    MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
+    SR: tl.constexpr,  # bf16 p is rounded stochastically
     AMSGRAD: tl.constexpr,  # keep and use max_exp_avg_sq (state 2)
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
-    row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
-    t = _take_step(row, arrivals_ptr + seg, nblocks)
-    if vector:
-        _adamw_block(row, offs, None, t, hp_ptr, STORAGE, MATH, AMSGRAD, True)
-    else:
-        _adamw_block(row, offs, mask, t, hp_ptr, STORAGE, MATH, AMSGRAD, False)
+    # Every program reads the same found_inf: none arrives, so no count advances
+    # (the launcher zeroes the arrival counters of each launch anyway).
+    if not _skipped(ctl_ptr):
+        row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
+        t = _take_step(row, arrivals_ptr + seg, nblocks)
+        grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
+        if vector:
+            _adamw_block(row, offs, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD, True)
+        else:
+            _adamw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD, False)
 
 
 # --------------------------------------------------------------------- SGDW
@@ -280,50 +400,60 @@ def _sgdw_update(p, g, buf, grad_sign, l2, decay_mult, lr, momentum, one_minus_d
 
 
 @triton.jit
-def _sgdw_block(row, offs, mask, t, hp_ptr, STORAGE: tl.constexpr, MATH: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                NESTEROV: tl.constexpr, ALIGNED: tl.constexpr):
+def _sgdw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
+                MASTER: tl.constexpr, SR: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                ALIGNED: tl.constexpr):
     hp = hp_ptr + tl.load(row + SEG_HP) * SGDW_HP_COLS
-    p_ptr = _pointer(row, SEG_P, STORAGE, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, STORAGE, ALIGNED)
-    p = _load(p_ptr, offs, mask, STORAGE, MATH)
-    g = _load(g_ptr, offs, mask, STORAGE, MATH)
+    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
+    p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
+    g = _load(g_ptr, offs, mask, P, MATH)
     buf = g
     if HAS_MOMENTUM:
-        buf_ptr = _pointer(row, SEG_S0, STORAGE, ALIGNED)  # momentum_buffer
-        buf = _load(buf_ptr, offs, mask, STORAGE, MATH)
+        buf_ptr = _pointer(row, SEG_S0, S, ALIGNED)  # momentum_buffer
+        buf = _load(buf_ptr, offs, mask, S, MATH)
 
     p, buf = _sgdw_update(
         p, g, buf,
-        tl.load(hp + SGDW_GRAD_SIGN).to(MATH), tl.load(hp + SGDW_L2).to(MATH), tl.load(hp + SGDW_DECAY_MULT).to(MATH),
-        tl.load(hp + SGDW_LR).to(MATH), tl.load(hp + SGDW_MOMENTUM).to(MATH),
+        (tl.load(hp + SGDW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + SGDW_L2).to(MATH),
+        tl.load(hp + SGDW_DECAY_MULT).to(MATH), tl.load(hp + SGDW_LR).to(MATH), tl.load(hp + SGDW_MOMENTUM).to(MATH),
         (1.0 - tl.load(hp + SGDW_DAMPENING)).to(MATH), t == 1.0, HAS_MOMENTUM, NESTEROV,
     )
 
-    _store(p_ptr, offs, p, mask, STORAGE)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
     if HAS_MOMENTUM:
-        _store(buf_ptr, offs, buf, mask, STORAGE)
+        _store(buf_ptr, offs, buf, mask, S)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
 def _sgdw_kernel(
-    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows)
+    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
     arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
     hp_ptr,  # float64 [groups, SGDW_HP_COLS]: lr, momentum, dampening, decay_mult, l2, grad_sign
     nseg,  # number of segments
-    STORAGE: tl.constexpr,  # element type of p, g and the momentum buffer
+    ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
+    seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
+    P: tl.constexpr,  # element type of p and g
+    S: tl.constexpr,  # element type of the momentum buffer
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
+    MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
+    SR: tl.constexpr,  # bf16 p is rounded stochastically
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep momentum_buffer (state 0)
     NESTEROV: tl.constexpr,  # Nesterov momentum
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
-    row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
-    # t == 1 marks the first step, when the momentum buffer starts as a copy of g
-    t = _take_step(row, arrivals_ptr + seg, nblocks)
-    if vector:
-        _sgdw_block(row, offs, None, t, hp_ptr, STORAGE, MATH, HAS_MOMENTUM, NESTEROV, True)
-    else:
-        _sgdw_block(row, offs, mask, t, hp_ptr, STORAGE, MATH, HAS_MOMENTUM, NESTEROV, False)
+    if not _skipped(ctl_ptr):  # as in _adamw_kernel
+        row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
+        # t == 1 marks the first step, when the momentum buffer starts as a copy of g
+        t = _take_step(row, arrivals_ptr + seg, nblocks)
+        grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
+        if vector:
+            _sgdw_block(row, offs, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, HAS_MOMENTUM, NESTEROV,
+                        True)
+        else:
+            _sgdw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, HAS_MOMENTUM, NESTEROV,
+                        False)
 
 
 # ----------------------------------------------------------------- RMSpropW
@@ -348,58 +478,68 @@ def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, on
 
 
 @triton.jit
-def _rmspropw_block(row, offs, mask, hp_ptr, STORAGE: tl.constexpr, MATH: tl.constexpr, CENTERED: tl.constexpr,
-                    HAS_MOMENTUM: tl.constexpr, ALIGNED: tl.constexpr):
+def _rmspropw_block(row, offs, mask, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
+                    MASTER: tl.constexpr, SR: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                    ALIGNED: tl.constexpr):
     hp = hp_ptr + tl.load(row + SEG_HP) * RMSPROPW_HP_COLS
     alpha = tl.load(hp + RMSPROPW_ALPHA)
-    p_ptr = _pointer(row, SEG_P, STORAGE, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, STORAGE, ALIGNED)
-    sq_ptr = _pointer(row, SEG_S0, STORAGE, ALIGNED)  # square_avg
-    p = _load(p_ptr, offs, mask, STORAGE, MATH)
-    g = _load(g_ptr, offs, mask, STORAGE, MATH)
-    sq = _load(sq_ptr, offs, mask, STORAGE, MATH)
+    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
+    sq_ptr = _pointer(row, SEG_S0, S, ALIGNED)  # square_avg
+    p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
+    g = _load(g_ptr, offs, mask, P, MATH)
+    sq = _load(sq_ptr, offs, mask, S, MATH)
     ga = sq
     buf = sq
     if CENTERED:
-        ga_ptr = _pointer(row, SEG_S1, STORAGE, ALIGNED)  # grad_avg
-        ga = _load(ga_ptr, offs, mask, STORAGE, MATH)
+        ga_ptr = _pointer(row, SEG_S1, S, ALIGNED)  # grad_avg
+        ga = _load(ga_ptr, offs, mask, S, MATH)
     if HAS_MOMENTUM:
-        buf_ptr = _pointer(row, SEG_S2, STORAGE, ALIGNED)  # momentum_buffer
-        buf = _load(buf_ptr, offs, mask, STORAGE, MATH)
+        buf_ptr = _pointer(row, SEG_S2, S, ALIGNED)  # momentum_buffer
+        buf = _load(buf_ptr, offs, mask, S, MATH)
 
     p, sq, ga, buf = _rmspropw_update(
         p, g, sq, ga, buf,
-        tl.load(hp + RMSPROPW_GRAD_SIGN).to(MATH), tl.load(hp + RMSPROPW_L2).to(MATH),
+        (tl.load(hp + RMSPROPW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + RMSPROPW_L2).to(MATH),
         tl.load(hp + RMSPROPW_DECAY_MULT).to(MATH), tl.load(hp + RMSPROPW_LR).to(MATH),
         alpha.to(MATH), (1.0 - alpha).to(MATH), tl.load(hp + RMSPROPW_EPS).to(MATH),
         tl.load(hp + RMSPROPW_MOMENTUM).to(MATH), CENTERED, HAS_MOMENTUM,
     )
 
-    _store(p_ptr, offs, p, mask, STORAGE)
-    _store(sq_ptr, offs, sq, mask, STORAGE)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
+    _store(sq_ptr, offs, sq, mask, S)
     if CENTERED:
-        _store(ga_ptr, offs, ga, mask, STORAGE)
+        _store(ga_ptr, offs, ga, mask, S)
     if HAS_MOMENTUM:
-        _store(buf_ptr, offs, buf, mask, STORAGE)
+        _store(buf_ptr, offs, buf, mask, S)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
 def _rmspropw_kernel(
-    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows)
+    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
     arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
     hp_ptr,  # float64 [groups, RMSPROPW_HP_COLS]: lr, alpha, eps, momentum, decay_mult, l2, grad_sign
     nseg,  # number of segments
-    STORAGE: tl.constexpr,  # element type of p, g and every state
+    ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
+    seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
+    P: tl.constexpr,  # element type of p and g
+    S: tl.constexpr,  # element type of every state
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
+    MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
+    SR: tl.constexpr,  # bf16 p is rounded stochastically
     CENTERED: tl.constexpr,  # keep grad_avg (state 1) and normalize by the variance
     HAS_MOMENTUM: tl.constexpr,  # momentum > 0: keep momentum_buffer (state 2)
     BLOCK_SIZE: tl.constexpr,  # elements per program
 ):
-    row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
-    # the rule does not use t, but torch counts RMSprop's steps
-    _take_step(row, arrivals_ptr + seg, nblocks)
-    if vector:
-        _rmspropw_block(row, offs, None, hp_ptr, STORAGE, MATH, CENTERED, HAS_MOMENTUM, True)
-    else:
-        _rmspropw_block(row, offs, mask, hp_ptr, STORAGE, MATH, CENTERED, HAS_MOMENTUM, False)
+    if not _skipped(ctl_ptr):  # as in _adamw_kernel
+        row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
+        # the rule does not use t, but torch counts RMSprop's steps (and t keys the rounding bits)
+        t = _take_step(row, arrivals_ptr + seg, nblocks)
+        grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
+        if vector:
+            _rmspropw_block(row, offs, None, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED, HAS_MOMENTUM,
+                            True)
+        else:
+            _rmspropw_block(row, offs, mask, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED, HAS_MOMENTUM,
+                            False)

@@ -1,22 +1,24 @@
 """Launchers: one Triton launch per bucket per step, over all of its segments.
 
 A launcher takes exactly what the C++ kernel takes, the bucket's gathered
-int64 segment rows and the float64 hyperparameter table, both on the host.
-It derives each segment's first block (one vectorized cumsum), packs rows,
-block starts, zeroed arrival counters and hyperparameters into ONE int64
-buffer, copies it to the device in one transfer, and launches one grid of
-one program per block.
+int64 segment rows and the float64 hyperparameter table, both on the host,
+and the same keyword-only precision options (storage dtype of the states,
+master weights, stochastic rounding, the control block, the seed). It
+derives each segment's first block (one vectorized cumsum), packs rows,
+block starts, zeroed arrival counters, hyperparameters, the seed and a
+default control block into ONE int64 buffer, copies it to the device in one
+transfer, and launches one grid of one program per block.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from .._buckets import SEG_COLS, SEG_HP, SEG_N
+from .._buckets import CTL_CLIP, CTL_INV_SCALE, CTL_SIZE, SEG_COLS, SEG_HP, SEG_N
 from ._kernels import ADAMW_HP_COLS, RMSPROPW_HP_COLS, SGDW_HP_COLS, _adamw_kernel, _rmspropw_kernel, _sgdw_kernel
 
 # Elements per program and warps per program, fixed for every rule (no
@@ -31,16 +33,37 @@ _STORAGE = {
 }
 
 
+_HALF = (torch.float16, torch.bfloat16)
+# int64 words of the packed buffer holding the default control block (CTL_SIZE float32s)
+_CTL_WORDS = (CTL_SIZE + 1) // 2
+
+
 class _LaunchTables(NamedTuple):
     segments: Tensor  # int64 [nseg * SEG_COLS]
     block_starts: Tensor  # int64 [nseg + 1]
     arrivals: Tensor  # int64 [nseg], zeros
     hyper: Tensor  # float64 [groups * cols]
+    seed: Tensor  # int64 [1]: the seed's bits
+    ctl: Tensor  # float32 [>= CTL_SIZE]: the control block of no AMP and no clipping
     nseg: int
     num_blocks: int
 
 
-def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device) -> _LaunchTables:
+def _check_layout(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, stochastic: bool) -> None:
+    """The storage combinations the kernels support: csrc/include/fusedwd/precision.h layout_supported."""
+    half_p, half_s = dtype in _HALF, state_dtype in _HALF
+    if master:
+        ok = half_p and not stochastic and (state_dtype == torch.float32 or half_s)
+    elif stochastic:
+        ok = dtype == torch.bfloat16 and state_dtype in (torch.bfloat16, torch.float32)
+    else:
+        ok = state_dtype == dtype or (dtype == torch.float32 and half_s) or (half_p and state_dtype == torch.float32)
+    if not ok:
+        raise ValueError(f"unsupported storage layout: params {dtype}, states {state_dtype}"
+                         + (", fp32 master weights" if master else "") + (", stochastic rounding" if stochastic else ""))
+
+
+def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device, seed: int) -> _LaunchTables:
     """Validate the host tables, derive the block starts, and put everything on ``device`` in one copy."""
     if segments.dtype != torch.int64 or segments.dim() != 2 or segments.shape[1] != SEG_COLS:
         raise ValueError(
@@ -61,42 +84,61 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device)
     # an empty tensor still gets one (fully masked) block, which advances its step count
     blocks = torch.div(segments[:, SEG_N] + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
 
-    n_seg, n_start, n_hyper = nseg * SEG_COLS, nseg + 1, hyper.numel()
+    sizes = [nseg * SEG_COLS, nseg + 1, nseg, hyper.numel(), 1, _CTL_WORDS]
     # pinned, so the one host-to-device copy below is asynchronous: a step never
     # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
     pinned = device.type == "cuda"
-    packed = torch.empty(n_seg + n_start + nseg + n_hyper, dtype=torch.int64, pin_memory=pinned)
-    seg_part, start_part, arrival_part, hyper_part = packed.split([n_seg, n_start, nseg, n_hyper])
+    packed = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=pinned)
+    seg_part, start_part, arrival_part, hyper_part, seed_part, ctl_part = packed.split(sizes)
     seg_part.view(nseg, SEG_COLS).copy_(segments)
     start_part[0] = 0
     torch.cumsum(blocks, 0, out=start_part[1:])
     arrival_part.zero_()
     if hyper_on_host:
         hyper_part.view(torch.float64).copy_(hyper.reshape(-1))
+    seed_part[0] = seed - (1 << 64) if seed >= 1 << 63 else seed  # the uint64's bits
+    ctl = ctl_part.view(torch.float32)
+    ctl.zero_()  # found_inf 0: the step is taken
+    ctl[CTL_INV_SCALE] = ctl[CTL_CLIP] = 1.0
     num_blocks = int(start_part[-1])
 
     if device.type != "cpu":
         packed = packed.to(device, non_blocking=True)
-    seg_part, start_part, arrival_part, hyper_part = packed.split([n_seg, n_start, nseg, n_hyper])
+    seg_part, start_part, arrival_part, hyper_part, seed_part, ctl_part = packed.split(sizes)
     if not hyper_on_host:
         hyper_part.view(torch.float64).copy_(hyper.reshape(-1))  # device to device, queued after the upload
-    return _LaunchTables(seg_part, start_part, arrival_part, hyper_part.view(torch.float64), nseg, num_blocks)
+    return _LaunchTables(seg_part, start_part, arrival_part, hyper_part.view(torch.float64), seed_part,
+                         ctl_part.view(torch.float32), nseg, num_blocks)
 
 
 def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-            **switches: bool) -> None:
+            state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool, ctl: Optional[Tensor],
+            seed: int, **switches: bool) -> None:
     """One launch of ``kernel`` over every segment; ``switches`` are the rule's constexpr structure flags."""
-    if dtype not in _STORAGE:
-        raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} tensors, got {dtype}")
+    state_dtype = dtype if state_dtype is None else state_dtype
+    for what, d in (("parameter", dtype), ("state", state_dtype)):
+        if d not in _STORAGE:
+            raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} {what}s, got {d}")
+    master, stochastic_rounding = bool(master), bool(stochastic_rounding)
+    _check_layout(dtype, state_dtype, master, stochastic_rounding)
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
     device = torch.device(device)
+    # "cuda" names whichever CUDA device is current
+    same_device = ctl is not None and ctl.device.type == device.type and device.index in (None, ctl.device.index)
+    if ctl is not None and (ctl.dtype != torch.float32 or ctl.numel() < CTL_SIZE or not ctl.is_contiguous()
+                            or not same_device):
+        raise ValueError(f"ctl must be a contiguous float32 tensor of {CTL_SIZE} elements on {device}, got "
+                         f"{ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
     if segments.shape[0] == 0:
         return
-    tables = _tables(segments, hyper, hp_cols, device)
+    tables = _tables(segments, hyper, hp_cols, device, int(seed))
     math = tl.float64 if dtype == torch.float64 else tl.float32
     launch = kernel[(tables.num_blocks,)]
-    args = (tables.segments, tables.block_starts, tables.arrivals, tables.hyper, tables.nseg)
-    options = dict(STORAGE=_STORAGE[dtype], MATH=math, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
-                   enable_fp_fusion=False, **switches)
+    args = (tables.segments, tables.block_starts, tables.arrivals, tables.hyper, tables.nseg,
+            tables.ctl if ctl is None else ctl, tables.seed)
+    options = dict(P=_STORAGE[dtype], S=_STORAGE[state_dtype], MATH=math, MASTER=master, SR=stochastic_rounding,
+                   BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False, **switches)
     if device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device
             launch(*args, **options)
@@ -105,7 +147,8 @@ def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch
 
 
 def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-                      amsgrad: bool) -> None:
+                      amsgrad: bool, *, state_dtype: Optional[torch.dtype] = None, master: bool = False,
+                      stochastic_rounding: bool = False, ctl: Optional[Tensor] = None, seed: int = 0) -> None:
     """One AdamW step over every segment of a bucket, in one launch (docs/math.md#adamw).
 
     Args:
@@ -115,14 +158,27 @@ def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dty
             decay_mult, l2, grad_sign`` per param group.
         device: where the tensors the rows point to live (CPU only under
             ``TRITON_INTERPRET=1``).
-        dtype: the storage dtype of every parameter, gradient and state.
+        dtype: the storage dtype of every parameter and gradient.
         amsgrad: whether the rows carry ``max_exp_avg_sq`` (state 2).
+        state_dtype: the storage dtype of every state; None: ``dtype``. fp32 parameters
+            may keep 16-bit states, 16-bit parameters fp32 ones.
+        master: 16-bit parameters have an fp32 master copy at ``SEG_MASTER``: the update
+            reads it, and writes it exactly and the parameter rounded to nearest even.
+        stochastic_rounding: round bf16 parameters (without a master) stochastically,
+            with bits keyed by ``seed``, the segment's ``SEG_SALT`` and its step.
+        ctl: float32 ``[CTL_SIZE]`` on ``device``: 1/grad_scale, found_inf (nonzero: the
+            launch writes nothing, step counts included) and the clip coefficient,
+            read by the kernel; None: no scaling, no clipping.
+        seed: the stochastic-rounding seed, in [0, 2^64).
     """
-    _launch(_adamw_kernel, ADAMW_HP_COLS.value, segments, hyper, device, dtype, AMSGRAD=bool(amsgrad))
+    _launch(_adamw_kernel, ADAMW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
+            stochastic_rounding, ctl, seed, AMSGRAD=bool(amsgrad))
 
 
 def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-                     has_momentum: bool, nesterov: bool) -> None:
+                     has_momentum: bool, nesterov: bool, *, state_dtype: Optional[torch.dtype] = None,
+                     master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
+                     seed: int = 0) -> None:
     """One SGDW step over every segment of a bucket, in one launch (docs/math.md#sgdw).
 
     Args:
@@ -130,13 +186,16 @@ def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtyp
         hyper: float64 ``[groups, 6]``: ``lr, momentum, dampening, decay_mult, l2, grad_sign``.
         has_momentum: whether the rows carry ``momentum_buffer`` (state 0).
         nesterov: Nesterov momentum.
+        state_dtype, master, stochastic_rounding, ctl, seed: as for :func:`adamw_step_triton`.
     """
-    _launch(_sgdw_kernel, SGDW_HP_COLS.value, segments, hyper, device, dtype, HAS_MOMENTUM=bool(has_momentum),
-            NESTEROV=bool(nesterov))
+    _launch(_sgdw_kernel, SGDW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
+            stochastic_rounding, ctl, seed, HAS_MOMENTUM=bool(has_momentum), NESTEROV=bool(nesterov))
 
 
 def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-                         centered: bool, has_momentum: bool) -> None:
+                         centered: bool, has_momentum: bool, *, state_dtype: Optional[torch.dtype] = None,
+                         master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
+                         seed: int = 0) -> None:
     """One RMSpropW step over every segment of a bucket, in one launch (docs/math.md#rmspropw).
 
     Args:
@@ -144,6 +203,7 @@ def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, 
         hyper: float64 ``[groups, 7]``: ``lr, alpha, eps, momentum, decay_mult, l2, grad_sign``.
         centered: whether the rows carry ``grad_avg`` (state 1).
         has_momentum: whether the rows carry ``momentum_buffer`` (state 2).
+        state_dtype, master, stochastic_rounding, ctl, seed: as for :func:`adamw_step_triton`.
     """
-    _launch(_rmspropw_kernel, RMSPROPW_HP_COLS.value, segments, hyper, device, dtype, CENTERED=bool(centered),
-            HAS_MOMENTUM=bool(has_momentum))
+    _launch(_rmspropw_kernel, RMSPROPW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
+            stochastic_rounding, ctl, seed, CENTERED=bool(centered), HAS_MOMENTUM=bool(has_momentum))
