@@ -38,9 +38,9 @@ from . import _digits
 from ._common import progress, table
 
 SEEDS = 8
-# lrs at which the net fits (and then memorizes) the noisy labels within 10 epochs, so that the
-# decay is what regularizes at every budget; at lower lrs a short run stops before memorizing and
-# decay hardly matters (the heatmap's low-lr rows)
+# lrs from the heatmap's decay regime (2^-9 to 2^-4 at 60 epochs) and one above it, so that decay
+# has memorization to regulate at the longer budgets; at lower lrs a run stops before it memorizes
+# and decay hardly matters (the heatmap's low-lr rows)
 LOG2_LR = (-7, -5, -3)
 LOG2_LAMBDA_NORM = tuple(range(-4, 6))  # a factor 2 a cell
 T_0, T_MULT, HORIZON = 10, 2, 150  # restarts at 10, 30, 70, 150 epochs
