@@ -17,6 +17,7 @@
 #include "layout_bindings.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
+#include "fusedwd/precision.h"
 
 namespace py = pybind11;
 
@@ -294,33 +295,6 @@ struct Precision {
   uintptr_t ctl;     // address of the float32 control block (layout.h Ctl), or 0
   uint64_t seed;     // stochastic rounding seed
 };
-
-std::string dtype_name(int d) {
-  static const char* names[] = {"float32", "float16", "bfloat16", "float64"};
-  return d >= 0 && d <= 3 ? names[d] : std::to_string(d);
-}
-
-// The storage combinations by_layout (csrc/cpu/loops.h) instantiates.
-void check_layout(int dtype, int state_dtype, bool master, bool stochastic) {
-  const auto F32 = static_cast<int>(DType::F32), F16 = static_cast<int>(DType::F16);
-  const auto BF16 = static_cast<int>(DType::BF16), F64 = static_cast<int>(DType::F64);
-  const bool half_p = dtype == F16 || dtype == BF16;
-  const bool half_s = state_dtype == F16 || state_dtype == BF16;
-  bool ok;
-  if (master) {
-    ok = half_p && !stochastic && (state_dtype == F32 || half_s);
-  } else if (stochastic) {
-    ok = dtype == BF16 && (state_dtype == BF16 || state_dtype == F32);
-  } else {
-    ok = state_dtype == dtype || (dtype == F32 && half_s) || (half_p && state_dtype == F32);
-  }
-  (void)F64;
-  if (!ok) {
-    throw py::value_error("unsupported storage layout: params " + dtype_name(dtype) + ", states " +
-                          dtype_name(state_dtype) + (master ? ", fp32 master weights" : "") +
-                          (stochastic ? ", stochastic rounding" : ""));
-  }
-}
 
 // Runs one rule's pass over the bucket with the GIL released.
 template <typename Pass>
