@@ -56,20 +56,33 @@ def cuda() -> ModuleType:
 
 
 def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: int, switches: tuple,
-         device: "torch.device", arrivals: Optional["torch.Tensor"] = None) -> None:
+         device: "torch.device", arrivals: Optional["torch.Tensor"] = None, *, state_dtype: int = -1,
+         master: bool = False, stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None,
+         seed: int = 0) -> None:
     """One ``<rule>_step`` launch on torch's current stream of ``device``.
 
     ``table`` and ``hyper`` may live on the host: they are copied to the device
     first, into temporaries freed after the call, which the caching allocator
     reuses only for work queued after this launch on the same stream.
     ``arrivals`` (one zero int32 on the device, left at zero by the kernel) may be
-    kept by the caller across steps.
+    kept by the caller across steps. ``state_dtype`` (a DTYPES code, -1: the
+    parameters'), ``master``, ``stochastic_rounding`` and ``seed`` are passed on
+    as they are; ``ctl``, the float32 control block (1/grad_scale, found_inf,
+    clip coefficient), must already be on ``device``: the kernel reads it there,
+    so a skipped or scaled step needs no host read.
     """
     ext = cuda()
     with torch.cuda.device(device):
+        here = torch.device("cuda", torch.cuda.current_device())  # "cuda" names the current device
+        if ctl is not None and (ctl.device != here or ctl.dtype != torch.float32 or ctl.numel() < ext.CTL_SIZE
+                                or not ctl.is_contiguous()):
+            raise ValueError(f"ctl must be a contiguous float32 tensor of {ext.CTL_SIZE} elements on {here}, "
+                             f"got {ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
         table_dev = table.to(device, non_blocking=True)
         hyper_dev = hyper.to(device, non_blocking=True).contiguous()
         if arrivals is None:
             arrivals = torch.zeros(1, dtype=torch.int32, device=device)
         getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
-                                     *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+                                     *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
+                                     state_dtype=state_dtype, master=master, stochastic_rounding=stochastic_rounding,
+                                     ctl=0 if ctl is None else ctl.data_ptr(), seed=seed)

@@ -7,6 +7,7 @@ cover every element exactly once. With a GPU, the kernels are checked against
 fusedwd.reference and the CPU kernel; those tests are skipped without one.
 """
 
+import ctypes
 import itertools
 import os
 import pathlib
@@ -20,6 +21,8 @@ import torch
 
 from fusedwd import _cuda_ext
 from _helpers import assert_close
+from _layouts import (LAYOUT_IDS, LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES, LayoutBucket, compare_with_cpu,
+                      dtype_code)
 from test_headers import find_nvcc
 from test_ops import CASE_IDS, CASES, DTYPES, Problem, compare_every_step
 
@@ -81,36 +84,61 @@ def test_machine_code_for_every_requested_arch():
     assert ptx == {re.sub(r"[af]$", "", requested[-1])}
 
 
+# 9 rule x switch combinations in each of precision.h's 16 storage layouts
+KERNELS = 9 * 16
+# step_kernel<Layout<P, S, MASTER, SR>, <Rule>Rule<P, switches...>>, mangled
+KERNEL_NAME = re.compile(r"6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEENS\w+?\d(AdamW|Sgdw|Rmspropw)"
+                         r"RuleILS\w+?_\dE((?:Lb[01]E)+)")
+
+
+def kernel_of(name):
+    """(param DType, state DType, master, stochastic rounding, rule, switches) of a kernel's mangled name."""
+    p, s, master, sr, rule, switches = KERNEL_NAME.search(name).groups()
+    return int(p), int(s), master == "1", sr == "1", rule, tuple(b == "1" for b in re.findall(r"Lb([01])E", switches))
+
+
 @needs_module
 def test_every_kernel_within_its_register_budget():
-    """36 kernels (rule x switches x dtype) per architecture, each within its launch
-    bounds: 64 registers per thread, 85 for fp64 (three blocks per SM, see
-    csrc/cuda/step.cuh)."""
+    """144 kernels (rule x switches x layout) per architecture, each within its launch
+    bounds without spilling: 64 registers per thread, 85 for fp64 (three blocks per SM,
+    see csrc/cuda/step.cuh)."""
     usage = cuobjdump("--dump-resource-usage")
     per_arch = {}
     for block in usage.split("arch = sm_")[1:]:
         arch = block.split()[0]
-        for name, regs in re.findall(r"Function (\S+):\s+REG:(\d+)", block):
-            per_arch.setdefault(arch, {})[name] = int(regs)
+        for name, regs, stack, local in re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) \S+ LOCAL:(\d+)",
+                                                   block):
+            per_arch.setdefault(arch, {})[name] = (int(regs), int(stack), int(local))
     assert sorted(per_arch) == sorted(C.ARCHS.split(";"))
     for arch, kernels in per_arch.items():
-        assert len(kernels) == 36, arch
-        for name, regs in kernels.items():
-            fp64 = "DTypeE3E" in name  # DType::F64 == 3 in the mangled name
+        assert len(kernels) == KERNELS, arch
+        assert len({kernel_of(name) for name in kernels}) == KERNELS, arch
+        for name, (regs, stack, local) in kernels.items():
+            fp64 = kernel_of(name)[0] == 3  # DType::F64 parameters
             assert regs <= (85 if fp64 else 64), (arch, name, regs)
+            assert stack == 0 and local == 0, (arch, name, "spills", stack, local)
 
 
 @needs_module
 def test_every_kernel_moves_data_in_128_bit_accesses():
-    """The vector path compiles to 16-byte global loads and stores (the gradient's
-    evict-first), not to a split into scalar accesses."""
+    """The vector path compiles to 16-byte global loads and stores of its widest buffers
+    (the gradient's evict-first), and to 8-byte ones of the 16-bit buffers beside fp32
+    ones (csrc/cuda/step.cuh kElemSize), never to a split into scalar accesses."""
     ptx = cuobjdump("--dump-ptx")
     # each kernel's text runs from its .entry to the next one
     bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
-    assert len(bodies) == 36
+    assert len(bodies) == KERNELS
+    size = {0: 4, 1: 2, 2: 2, 3: 8}  # bytes per element of each DType
     for name, body in bodies:
-        assert "ld.global.cs.v4.u32" in body, name
+        p, s, master, _, rule, switches = kernel_of(name)
+        has_states = not (rule == "Sgdw" and not switches[0])  # SGDW without momentum keeps none
+        widest = max(size[p], 4 if master else 0, size[s] if has_states else 0)
+        g = "v4" if size[p] == widest else "v2"
+        assert f"ld.global.cs.{g}.u32" in body, name
         assert "ld.global.ca.v4.u32" in body and "st.global.wb.v4.u32" in body, name
+        # a 16-bit buffer beside fp32 ones moves in 8-byte accesses
+        assert ("ld.global.ca.v2.u32" in body or "st.global.wb.v2.u32" in body) == (widest > 2 and min(
+            size[p], size[s] if has_states else size[p]) == 2), name
 
 
 # ---------------------------------------------------------------- without a GPU
@@ -163,6 +191,18 @@ def test_bad_arguments_raise_value_error():
         C.adamw_step(addr, 1, addr, 0, False, addr, 0, -1)  # blocks
     with pytest.raises(ValueError):
         C.adamw_step(addr, 1, addr, 0, False, addr, 0, 2**31)
+    # storage layouts the kernels do not instantiate, as fusedwd._C rejects them (precision.h)
+    cpu = pytest.importorskip("fusedwd._C")
+    bf16, f16, f32, f64 = (C.DTYPES[n] for n in ("bfloat16", "float16", "float32", "float64"))
+    for dtype, kw in [(f32, dict(master=True)), (f16, dict(stochastic_rounding=True)),
+                      (bf16, dict(master=True, stochastic_rounding=True)), (f32, dict(state_dtype=f64)),
+                      (f64, dict(state_dtype=f32)), (bf16, dict(stochastic_rounding=True, state_dtype=f16)),
+                      (f32, dict(state_dtype=9))]:
+        with pytest.raises(ValueError, match="unsupported storage layout") as cuda_error:
+            C.adamw_step(addr, 1, addr, dtype, False, addr, 0, **kw)
+        with pytest.raises(ValueError) as cpu_error:
+            cpu.adamw_step(addr, 1, addr, dtype, False, 1, **kw)
+        assert str(cuda_error.value) == str(cpu_error.value)
     # no segments: nothing is launched, null addresses are never read
     C.adamw_step(0, 0, 0, 0, True, 0, 0)
     C.sgdw_step(0, 0, 0, 1, True, True, 0, 0)
@@ -173,7 +213,8 @@ def test_bad_arguments_raise_value_error():
 def test_constants_match_the_cpu_module():
     cpu = pytest.importorskip("fusedwd._C")
     for name in ("SEG_P", "SEG_G", "SEG_S0", "SEG_S1", "SEG_S2", "SEG_STEP", "SEG_N", "SEG_HP", "SEG_INDEX",
-                 "SEG_COLS", "ADAMW_HP_COLS", "SGDW_HP_COLS", "RMSPROPW_HP_COLS", "DTYPES"):
+                 "SEG_MASTER", "SEG_SALT", "SEG_COLS", "CTL_INV_SCALE", "CTL_FOUND_INF", "CTL_CLIP", "CTL_SIZE",
+                 "ADAMW_HP_COLS", "SGDW_HP_COLS", "RMSPROPW_HP_COLS", "DTYPES"):
         assert getattr(C, name) == getattr(cpu, name), name
 
 
@@ -294,30 +335,101 @@ def test_threads_cover_a_chunk_once(elem_size, aligned):
 # ---------------------------------------------------------------- the kernel, emulated
 
 
-def test_kernel_on_a_host_emulation(tmp_path):
-    """csrc/cuda/step.cuh's kernel, compiled for the CPU against tests/cuda_emulation/
-    (blocks one at a time, threads as std::threads), does bit for bit what the shared
-    per-element helpers do: every element once with its own segment's scalars, tails,
-    misaligned buffers, empty segments, two table tiles, step counts and the arrival
-    counter. It checks the kernel's control flow without a GPU, not the hardware."""
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    """csrc/cuda/step.cuh's kernel compiled for the CPU against tests/cuda_emulation/ (blocks
+    one at a time, threads as std::threads), as a shared library loaded with ctypes. It checks
+    the kernel's control flow and index arithmetic without a GPU, not the hardware."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
+    tmp = tmp_path_factory.mktemp("cuda_emulation")
     flags = ["-std=c++20", "-pthread"]
-    probe = tmp_path / "probe.cpp"
+    probe = tmp / "probe.cpp"
     probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
-    if subprocess.run([cxx, *flags, str(probe), "-o", str(tmp_path / "probe")], capture_output=True).returncode:
+    if subprocess.run([cxx, *flags, str(probe), "-o", str(tmp / "probe")], capture_output=True).returncode:
         pytest.skip(f"{cxx} has no C++20 <barrier>")
-    exe = tmp_path / "emulated_kernel"
+    lib = tmp / "emulated_kernel.so"
     emulation = ROOT / "tests" / "cuda_emulation"
     # -ffp-contract=off: the helpers round as in the CPU and CUDA builds
-    cmd = [cxx, *flags, "-O1", "-ffp-contract=off", "-fno-math-errno", f"-I{emulation}", f"-I{ROOT / 'csrc'}",
-           f"-I{ROOT / 'csrc' / 'include'}", str(emulation / "run.cpp"), "-o", str(exe)]  # fmt: skip
-    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [cxx, *flags, "-O1", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", f"-I{emulation}",
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", str(emulation / "run.cpp"), "-o", str(lib)]  # fmt: skip
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
-    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.endswith("ALL OK\n"), result.stdout + result.stderr
+    dll = ctypes.CDLL(str(lib))
+    dll.fusedwd_emulation_self_check.restype = ctypes.c_int
+    dll.fusedwd_emulated_step.restype = ctypes.c_int
+    dll.fusedwd_emulated_step.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.c_int,  # rule, its two switches
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # table, nseg, hyper
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # dtype, state dtype, master, stochastic
+        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),  # ctl, seed, grid, arrivals
+    ]
+    return dll
 
+
+def test_kernel_on_a_host_emulation(emulation, capfd):
+    """The emulated kernel does bit for bit what the shared per-element helpers do: every
+    element once with its own segment's scalars, tails, misaligned buffers, empty segments,
+    two table tiles, step counts and the arrival counter (single-dtype layouts)."""
+    failures = emulation.fusedwd_emulation_self_check()
+    out = capfd.readouterr().out
+    assert failures == 0 and out.endswith("ALL OK\n"), out
+
+
+RULE_CODES = {"adamw": 0, "sgdw": 1, "rmspropw": 2}  # tests/cuda_emulation/run.cpp RuleCode
+# tails and several chunks in every layout (256 threads x 2..8 elements per chunk), an empty
+# segment, and a last one whose buffers are misaligned
+EMULATED_SIZES = [1, 37, 1030, 0, 2100, 5]
+MISALIGNED = frozenset({5})
+
+
+def emulated_step(emulation, bucket, grid=3):
+    """step(ctl, seed): one emulated launch over the bucket's table, its arrival counter left at zero."""
+    arrivals = ctypes.c_uint(0)
+    switches = list(bucket.switches) + [False] * (2 - len(bucket.switches))
+
+    def step(ctl, seed):
+        table = bucket.table()
+        done = emulation.fusedwd_emulated_step(
+            RULE_CODES[bucket.rule], *switches, table.data_ptr(), table.shape[0], bucket.hyper.data_ptr(),
+            dtype_code(bucket.dtype), dtype_code(bucket.state_dtype), bucket.master, bucket.stochastic,
+            0 if ctl is None else ctl.data_ptr(), seed, grid, ctypes.byref(arrivals))
+        assert done == 0, done
+        assert arrivals.value == 0, "the last block resets the arrival counter (and a skipped launch never arrives)"
+
+    return step
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+def test_emulated_kernel_matches_the_cpu_kernel_in_every_layout(emulation, rule, switches, layout):
+    """Each storage layout, every state in use, against fusedwd._C bit for bit: through no
+    control block, AMP unscaling with clipping, a found_inf step that writes nothing (step
+    counts and masters included, no block arrives), and unscaling alone."""
+    bucket = LayoutBucket(rule, switches, layout, EMULATED_SIZES, misaligned=MISALIGNED)
+    compare_with_cpu(bucket, emulated_step(emulation, bucket))
+
+
+@pytest.mark.parametrize("layout", [(torch.bfloat16, torch.float32, True, False),
+                                    (torch.float32, torch.bfloat16, False, False),
+                                    (torch.bfloat16, torch.bfloat16, False, True)],
+                         ids=["bf16-f32-master", "f32-bf16", "bf16-sr"])
+@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
+                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+def test_emulated_kernel_matches_the_cpu_kernel_with_every_switch(emulation, rule, switches, layout):
+    # the switches that leave state columns unused, where the geometry follows p and g alone
+    bucket = LayoutBucket(rule, switches, layout, EMULATED_SIZES, misaligned=MISALIGNED)
+    compare_with_cpu(bucket, emulated_step(emulation, bucket))
+
+
+def test_emulated_kernel_over_two_table_tiles_with_stochastic_rounding(emulation):
+    # 300 segments, mostly tiny: each block walks two tiles; the rounding bits follow each
+    # segment's own salt and step, whichever block updates it
+    sizes = [(i * 37) % 90 + (1030 if i % 97 == 0 else 0) for i in range(300)]
+    bucket = LayoutBucket("adamw", (False,), (torch.bfloat16, torch.float32, False, True), sizes,
+                          misaligned=frozenset(range(0, 300, 11)))
+    compare_with_cpu(bucket, emulated_step(emulation, bucket, grid=7))
 
 # ---------------------------------------------------------------- on a GPU
 
@@ -360,6 +472,26 @@ def test_cuda_matches_cpu_kernel(rule, switches, dtype):
     table (the bias corrections' double pow may differ in the last bit between libm and CUDA)."""
     gpu, cpu = Problem(rule, switches, dtype, device="cuda", decay="l2"), Problem(rule, switches, dtype, decay="l2")
     compare_every_step(gpu, cpu, 8, gpu.step_op, lambda g: cpu.step_op([x.cpu() for x in g]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+def test_cuda_matches_cpu_kernel_in_every_layout(rule, switches, layout):
+    """As the emulated kernel, on the GPU: to the tolerance table (CUDA's double pow may differ
+    in the last bit, and a stochastic rounding then land on the other neighbour); a found_inf
+    step exactly untouched."""
+    bucket = LayoutBucket(rule, switches, layout, EMULATED_SIZES, device="cuda", misaligned=MISALIGNED)
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def step(ctl, seed):
+        _cuda_ext.step(rule, bucket.table(), bucket.hyper, dtype_code(bucket.dtype), switches, bucket.device,
+                       arrivals, state_dtype=dtype_code(bucket.state_dtype), master=bucket.master,
+                       stochastic_rounding=bucket.stochastic, ctl=ctl, seed=seed)
+        torch.cuda.synchronize()
+        assert arrivals.item() == 0
+
+    compare_with_cpu(bucket, step, exact=False)
 
 
 @needs_gpu

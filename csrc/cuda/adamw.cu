@@ -1,4 +1,4 @@
-// The AdamW kernels, one per storage dtype and amsgrad: the kernel in csrc/cuda/step.cuh,
+// The AdamW kernels, one per storage layout and amsgrad: the kernel in csrc/cuda/step.cuh,
 // its launch in csrc/cuda/launch.cuh.
 #include "cuda/launch.cuh"
 
@@ -14,7 +14,7 @@ struct AdamW {
 };
 
 cudaError_t adamw(const LaunchArgs& a, bool amsgrad) {
-  return amsgrad ? by_dtype<AdamW<true>::Rule>(a) : by_dtype<AdamW<false>::Rule>(a);
+  return amsgrad ? by_layout<AdamW<true>::Rule>(a) : by_layout<AdamW<false>::Rule>(a);
 }
 
 }  // namespace cuda

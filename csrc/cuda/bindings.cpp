@@ -22,6 +22,7 @@
 #include "layout_bindings.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
+#include "fusedwd/precision.h"
 
 #ifndef FUSEDWD_CUDA_ARCHS
 #error "setup.py defines FUSEDWD_CUDA_ARCHS, the architectures the kernels were built for"
@@ -75,11 +76,24 @@ void check_step_args(uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, 
   }
 }
 
+// The precision options of a step (as fusedwd._C's): how p, its master copy and
+// the states are stored, the control block and the rounding seed.
+struct Precision {
+  int state_dtype;  // -1: the parameter's dtype
+  bool master;      // fp32 master copy at SEG_MASTER
+  bool stochastic;  // stochastic rounding of bf16 p
+  uintptr_t ctl;    // device address of the float32 control block (layout.h Ctl), or 0
+  uint64_t seed;    // stochastic rounding seed
+};
+
 // Runs one rule's launch with the GIL released; a CUDA error becomes RuntimeError.
 template <typename Launch>
 void run_step(const char* name, uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype,
-              uintptr_t arrivals, uintptr_t stream, int64_t blocks, Launch launch) {
+              uintptr_t arrivals, uintptr_t stream, int64_t blocks, const Precision& pr,
+              Launch launch) {
   check_step_args(table, nseg, hyper, dtype, arrivals, blocks);
+  const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
+  check_layout(dtype, state_dtype, pr.master, pr.stochastic);
   if (nseg == 0) return;
   cudaError_t err;
   {
@@ -89,6 +103,11 @@ void run_step(const char* name, uintptr_t table, int64_t nseg, uintptr_t hyper, 
                                 nseg,
                                 reinterpret_cast<const double*>(hyper),
                                 dtype,
+                                state_dtype,
+                                pr.master,
+                                pr.stochastic,
+                                reinterpret_cast<const float*>(pr.ctl),
+                                pr.seed,
                                 reinterpret_cast<unsigned int*>(arrivals),
                                 blocks,
                                 reinterpret_cast<cudaStream_t>(stream)};
@@ -185,37 +204,53 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "adamw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool amsgrad,
-         uintptr_t arrivals, uintptr_t stream, int64_t blocks) {
+         uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype, bool master,
+         bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
         run_step("adamw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
+                 {state_dtype, master, stochastic_rounding, ctl, seed},
                  [=](const cuda::LaunchArgs& a) { return cuda::adamw(a, amsgrad); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("amsgrad"),
-      py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0,
+      py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0, py::kw_only(),
+      py::arg("state_dtype") = -1, py::arg("master") = false,
+      py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
       "One AdamW step over nseg segments, queued on `stream` (a cudaStream_t handle).\n"
       "table, hyper: device addresses of the int64 segment table and the float64 hyper\n"
       "table; arrivals: device address of one zero uint32 the launch uses and leaves\n"
       "zero (one per concurrently running launch); blocks: grid size, 0 for the\n"
-      "persistent grid. Advances every segment's step count by one.");
+      "persistent grid. Advances every segment's step count by one.\n"
+      "state_dtype (-1: dtype), master (fp32 master copies at SEG_MASTER), stochastic_rounding\n"
+      "(bf16 params), ctl (device address of the float32 control block: 1/grad_scale,\n"
+      "found_inf, clip coefficient; a nonzero found_inf skips the step, step counts\n"
+      "included) and seed, as fusedwd._C.adamw_step.");
   m.def(
       "sgdw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool has_momentum,
-         bool nesterov, uintptr_t arrivals, uintptr_t stream, int64_t blocks) {
+         bool nesterov, uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype,
+         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
         run_step("sgdw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
+                 {state_dtype, master, stochastic_rounding, ctl, seed},
                  [=](const cuda::LaunchArgs& a) { return cuda::sgdw(a, has_momentum, nesterov); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
       py::arg("has_momentum"), py::arg("nesterov"), py::arg("arrivals"), py::arg("stream"),
-      py::arg("blocks") = 0,
+      py::arg("blocks") = 0, py::kw_only(), py::arg("state_dtype") = -1,
+      py::arg("master") = false, py::arg("stochastic_rounding") = false, py::arg("ctl") = 0,
+      py::arg("seed") = 0,
       "One SGDW step over nseg segments (arguments as adamw_step).");
   m.def(
       "rmspropw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool centered,
-         bool has_momentum, uintptr_t arrivals, uintptr_t stream, int64_t blocks) {
+         bool has_momentum, uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype,
+         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
         run_step("rmspropw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
+                 {state_dtype, master, stochastic_rounding, ctl, seed},
                  [=](const cuda::LaunchArgs& a) { return cuda::rmspropw(a, centered, has_momentum); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("centered"),
       py::arg("has_momentum"), py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0,
+      py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
+      py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
       "One RMSpropW step over nseg segments (arguments as adamw_step).");
 
   m.def(

@@ -13,9 +13,9 @@
 FUSEDWD_NS_BEGIN
 namespace cuda_kernels {
 
-// The persistent grid of step_kernel<D, Rule> on `device`, cached per kernel
+// The persistent grid of step_kernel<L, Rule> on `device`, cached per kernel
 // and device: occupancy and SM count do not change while the process runs.
-template <DType D, class Rule>
+template <class L, class Rule>
 int64_t persistent_grid_for(int device, cudaError_t* error) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices];
@@ -28,15 +28,15 @@ int64_t persistent_grid_for(int device, cudaError_t* error) {
   int per_sm = 0;
   *error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (*error != cudaSuccess) return -1;
-  *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<D, Rule>, kCudaThreads, 0);
+  *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<L, Rule>, kCudaThreads, 0);
   if (*error != cudaSuccess) return -1;
   const int64_t g = persistent_grid(sms, per_sm);
   if (cached) cache[device].store(g, std::memory_order_relaxed);
   return g;
 }
 
-// Launches step_kernel<D, Rule> on a.stream, on the stream's device.
-template <DType D, class Rule>
+// Launches step_kernel<L, Rule> on a.stream, on the stream's device.
+template <class L, class Rule>
 cudaError_t launch(const cuda::LaunchArgs& a) {
   int current = 0;
   cudaError_t err = cudaGetDevice(&current);
@@ -50,10 +50,11 @@ cudaError_t launch(const cuda::LaunchArgs& a) {
   // a launch goes to the current device; torch's stream may belong to another
   if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
   int64_t grid = a.grid;
-  if (grid == 0) grid = persistent_grid_for<D, Rule>(device, &err);
+  if (grid == 0) grid = persistent_grid_for<L, Rule>(device, &err);
   if (err == cudaSuccess) {
     const auto blocks = static_cast<unsigned int>(grid);
-    step_kernel<D, Rule><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals);
+    step_kernel<L, Rule><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals,
+                                                                a.ctl, a.seed);
     err = cudaGetLastError();
   }
   if (current != device) {
@@ -63,16 +64,14 @@ cudaError_t launch(const cuda::LaunchArgs& a) {
   return err;
 }
 
-// Runtime dtype -> template.
+// Runtime storage layout -> template (precision.h lists the layouts; the
+// bindings validated this one).
 template <template <DType> class RuleOf>
-cudaError_t by_dtype(const cuda::LaunchArgs& a) {
-  switch (static_cast<DType>(a.dtype)) {
-    case DType::F32: return launch<DType::F32, RuleOf<DType::F32>>(a);
-    case DType::F16: return launch<DType::F16, RuleOf<DType::F16>>(a);
-    case DType::BF16: return launch<DType::BF16, RuleOf<DType::BF16>>(a);
-    case DType::F64: return launch<DType::F64, RuleOf<DType::F64>>(a);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t by_layout(const cuda::LaunchArgs& a) {
+  return with_layout(a.dtype, a.state_dtype, a.master, a.stochastic, [&](auto layout) {
+    using L = decltype(layout);
+    return launch<L, RuleOf<L::P>>(a);
+  });
 }
 
 }  // namespace cuda_kernels

@@ -1,4 +1,4 @@
-// The RMSpropW kernels, one per storage dtype and switch combination: the kernel in csrc/cuda/step.cuh,
+// The RMSpropW kernels, one per storage layout and switch combination: the kernel in csrc/cuda/step.cuh,
 // its launch in csrc/cuda/launch.cuh.
 #include "cuda/launch.cuh"
 
@@ -15,11 +15,11 @@ struct Rmspropw {
 
 cudaError_t rmspropw(const LaunchArgs& a, bool centered, bool has_momentum) {
   if (centered) {
-    return has_momentum ? by_dtype<Rmspropw<true, true>::Rule>(a)
-                        : by_dtype<Rmspropw<true, false>::Rule>(a);
+    return has_momentum ? by_layout<Rmspropw<true, true>::Rule>(a)
+                        : by_layout<Rmspropw<true, false>::Rule>(a);
   }
-  return has_momentum ? by_dtype<Rmspropw<false, true>::Rule>(a)
-                      : by_dtype<Rmspropw<false, false>::Rule>(a);
+  return has_momentum ? by_layout<Rmspropw<false, true>::Rule>(a)
+                      : by_layout<Rmspropw<false, false>::Rule>(a);
 }
 
 }  // namespace cuda

@@ -1,4 +1,4 @@
-// The SGDW kernels, one per storage dtype and switch combination: the kernel in csrc/cuda/step.cuh,
+// The SGDW kernels, one per storage layout and switch combination: the kernel in csrc/cuda/step.cuh,
 // its launch in csrc/cuda/launch.cuh.
 #include "cuda/launch.cuh"
 
@@ -15,8 +15,8 @@ struct Sgdw {
 
 cudaError_t sgdw(const LaunchArgs& a, bool has_momentum, bool nesterov) {
   // nesterov needs momentum (validated in Python): without it d = g either way
-  if (!has_momentum) return by_dtype<Sgdw<false, false>::Rule>(a);
-  return nesterov ? by_dtype<Sgdw<true, true>::Rule>(a) : by_dtype<Sgdw<true, false>::Rule>(a);
+  if (!has_momentum) return by_layout<Sgdw<false, false>::Rule>(a);
+  return nesterov ? by_layout<Sgdw<true, true>::Rule>(a) : by_layout<Sgdw<true, false>::Rule>(a);
 }
 
 }  // namespace cuda

@@ -19,6 +19,17 @@
 // (empty segments included, as the CPU does) and resets the counter to zero
 // for the next launch.
 //
+// Storage (csrc/include/fusedwd/precision.h Layout): p and g are stored as P,
+// the states as S; with MASTER p is read from its fp32 master copy and both are
+// written (store_param), with SR a bf16 p is rounded stochastically. A chunk
+// holds one 16-byte vector per thread of the widest buffer (kElemSize); the
+// 16-bit buffers of a layout with fp32 ones move 8 bytes per thread.
+//
+// The control block (layout.h Ctl), when given: found_inf makes every block
+// leave at once, so nothing is written, no block arrives and no count advances
+// (the arrival counter stays zero); 1/grad_scale times the clip coefficient is
+// folded into grad_sign by the rules' scalars.
+//
 // Device code only: the host side of a launch is in csrc/cuda/launch.cuh, so
 // that tests/cuda_emulation/ can compile this file for the host.
 #pragma once
@@ -27,12 +38,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fusedwd/adamw.h"
 #include "fusedwd/common.h"
 #include "fusedwd/launch.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
+#include "fusedwd/precision.h"
 #include "fusedwd/rmspropw.h"
 #include "fusedwd/sgdw.h"
 
@@ -42,14 +55,17 @@ namespace cuda_kernels {
 constexpr int kWarps = kCudaThreads / 32;
 
 // Each rule as the kernel sees it: its hyper width, which of S0, S1, S2 it
-// reads and writes, and its two shared helpers.
+// reads and writes, and its two shared helpers. D is the parameters' dtype,
+// whose math type the rule computes in.
 template <DType D, bool AMSGRAD>
 struct AdamWRule {
   using M = math_t<D>;
   using Scalars = AdamWScalars<M>;
   static constexpr int kHpCols = ADAMW_HP_COLS;
   static constexpr bool kS0 = true, kS1 = true, kS2 = AMSGRAD;
-  __device__ static Scalars scalars(const double* hp, double t) { return adamw_scalars<M>(hp, t); }
+  __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
+    return adamw_scalars<M>(hp, t, grad_mult);
+  }
   __device__ static void update(M& p, M g, M& s0, M& s1, M& s2, const Scalars& s) {
     adamw_update<AMSGRAD>(p, g, s0, s1, s2, s);
   }
@@ -61,7 +77,9 @@ struct SgdwRule {
   using Scalars = SgdwScalars<M>;
   static constexpr int kHpCols = SGDW_HP_COLS;
   static constexpr bool kS0 = HAS_MOMENTUM, kS1 = false, kS2 = false;
-  __device__ static Scalars scalars(const double* hp, double t) { return sgdw_scalars<M>(hp, t); }
+  __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
+    return sgdw_scalars<M>(hp, t, grad_mult);
+  }
   __device__ static void update(M& p, M g, M& s0, M&, M&, const Scalars& s) {
     sgdw_update<HAS_MOMENTUM, NESTEROV>(p, g, s0, s);
   }
@@ -73,7 +91,9 @@ struct RmspropwRule {
   using Scalars = RmspropwScalars<M>;
   static constexpr int kHpCols = RMSPROPW_HP_COLS;
   static constexpr bool kS0 = true, kS1 = CENTERED, kS2 = HAS_MOMENTUM;
-  __device__ static Scalars scalars(const double* hp, double t) { return rmspropw_scalars<M>(hp, t); }
+  __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
+    return rmspropw_scalars<M>(hp, t, grad_mult);
+  }
   __device__ static void update(M& p, M g, M& s0, M& s1, M& s2, const Scalars& s) {
     rmspropw_update<CENTERED, HAS_MOMENTUM>(p, g, s0, s1, s2, s);
   }
@@ -85,94 +105,151 @@ __device__ inline T* column(const int64_t* row, int col) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(row[col]));
 }
 
+// The element size a kernel's geometry is counted in: that of its widest
+// buffer (p, g, the states it uses, the master), which moves one 16-byte vector
+// per thread; narrower buffers move 8 bytes for the same elements. Vectors of
+// the narrowest buffer would need two 16-byte words of every fp32 buffer per
+// thread: 16-bit parameters with fp32 states and masters spilled that way even
+// at 80 registers.
+template <class L, class Rule>
+constexpr int64_t kElemSize = [] {
+  int64_t size = sizeof(storage_t<L::P>);
+  if ((Rule::kS0 || Rule::kS1 || Rule::kS2) && sizeof(storage_t<L::S>) > size) size = sizeof(storage_t<L::S>);
+  if (L::MASTER && sizeof(float) > size) size = sizeof(float);
+  return size;
+}();
+
+// kVec elements of one buffer in registers. kElemSize makes those of every
+// buffer the kernel uses 16 or 8 bytes: one 128-bit or 64-bit access (kWords
+// is 1); an unused buffer's Vector may be larger and is never touched. The
+// addresses come from memory, so the compiler cannot infer their alignment:
+// the accesses go through uint4 / uint2.
+template <typename T, int kVec>
+struct Vector {
+  static constexpr int kBytes = kVec * static_cast<int>(sizeof(T));
+  using W = std::conditional_t<kBytes % 16 == 0, uint4, uint2>;
+  static constexpr int kWords = kBytes / static_cast<int>(sizeof(W));
+  union {
+    W raw[kWords];
+    T v[kVec];
+  };
+  __device__ void load_ca(const T* ptr) {
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) raw[w] = __ldca(reinterpret_cast<const W*>(ptr) + w);
+  }
+  // evict-first: for the gradient, read once per step
+  __device__ void load_cs(const T* ptr) {
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) raw[w] = __ldcs(reinterpret_cast<const W*>(ptr) + w);
+  }
+  __device__ void store_wb(T* ptr) const {
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) __stwb(reinterpret_cast<W*>(ptr) + w, raw[w]);
+  }
+};
+
 // The segment a block is working on: its addresses and scalars, loaded once
 // per visit (a block's consecutive chunks are often in the same segment). It
 // lives in shared memory: every thread of a block works on the same segment,
 // so one thread derives the scalars (two double pow's) and the registers stay
 // free for the data in flight.
-template <DType D, class Rule>
+template <class L, class Rule>
 struct Segment {
-  using T = storage_t<D>;
+  using TP = storage_t<L::P>;
+  using TS = storage_t<L::S>;
+  using M = math_t<L::P>;
   int64_t index;
   int64_t n;
-  T* p;
-  const T* g;
-  T* s0;
-  T* s1;
-  T* s2;
+  TP* p;
+  const TP* g;
+  TS* s0;
+  TS* s1;
+  TS* s2;
+  float* master;  // the fp32 master copy of p (MASTER)
+  uint32_t key;   // the stochastic rounding key of this segment and step (SR)
   bool aligned;
   typename Rule::Scalars sc;
 
-  __device__ void open(const int64_t* table, const double* hyper, int64_t s) {
+  __device__ void open(const int64_t* table, const double* hyper, int64_t s, const float* ctl,
+                       uint64_t seed) {
     const int64_t* row = table + s * SEG_COLS;
     index = s;
     n = row[SEG_N];
-    p = column<T>(row, SEG_P);
-    g = column<const T>(row, SEG_G);
-    // unused state columns hold 0 and are never dereferenced
-    s0 = Rule::kS0 ? column<T>(row, SEG_S0) : nullptr;
-    s1 = Rule::kS1 ? column<T>(row, SEG_S1) : nullptr;
-    s2 = Rule::kS2 ? column<T>(row, SEG_S2) : nullptr;
+    p = column<TP>(row, SEG_P);
+    g = column<const TP>(row, SEG_G);
+    // unused state and master columns hold 0 and are never dereferenced
+    s0 = Rule::kS0 ? column<TS>(row, SEG_S0) : nullptr;
+    s1 = Rule::kS1 ? column<TS>(row, SEG_S1) : nullptr;
+    s2 = Rule::kS2 ? column<TS>(row, SEG_S2) : nullptr;
+    master = L::MASTER ? column<float>(row, SEG_MASTER) : nullptr;
     aligned = vector_aligned(reinterpret_cast<uintptr_t>(p)) &&
               vector_aligned(reinterpret_cast<uintptr_t>(g)) &&
               vector_aligned(reinterpret_cast<uintptr_t>(s0)) &&
               vector_aligned(reinterpret_cast<uintptr_t>(s1)) &&
-              vector_aligned(reinterpret_cast<uintptr_t>(s2));
+              vector_aligned(reinterpret_cast<uintptr_t>(s2)) &&
+              vector_aligned(reinterpret_cast<uintptr_t>(master));
     // t0 is read here by every block touching the segment; it is advanced only
     // after all blocks have arrived (see the top of this file)
     const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
-    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t);
+    key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    // 1/grad_scale times the clip coefficient: their float product, widened (as the CPU kernel)
+    const double grad_mult =
+        ctl == nullptr ? 1.0 : static_cast<double>(ctl[CTL_INV_SCALE] * ctl[CTL_CLIP]);
+    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, grad_mult);
   }
 
   // One element: storage -> math type, the rule, math -> storage (rounded once).
   __device__ void element(int64_t i) const {
-    using M = math_t<D>;
-    M pi = load<D>(p, i);
-    M a = Rule::kS0 ? load<D>(s0, i) : M(0);
-    M b = Rule::kS1 ? load<D>(s1, i) : M(0);
-    M c = Rule::kS2 ? load<D>(s2, i) : M(0);
-    Rule::update(pi, load<D>(g, i), a, b, c, sc);
-    store<D>(p, i, pi);
-    if (Rule::kS0) store<D>(s0, i, a);
-    if (Rule::kS1) store<D>(s1, i, b);
-    if (Rule::kS2) store<D>(s2, i, c);
+    M pi = load_param<L::P, L::MASTER>(p, master, i);
+    M a = Rule::kS0 ? load<L::S>(s0, i) : M(0);
+    M b = Rule::kS1 ? load<L::S>(s1, i) : M(0);
+    M c = Rule::kS2 ? load<L::S>(s2, i) : M(0);
+    Rule::update(pi, load<L::P>(g, i), a, b, c, sc);
+    store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+    if (Rule::kS0) store<L::S>(s0, i, a);
+    if (Rule::kS1) store<L::S>(s1, i, b);
+    if (Rule::kS2) store<L::S>(s2, i, c);
   }
 
-  // One 16-byte vector of every buffer starting at element i (aligned). The
-  // accesses go through uint4 so that they are single 128-bit instructions in
-  // the global space (the addresses come from memory, so the compiler cannot
-  // infer either); the gradient is read once per step, hence evict-first.
+  // kVec elements of every buffer starting at element i (all aligned): every
+  // load issued before any math, so each thread has them all in flight.
   __device__ void vector(int64_t i) const {
-    using M = math_t<D>;
-    constexpr int kVec = static_cast<int>(vector_elems(sizeof(T)));
-    union Pack {
-      uint4 raw;
-      T v[kVec];
-    };
-    static_assert(sizeof(Pack) == kCudaVectorBytes, "one vector is 16 bytes");
-    // all loads issued before any math, so each thread has them all in flight
-    Pack pp, gg, aa, bb, cc;
-    pp.raw = __ldca(reinterpret_cast<const uint4*>(p + i));
-    gg.raw = __ldcs(reinterpret_cast<const uint4*>(g + i));
-    aa.raw = Rule::kS0 ? __ldca(reinterpret_cast<const uint4*>(s0 + i)) : uint4{};
-    bb.raw = Rule::kS1 ? __ldca(reinterpret_cast<const uint4*>(s1 + i)) : uint4{};
-    cc.raw = Rule::kS2 ? __ldca(reinterpret_cast<const uint4*>(s2 + i)) : uint4{};
+    constexpr int kVec = static_cast<int>(vector_elems(kElemSize<L, Rule>));
+    Vector<TP, kVec> pp, gg;
+    Vector<float, kVec> mm;
+    Vector<TS, kVec> aa, bb, cc;
+    // with a master, p is only written
+    if (L::MASTER) {
+      mm.load_ca(master + i);
+    } else {
+      pp.load_ca(p + i);
+    }
+    gg.load_cs(g + i);
+    if (Rule::kS0) aa.load_ca(s0 + i);
+    if (Rule::kS1) bb.load_ca(s1 + i);
+    if (Rule::kS2) cc.load_ca(s2 + i);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      M pe = load<D>(pp.v, e);
-      M a = load<D>(aa.v, e);
-      M b = load<D>(bb.v, e);
-      M c = load<D>(cc.v, e);
-      Rule::update(pe, load<D>(gg.v, e), a, b, c, sc);
-      store<D>(pp.v, e, pe);
-      store<D>(aa.v, e, a);
-      store<D>(bb.v, e, b);
-      store<D>(cc.v, e, c);
+      M pe = load_param<L::P, L::MASTER>(pp.v, mm.v, e);
+      M a = Rule::kS0 ? load<L::S>(aa.v, e) : M(0);
+      M b = Rule::kS1 ? load<L::S>(bb.v, e) : M(0);
+      M c = Rule::kS2 ? load<L::S>(cc.v, e) : M(0);
+      Rule::update(pe, load<L::P>(gg.v, e), a, b, c, sc);
+      if constexpr (L::SR) {
+        // store_param's rounding, keyed by the element's index in its segment, i + e
+        pp.v[e] = float_to_bf16_sr(pe, sr_bits(key, i + e));
+      } else {
+        store_param<L::P, L::MASTER, false>(pp.v, mm.v, e, pe, 0u);
+      }
+      if (Rule::kS0) store<L::S>(aa.v, e, a);
+      if (Rule::kS1) store<L::S>(bb.v, e, b);
+      if (Rule::kS2) store<L::S>(cc.v, e, c);
     }
-    __stwb(reinterpret_cast<uint4*>(p + i), pp.raw);
-    if (Rule::kS0) __stwb(reinterpret_cast<uint4*>(s0 + i), aa.raw);
-    if (Rule::kS1) __stwb(reinterpret_cast<uint4*>(s1 + i), bb.raw);
-    if (Rule::kS2) __stwb(reinterpret_cast<uint4*>(s2 + i), cc.raw);
+    pp.store_wb(p + i);
+    if (L::MASTER) mm.store_wb(master + i);
+    if (Rule::kS0) aa.store_wb(s0 + i);
+    if (Rule::kS1) bb.store_wb(s1 + i);
+    if (Rule::kS2) cc.store_wb(s2 + i);
   }
 };
 
@@ -207,15 +284,18 @@ __device__ inline int64_t block_exclusive_sum(int64_t x, int64_t* warp_sums, int
 // pair and spilled at 64 (up to 76 bytes per thread), so it gets up to 85
 // registers and three blocks per SM: 768 threads still keep 48 KB of loads in
 // flight per SM, three times what H100 needs to reach its bandwidth.
-template <DType D>
-constexpr int kMinBlocksPerSm = D == DType::F64 ? 3 : kCudaBlocksPerSm;
+template <DType P>
+constexpr int kMinBlocksPerSm = P == DType::F64 ? 3 : kCudaBlocksPerSm;
 
-template <DType D, class Rule>
-__global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<D>)
+// ctl: the control block (layout.h Ctl), or nullptr; seed: the stochastic rounding seed.
+template <class L, class Rule>
+__global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P>)
     step_kernel(const int64_t* __restrict__ table, int64_t nseg, const double* __restrict__ hyper,
-                unsigned int* arrivals) {
-  constexpr int64_t kChunk = chunk_elems(sizeof(storage_t<D>));
-  constexpr int64_t kVec = vector_elems(sizeof(storage_t<D>));
+                unsigned int* arrivals, const float* __restrict__ ctl, uint64_t seed) {
+  // found_inf: the same value for every block, which leaves before anything is read or written
+  if (ctl != nullptr && ctl[CTL_FOUND_INF] != 0.0f) return;
+  constexpr int64_t kChunk = chunk_elems(kElemSize<L, Rule>);
+  constexpr int64_t kVec = vector_elems(kElemSize<L, Rule>);
   __shared__ int64_t starts[kCudaThreads + 1];  // chunk prefix sums of the current tile
   __shared__ int64_t warp_sums[kWarps];
   // Each thread fetches its segment's size of the next tile while the block works
@@ -223,7 +303,7 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<D>)
   // Two buffers, so that a copy never lands where a read may still be pending; a
   // thread issues a copy exactly when it has a segment in that tile (tid < count).
   __shared__ int64_t sizes[2][kCudaThreads];
-  __shared__ Segment<D, Rule> seg;
+  __shared__ Segment<L, Rule> seg;
   __shared__ bool last;
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t block = blockIdx.x;
@@ -253,7 +333,7 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<D>)
       // are reached by all of them
       if (seg.index != base + i) {
         __syncthreads();  // every thread is done with the previous segment
-        if (tid == 0) seg.open(table, hyper, base + i);
+        if (tid == 0) seg.open(table, hyper, base + i, ctl, seed);
         __syncthreads();
       }
       const ChunkRange r = chunk_range(seg.n, kChunk, j);

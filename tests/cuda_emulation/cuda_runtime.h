@@ -32,6 +32,9 @@ inline dim3 gridDim;
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 
 namespace emulation {
 constexpr int kWarpsPerBlock = 8;
@@ -56,9 +59,12 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n) { std:
 inline void __pipeline_commit() {}
 inline void __pipeline_wait_prior(int) {}
 
-inline uint4 __ldca(const uint4* p) { return *p; }
-inline uint4 __ldcs(const uint4* p) { return *p; }
-inline void __stwb(uint4* p, uint4 v) { *p = v; }
+template <typename W>
+inline W __ldca(const W* p) { return *p; }
+template <typename W>
+inline W __ldcs(const W* p) { return *p; }
+template <typename W>
+inline void __stwb(W* p, W v) { *p = v; }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }

@@ -1,11 +1,20 @@
 // Runs csrc/cuda/step.cuh's kernel on the host (cuda_runtime.h beside this file
-// emulates the CUDA features it uses) and checks, bit for bit, that a launch
-// does what the CPU kernel does: every element of every segment updated once
-// with its own segment's scalars (the same helpers, applied in order here),
-// every step count advanced once, the arrival counter left at zero. Aligned and
-// misaligned buffers, empty segments, two table tiles, grids of 1 and 3.
-// Prints one line per case; exits 1 on any difference.
+// emulates the CUDA features it uses). Built as a shared library that
+// tests/test_cuda_ext.py loads with ctypes; it exports two functions:
+//
+// fusedwd_emulation_self_check() checks, bit for bit, that a launch does what
+// the shared helpers applied in order do: every element of every segment
+// updated once with its own segment's scalars, every step count advanced once,
+// the arrival counter left at zero. Aligned and misaligned buffers, empty
+// segments, two table tiles, grids of 1 and 3. Prints one line per case and
+// returns the number of differences.
+//
+// fusedwd_emulated_step() is one launch of the kernel the .cu files would
+// launch for a rule, its switches and a storage layout (precision.h
+// with_layout), over a caller's table in host memory: the test runs it beside
+// fusedwd._C on the same tables and compares every buffer bit for bit.
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -64,12 +73,13 @@ class Block {
 
 Block* g_block = nullptr;
 
-template <DType D, class Rule>
-void launch(const int64_t* table, int64_t nseg, const double* hyper, unsigned* arrivals, unsigned grid) {
+template <class L, class Rule>
+void launch(const int64_t* table, int64_t nseg, const double* hyper, unsigned* arrivals, unsigned grid,
+            const float* ctl = nullptr, uint64_t seed = 0) {
   gridDim.x = grid;
   for (unsigned b = 0; b < grid; ++b) {
     blockIdx.x = b;
-    g_block->run([=] { step_kernel<D, Rule>(table, nseg, hyper, arrivals); });
+    g_block->run([=] { step_kernel<L, Rule>(table, nseg, hyper, arrivals, ctl, seed); });
   }
 }
 
@@ -84,6 +94,7 @@ std::vector<double> hyper_rows(int cols) {
 
 template <DType D, class Rule>
 int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bool misaligned) {
+  using L = Layout<D, D, false, false>;
   using T = storage_t<D>;
   using M = math_t<D>;
   constexpr int kBuffers = 5;  // p, g, S0, S1, S2
@@ -130,9 +141,9 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
   unsigned arrivals = 0;
   int failures = 0;
   for (int step = 0; step < 2; ++step) {
-    launch<D, Rule>(table.data(), nseg, hyper.data(), &arrivals, grid);
+    launch<L, Rule>(table.data(), nseg, hyper.data(), &arrivals, grid);
     for (int64_t s = 0; s < nseg; ++s) {
-      const auto sc = Rule::scalars(&hyper[(s % 2) * Rule::kHpCols], double(want_steps[s]) + 1.0);
+      const auto sc = Rule::scalars(&hyper[(s % 2) * Rule::kHpCols], double(want_steps[s]) + 1.0, 1.0);
       T* b[kBuffers];
       for (int k = 0; k < kBuffers; ++k) b[k] = want[s * kBuffers + k].data() + first[s * kBuffers + k];
       for (int64_t i = 0; i < sizes[s]; ++i) {
@@ -159,9 +170,53 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
   return failures;
 }
 
+// Runtime rule and switches -> the Rule the .cu files instantiate for them.
+enum RuleCode { ADAMW = 0, SGDW = 1, RMSPROPW = 2 };
+
+template <class L>
+int launch_rule(int rule, bool a, bool b, const int64_t* table, int64_t nseg, const double* hyper,
+                unsigned* arrivals, unsigned grid, const float* ctl, uint64_t seed) {
+  constexpr DType P = L::P;
+  auto go = [&](auto rule_tag) {
+    launch<L, decltype(rule_tag)>(table, nseg, hyper, arrivals, grid, ctl, seed);
+    return 0;
+  };
+  switch (rule) {
+    case ADAMW:  // a: amsgrad
+      return a ? go(AdamWRule<P, true>{}) : go(AdamWRule<P, false>{});
+    case SGDW:  // a: has_momentum, b: nesterov (which needs momentum)
+      if (!a) return go(SgdwRule<P, false, false>{});
+      return b ? go(SgdwRule<P, true, true>{}) : go(SgdwRule<P, true, false>{});
+    case RMSPROPW:  // a: centered, b: has_momentum
+      if (a) return b ? go(RmspropwRule<P, true, true>{}) : go(RmspropwRule<P, true, false>{});
+      return b ? go(RmspropwRule<P, false, true>{}) : go(RmspropwRule<P, false, false>{});
+  }
+  return -1;
+}
+
 }  // namespace
 
-int main() {
+// One launch over `table` (host addresses); returns 0, -1 for an unknown rule,
+// -2 for a layout the kernels do not instantiate.
+extern "C" int fusedwd_emulated_step(int rule, int switch0, int switch1, const int64_t* table,
+                                     int64_t nseg, const double* hyper, int dtype,
+                                     int state_dtype, int master, int stochastic,
+                                     const float* ctl, uint64_t seed, unsigned grid,
+                                     unsigned* arrivals) {
+  if (!layout_supported(dtype, state_dtype, master, stochastic)) return -2;
+  if (rule < ADAMW || rule > RMSPROPW) return -1;
+  if (nseg == 0) return 0;
+  Block block;
+  g_block = &block;
+  const int result = with_layout(dtype, state_dtype, master != 0, stochastic != 0, [&](auto layout) {
+    return launch_rule<decltype(layout)>(rule, switch0 != 0, switch1 != 0, table, nseg, hyper,
+                                         arrivals, grid, ctl, seed);
+  });
+  g_block = nullptr;
+  return result;
+}
+
+extern "C" int fusedwd_emulation_self_check() {
   Block block;
   g_block = &block;
   const std::vector<int64_t> mixed = {1, 4097, 0, 64, 63, 3000, 1000, 129, 0, 5, 2048, 2049};
@@ -187,5 +242,7 @@ int main() {
     }
   }
   std::printf(failures ? "FAILED\n" : "ALL OK\n");
-  return failures ? 1 : 0;
+  std::fflush(stdout);  // the test reads it from the file descriptor
+  g_block = nullptr;
+  return failures;
 }
