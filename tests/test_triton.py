@@ -429,6 +429,34 @@ def test_found_inf_skips_before_any_block_arrives(triton_kernels):
     assert torch.equal(bucket.steps.cpu(), torch.tensor([1.0, 4.0, 2.0]))
 
 
+@needs_cpu
+@pytest.mark.parametrize("dtype,options", [
+    (torch.bfloat16, dict(master_weights=True)),
+    (torch.bfloat16, dict(stochastic_rounding=True, state_dtype=torch.float32)),
+    (torch.float32, dict(state_dtype=torch.bfloat16)),
+], ids=["bf16-master", "bf16-sr-f32states", "f32-bf16states"])
+def test_optimizer_precision_options_match_the_cpu_backend(dtype, options):
+    """Through fusedwd.AdamW: GradScaler's scale and found_inf (one step skipped) and
+    max_grad_norm reach the launcher as the CPU kernel's control block, bit for bit."""
+    cls, kw, states = CONFIGS["adamw-amsgrad-max"]
+    b = make_params([(5, 7), (1030,)], dtype)
+    a = _on_device(b)
+    opt_a = cls(a, backend="triton", max_grad_norm=0.5, **kw, **options)
+    opt_b = cls(b, backend="cpu", max_grad_norm=0.5, **kw, **options)
+    for opt in (opt_a, opt_b):
+        for group in opt.param_groups:
+            group["sr_seed"] = 99
+
+    def amp(t):
+        for opt in (opt_a, opt_b):
+            opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(1.0 if t == 2 else 0.0)
+
+    extra = ["master_param"] if options.get("master_weights") else []
+    _compare_across_devices(opt_a, a, opt_b, b, states + extra, 5, lambda t: random_grads(b, t, scale=64.0),
+                            exact=INTERPRET, before_step=amp)
+    assert float(opt_a.state[a[0]]["step"]) == 4.0  # one of the five steps was skipped
+
+
 def test_launcher_rejects_bad_precision_options(triton_kernels):
     bucket = LayoutBucket("sgdw", (True, False), (torch.float32, torch.float32, False, False), [3], DEVICE)
     launch = triton_kernels.sgdw_step_triton
