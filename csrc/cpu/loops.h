@@ -40,11 +40,11 @@ inline T* column_ptr(const int64_t* row, int col) {
 
 // GradScaler found an inf (or the clipping norm is not finite): the step is
 // skipped and nothing is written, step counts included.
-inline bool skipped(const StepArgs& a) { return a.ctl != nullptr && a.ctl[CTL_FOUND_INF] != 0.0f; }
+inline bool skipped(const StepArgs& a) { return ctl_skips(a.ctl); }
 
 // What the gradient is multiplied by: unscaling and clipping, one product.
 inline double grad_mult(const StepArgs& a) {
-  return a.ctl == nullptr ? 1.0 : static_cast<double>(a.ctl[CTL_INV_SCALE] * a.ctl[CTL_CLIP]);
+  return ctl_grad_mult(a.ctl);
 }
 
 // The walk shared by every rule. Seg(row, hyper_row, t, lo, hi) updates

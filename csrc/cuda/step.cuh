@@ -192,10 +192,8 @@ struct Segment {
     // after all blocks have arrived (see the top of this file)
     const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
     key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    // 1/grad_scale times the clip coefficient: their float product, widened (as the CPU kernel)
-    const double grad_mult =
-        ctl == nullptr ? 1.0 : static_cast<double>(ctl[CTL_INV_SCALE] * ctl[CTL_CLIP]);
-    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, grad_mult);
+    // 1/grad_scale times the clip coefficient (layout.h ctl_grad_mult, as the CPU kernel)
+    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(ctl));
   }
 
   // One element: storage -> math type, the rule, math -> storage (rounded once).
@@ -293,7 +291,7 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P>)
     step_kernel(const int64_t* __restrict__ table, int64_t nseg, const double* __restrict__ hyper,
                 unsigned int* arrivals, const float* __restrict__ ctl, uint64_t seed) {
   // found_inf: the same value for every block, which leaves before anything is read or written
-  if (ctl != nullptr && ctl[CTL_FOUND_INF] != 0.0f) return;
+  if (ctl_skips(ctl)) return;
   constexpr int64_t kChunk = chunk_elems(kElemSize<L, Rule>);
   constexpr int64_t kVec = vector_elems(kElemSize<L, Rule>);
   __shared__ int64_t starts[kCudaThreads + 1];  // chunk prefix sums of the current tile

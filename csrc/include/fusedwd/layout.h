@@ -32,6 +32,16 @@ enum Ctl : int {
   CTL_SIZE = 3,
 };
 
+// The control block's two readings, one copy for every backend (ctl may be null:
+// no AMP, no clipping). A NaN found_inf skips too.
+FUSEDWD_HD inline bool ctl_skips(const float* ctl) { return ctl != nullptr && ctl[CTL_FOUND_INF] != 0.0f; }
+
+// What every gradient is multiplied by: 1/grad_scale times the clip coefficient,
+// their fp32 product widened to double (folded into each segment's grad_sign).
+FUSEDWD_HD inline double ctl_grad_mult(const float* ctl) {
+  return ctl == nullptr ? 1.0 : static_cast<double>(ctl[CTL_INV_SCALE] * ctl[CTL_CLIP]);
+}
+
 // One float64 row per param group, per rule.
 enum AdamWHp : int {
   ADAMW_LR = 0,
