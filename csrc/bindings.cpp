@@ -18,6 +18,7 @@
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
 #include "fusedwd/precision.h"
+#include "fusedwd/quant.h"
 
 namespace py = pybind11;
 
@@ -294,6 +295,7 @@ struct Precision {
   bool stochastic;   // stochastic rounding of bf16 p
   uintptr_t ctl;     // address of the float32 control block (layout.h Ctl), or 0
   uint64_t seed;     // stochastic rounding seed
+  bool quantized;    // 8-bit blockwise states (quant.h); state_dtype is then ignored
 };
 
 // Runs one rule's pass over the bucket with the GIL released.
@@ -302,15 +304,20 @@ void run_step(uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, int num
               const Precision& pr, Pass pass) {
   check_step_args(nseg, dtype, num_threads);
   const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
-  check_layout(dtype, state_dtype, pr.master, pr.stochastic);
+  if (pr.quantized) {
+    check_q8_layout(dtype, pr.master, pr.stochastic);
+  } else {
+    check_layout(dtype, state_dtype, pr.master, pr.stochastic);
+  }
   if (nseg == 0) return;
   py::gil_scoped_release release;
   // the tables are int64 / float64 tensors owned by the caller, passed by address
   const int64_t* rows = reinterpret_cast<const int64_t*>(table);
-  const std::vector<int64_t> offs = cpu::segment_offsets(rows, nseg);
+  // 8-bit states split the work between threads by whole blocks
+  const std::vector<int64_t> offs = cpu::segment_offsets(rows, nseg, pr.quantized ? kQuantBlock : 1);
   const cpu::StepArgs args{rows, nseg, reinterpret_cast<const double*>(hyper), offs.data(),
                            dtype, num_threads, state_dtype, pr.master, pr.stochastic,
-                           reinterpret_cast<const float*>(pr.ctl), pr.seed};
+                           reinterpret_cast<const float*>(pr.ctl), pr.seed, pr.quantized};
   pass(cpu::active(), args);
 }
 
@@ -409,26 +416,28 @@ PYBIND11_MODULE(_C, m) {
       "adamw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool amsgrad,
          int num_threads, int state_dtype, bool master, bool stochastic_rounding, uintptr_t ctl,
-         uint64_t seed) {
+         uint64_t seed, bool quantized) {
         run_step(table, nseg, hyper, dtype, num_threads,
-                 {state_dtype, master, stochastic_rounding, ctl, seed},
+                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
                  [=](const cpu::Kernels& k, const cpu::StepArgs& a) { k.adamw(a, amsgrad); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("amsgrad"),
       py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      py::arg("quantized") = false,
       "One AdamW step over nseg segments (addresses of the int64 segment table and the\n"
       "float64 hyper table); advances every segment's step count by one.\n"
       "state_dtype (-1: dtype), master (fp32 master copies at SEG_MASTER), stochastic_rounding\n"
       "(bf16 params), ctl (address of the float32 control block: 1/grad_scale, found_inf, clip\n"
-      "coefficient; a nonzero found_inf skips the step, step counts included) and seed.");
+      "coefficient; a nonzero found_inf skips the step, step counts included), seed, and\n"
+      "quantized (8-bit blockwise states: S0..S2 hold uint8 codes, SEG_A0..SEG_A2 fp32 absmax).");
   m.def(
       "sgdw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool has_momentum,
          bool nesterov, int num_threads, int state_dtype, bool master, bool stochastic_rounding,
-         uintptr_t ctl, uint64_t seed) {
+         uintptr_t ctl, uint64_t seed, bool quantized) {
         run_step(table, nseg, hyper, dtype, num_threads,
-                 {state_dtype, master, stochastic_rounding, ctl, seed},
+                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
                  [=](const cpu::Kernels& k, const cpu::StepArgs& a) {
                    k.sgdw(a, has_momentum, nesterov);
                  });
@@ -436,15 +445,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
       py::arg("has_momentum"), py::arg("nesterov"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      py::arg("quantized") = false,
       "One SGDW step over nseg segments; advances every segment's step count by one.\n"
       "Precision keywords as for adamw_step.");
   m.def(
       "rmspropw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool centered,
          bool has_momentum, int num_threads, int state_dtype, bool master,
-         bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
+         bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
         run_step(table, nseg, hyper, dtype, num_threads,
-                 {state_dtype, master, stochastic_rounding, ctl, seed},
+                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
                  [=](const cpu::Kernels& k, const cpu::StepArgs& a) {
                    k.rmspropw(a, centered, has_momentum);
                  });
@@ -452,6 +462,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("centered"),
       py::arg("has_momentum"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      py::arg("quantized") = false,
       "One RMSpropW step over nseg segments; advances every segment's step count by one.\n"
       "Precision keywords as for adamw_step.");
 

@@ -14,10 +14,14 @@ from typing import Hashable, Optional
 import torch
 from torch import Tensor
 
+from . import quant
+
 # Segment-table columns (docs/design.md#segment-table); csrc/include/fusedwd/layout.h
 # holds the same numbers; tests/test_layout.py checks they agree.
-SEG_P, SEG_G, SEG_S0, SEG_S1, SEG_S2, SEG_STEP, SEG_N, SEG_HP, SEG_INDEX, SEG_MASTER, SEG_SALT = range(11)
-SEG_COLS = 11
+(SEG_P, SEG_G, SEG_S0, SEG_S1, SEG_S2, SEG_STEP, SEG_N, SEG_HP, SEG_INDEX, SEG_MASTER, SEG_SALT,
+ SEG_A0, SEG_A1, SEG_A2) = range(14)
+SEG_COLS = 14
+ABSMAX_COLUMNS = (SEG_A0, SEG_A1, SEG_A2)  # 8-bit states: each state's fp32 block absmax
 # The per-launch float32 control block (layout.h Ctl): 1/grad_scale, found_inf, clip coefficient.
 CTL_INV_SCALE, CTL_FOUND_INF, CTL_CLIP = range(3)
 CTL_SIZE = 3
@@ -52,6 +56,11 @@ class Bucket:
     master: bool = False  # an fp32 master copy of every (16-bit) parameter
     stochastic_rounding: bool = False  # bf16 parameters rounded stochastically
     salts: list[int] = field(default_factory=list)  # per parameter: its index in the optimizer
+    # 8-bit blockwise states (fusedwd/quant.py): buffers hold uint8 codes, absmax the fp32 scales
+    quantized: bool = False
+    signed: tuple[bool, ...] = ()  # per state column: the signed code (m, momentum) or not (v)
+    absmax: dict[str, Tensor] = field(default_factory=dict)
+    absmax_views: dict[str, list[Tensor]] = field(default_factory=dict)
     # DTensor parameters (FSDP2): shapes, pointers and states are their local shards (fusedwd/optim/_dtensor.py)
     dtensor: bool = False
     params: list[Tensor] = field(default_factory=list)
@@ -82,11 +91,23 @@ class Bucket:
             self.state_dtype = self.dtype
         # offsets aligned for the narrowest buffer are aligned for every wider one
         widths = [self.dtype, self.state_dtype] + ([torch.float32] if self.master else [])
+        # (8-bit codes: state_dtype is torch.uint8, one byte per element)
         element_size = min(torch.empty((), dtype=d).element_size() for d in widths)
         self.offsets, total = aligned_offsets(numels, element_size)
         self.length = total
-        for name in filter(None, self.state_names):
-            flat = torch.zeros(total, dtype=self.state_dtype, device=self.device)
+        for column, name in enumerate(self.state_names):
+            if name is None:
+                continue
+            if self.quantized:
+                # every state starts at 0: the zero code, absmax 0
+                signed = self.signed[column]
+                flat = torch.full((total,), quant.zero_code(signed), dtype=torch.uint8, device=self.device)
+                blocks = [-(-n // quant.BLOCK_SIZE) for n in numels]
+                scales = torch.zeros(sum(blocks), dtype=torch.float32, device=self.device)
+                self.absmax[name] = scales
+                self.absmax_views[name] = list(scales.split(blocks))
+            else:
+                flat = torch.zeros(total, dtype=self.state_dtype, device=self.device)
             self.buffers[name] = flat
             self.views[name] = self.flat_views(flat)
         if self.master:
@@ -122,6 +143,10 @@ class Bucket:
             row[SEG_INDEX] = i
             row[SEG_MASTER] = self.master_views[i].data_ptr() if self.master else 0
             row[SEG_SALT] = self.salts[i] if self.salts else 0
+            if self.quantized:
+                for column, name in zip(ABSMAX_COLUMNS, self.state_names):
+                    if name is not None:
+                        row[column] = self.absmax_views[name][i].data_ptr()
             rows.append(row)
         self.table_in = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), SEG_COLS)
         self.table_out = torch.zeros_like(self.table_in)

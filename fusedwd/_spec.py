@@ -110,11 +110,14 @@ def _check_common(group: Mapping[str, Any]) -> None:
     _check_bool("master_weights", group.get("master_weights", False))
     _check_bool("stochastic_rounding", group.get("stochastic_rounding", False))
     state_dtype = group.get("state_dtype")
-    if state_dtype is not None and state_dtype not in SUPPORTED_DTYPES:
+    if state_dtype is not None and state_dtype != INT8 and state_dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"state_dtype must be None (the parameter's dtype) or one of "
+            f"state_dtype must be None (the parameter's dtype), {INT8!r} (8-bit blockwise states) or one of "
             f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}; got {state_dtype!r}"
         )
+    min_numel = group.get("min_8bit_numel", MIN_8BIT_NUMEL)
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise ValueError(f"Invalid min_8bit_numel: {min_numel!r} (expected an int >= 0)")
     if group.get("master_weights", False) and group.get("stochastic_rounding", False):
         raise ValueError("stochastic_rounding=True rounds parameters that have no master copy; "
                          "it cannot be combined with master_weights=True")
@@ -149,19 +152,31 @@ def check_rmspropw(group: Mapping[str, Any]) -> None:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+INT8 = "int8"  # state_dtype of 8-bit blockwise states (fusedwd/quant.py); stored as torch.uint8 codes
+MIN_8BIT_NUMEL = 4096  # smaller tensors keep float32 states under state_dtype="int8", as the peers do
 
 
-def storage_layout(dtype: torch.dtype, group: Mapping[str, Any]) -> tuple[torch.dtype, bool, bool]:
-    """``(state_dtype, master, stochastic_rounding)`` for parameters of ``dtype`` in ``group``.
+def storage_layout(dtype: torch.dtype, group: Mapping[str, Any], numel: int = 0) -> tuple[torch.dtype, bool, bool]:
+    """``(state_dtype, master, stochastic_rounding)`` for a parameter of ``dtype`` and ``numel``
+    elements in ``group``; ``torch.uint8`` as state dtype means 8-bit blockwise states.
 
     master_weights applies to 16-bit parameters (fp32 and fp64 ones are their own
-    master); stochastic_rounding to bf16 parameters. The combinations are the
-    kernels' (csrc/cpu/loops.h by_layout); any other raises a ValueError.
+    master); stochastic_rounding to bf16 parameters; state_dtype="int8" to tensors of
+    at least ``min_8bit_numel`` elements (smaller ones keep float32 states). The
+    combinations are the kernels' (csrc/cpu/loops.h by_layout, by_q8_layout); any
+    other raises a ValueError.
     """
     half = dtype in HALF_DTYPES
     master = bool(group.get("master_weights", False)) and half
     stochastic = bool(group.get("stochastic_rounding", False)) and dtype == torch.bfloat16 and not master
-    state = group.get("state_dtype") or (torch.float32 if master else dtype)
+    state = group.get("state_dtype")
+    if state == INT8:
+        if dtype == torch.float64:
+            raise ValueError("state_dtype='int8' takes float32, bfloat16 or float16 parameters, not float64")
+        if numel >= group.get("min_8bit_numel", MIN_8BIT_NUMEL):
+            return torch.uint8, master, stochastic
+        state = torch.float32
+    state = state or (torch.float32 if master else dtype)
     if master:
         ok = state in (torch.float32,) + HALF_DTYPES
     elif stochastic:

@@ -102,10 +102,10 @@ void set_isa(const std::string& name) {
   g_active.store(k, std::memory_order_release);
 }
 
-std::vector<int64_t> segment_offsets(const int64_t* table, int64_t nseg) {
+std::vector<int64_t> segment_offsets(const int64_t* table, int64_t nseg, int64_t unit) {
   std::vector<int64_t> offs(static_cast<size_t>(nseg) + 1);
   offs[0] = 0;
-  for (int64_t s = 0; s < nseg; ++s) offs[s + 1] = offs[s] + table[s * SEG_COLS + SEG_N];
+  for (int64_t s = 0; s < nseg; ++s) offs[s + 1] = offs[s] + (table[s * SEG_COLS + SEG_N] + unit - 1) / unit;
   return offs;
 }
 

@@ -23,6 +23,7 @@ struct StepArgs {
   bool stochastic;       // round bf16 p stochastically (no master)
   const float* ctl;      // the control block (layout.h Ctl), or nullptr: no AMP, no clipping
   uint64_t seed;         // stochastic rounding seed
+  bool quantized;        // 8-bit blockwise states (quant.h): offs and slices count blocks
 };
 
 // traffic_pass takes at most this many read and this many write buffers.
@@ -55,8 +56,9 @@ std::vector<std::string> supported_isas();
 // Selects a variant by name; throws std::invalid_argument if unknown or unsupported.
 void set_isa(const std::string& name);
 
-// Exclusive prefix sums of the SEG_N column: nseg + 1 entries.
-std::vector<int64_t> segment_offsets(const int64_t* table, int64_t nseg);
+// Exclusive prefix sums of the SEG_N column, in units of `unit` elements (a
+// segment's count rounded up): nseg + 1 entries.
+std::vector<int64_t> segment_offsets(const int64_t* table, int64_t nseg, int64_t unit = 1);
 
 }  // namespace cpu
 }  // namespace fusedwd

@@ -15,6 +15,7 @@
 #include "fusedwd/common.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
+#include "fusedwd/quant.h"
 #include "fusedwd/rmspropw.h"
 #include "fusedwd/sgdw.h"
 #include "kernels.h"
@@ -48,7 +49,8 @@ inline double grad_mult(const StepArgs& a) {
 }
 
 // The walk shared by every rule. Seg(row, hyper_row, t, lo, hi) updates
-// elements [lo, hi) of one segment; t is the 1-based step being taken.
+// elements [lo, hi) of one segment (blocks [lo, hi) when the states are 8-bit:
+// a block is never split between threads); t is the 1-based step being taken.
 template <int HP_COLS, typename Seg>
 void for_each_slice(const StepArgs& a, Seg seg) {
   if (skipped(a)) return;
@@ -170,6 +172,154 @@ void rmspropw_pass(const StepArgs& a) {
   });
 }
 
+// ------------------------------------------------------------ 8-bit states
+// docs/quantization.md: per block, decode every state with its old absmax, run
+// the rule's fp32 update (the weight is written from the unquantized new
+// states), reduce each new state to its block absmax, re-encode. The slices of
+// for_each_slice count blocks here.
+// Elements [e0, e1) of block b of a segment of n elements.
+inline void block_range(int64_t b, int64_t n, int64_t& e0, int64_t& e1) {
+  e0 = b * kQuantBlock;
+  e1 = min_i64(e0 + kQuantBlock, n);
+}
+
+template <DType P, bool MASTER, bool SR, bool AMSGRAD>
+void adamw_q8_pass(const StepArgs& a) {
+  using M = math_t<P>;
+  static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
+  const double gm = grad_mult(a);
+  const uint64_t seed = a.seed;
+  for_each_slice<ADAMW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+                                              int64_t lo, int64_t hi) {
+    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    const storage_t<P>* __restrict__ g = column_ptr<const storage_t<P>>(row, SEG_G);
+    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+    uint8_t* __restrict__ m = column_ptr<uint8_t>(row, SEG_S0);
+    uint8_t* __restrict__ v = column_ptr<uint8_t>(row, SEG_S1);
+    uint8_t* __restrict__ vmax = column_ptr<uint8_t>(row, SEG_S2);
+    float* __restrict__ am = column_ptr<float>(row, SEG_A0);
+    float* __restrict__ av = column_ptr<float>(row, SEG_A1);
+    float* __restrict__ avmax = column_ptr<float>(row, SEG_A2);
+    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    const AdamWScalars<M> sc = adamw_scalars<M>(hp, t, gm);
+    alignas(64) float mb[kQuantBlock], vb[kQuantBlock], vmb[kQuantBlock];
+    for (int64_t b = lo; b < hi; ++b) {
+      int64_t e0, e1;
+      block_range(b, row[SEG_N], e0, e1);
+      const float am_old = am[b], av_old = av[b], avmax_old = AMSGRAD ? avmax[b] : 0.0f;
+#pragma omp simd
+      for (int64_t i = e0; i < e1; ++i) {
+        M pi = load_param<P, MASTER>(p, master, i);
+        M mi = q_decode(m[i], am_old, true);
+        M vi = q_decode(v[i], av_old, false);
+        M vmaxi = AMSGRAD ? q_decode(vmax[i], avmax_old, false) : M(0);
+        adamw_update<AMSGRAD, M>(pi, load<P>(g, i), mi, vi, vmaxi, sc);
+        store_param<P, MASTER, SR>(p, master, i, pi, key);
+        mb[i - e0] = mi;
+        vb[i - e0] = vi;
+        vmb[i - e0] = vmaxi;
+      }
+      q_encode_block<true>(mb, e1 - e0, m + e0, am + b);
+      q_encode_block<false>(vb, e1 - e0, v + e0, av + b);
+      if (AMSGRAD) q_encode_block<false>(vmb, e1 - e0, vmax + e0, avmax + b);
+    }
+  });
+}
+
+template <DType P, bool MASTER, bool SR, bool HAS_MOMENTUM, bool NESTEROV>
+void sgdw_q8_pass(const StepArgs& a) {
+  using M = math_t<P>;
+  static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
+  const double gm = grad_mult(a);
+  const uint64_t seed = a.seed;
+  for_each_slice<SGDW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+                                             int64_t lo, int64_t hi) {
+    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    const storage_t<P>* __restrict__ g = column_ptr<const storage_t<P>>(row, SEG_G);
+    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+    uint8_t* __restrict__ buf = column_ptr<uint8_t>(row, SEG_S0);
+    float* __restrict__ abuf = column_ptr<float>(row, SEG_A0);
+    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t, gm);
+    alignas(64) float bb[kQuantBlock];
+    for (int64_t b = lo; b < hi; ++b) {
+      int64_t e0, e1;
+      block_range(b, row[SEG_N], e0, e1);
+      const float abuf_old = HAS_MOMENTUM ? abuf[b] : 0.0f;
+#pragma omp simd
+      for (int64_t i = e0; i < e1; ++i) {
+        M pi = load_param<P, MASTER>(p, master, i);
+        M bi = HAS_MOMENTUM ? q_decode(buf[i], abuf_old, true) : M(0);
+        sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<P>(g, i), bi, sc);
+        store_param<P, MASTER, SR>(p, master, i, pi, key);
+        bb[i - e0] = bi;
+      }
+      if (HAS_MOMENTUM) q_encode_block<true>(bb, e1 - e0, buf + e0, abuf + b);
+    }
+  });
+}
+
+template <DType P, bool MASTER, bool SR, bool CENTERED, bool HAS_MOMENTUM>
+void rmspropw_q8_pass(const StepArgs& a) {
+  using M = math_t<P>;
+  static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
+  const double gm = grad_mult(a);
+  const uint64_t seed = a.seed;
+  for_each_slice<RMSPROPW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+                                                 int64_t lo, int64_t hi) {
+    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    const storage_t<P>* __restrict__ g = column_ptr<const storage_t<P>>(row, SEG_G);
+    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+    uint8_t* __restrict__ sq = column_ptr<uint8_t>(row, SEG_S0);
+    uint8_t* __restrict__ ga = column_ptr<uint8_t>(row, SEG_S1);
+    uint8_t* __restrict__ buf = column_ptr<uint8_t>(row, SEG_S2);
+    float* __restrict__ asq = column_ptr<float>(row, SEG_A0);
+    float* __restrict__ aga = column_ptr<float>(row, SEG_A1);
+    float* __restrict__ abuf = column_ptr<float>(row, SEG_A2);
+    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t, gm);
+    alignas(64) float sqb[kQuantBlock], gab[kQuantBlock], bb[kQuantBlock];
+    for (int64_t b = lo; b < hi; ++b) {
+      int64_t e0, e1;
+      block_range(b, row[SEG_N], e0, e1);
+      const float asq_old = asq[b];
+      const float aga_old = CENTERED ? aga[b] : 0.0f;
+      const float abuf_old = HAS_MOMENTUM ? abuf[b] : 0.0f;
+#pragma omp simd
+      for (int64_t i = e0; i < e1; ++i) {
+        M pi = load_param<P, MASTER>(p, master, i);
+        M sqi = q_decode(sq[i], asq_old, false);
+        M gai = CENTERED ? q_decode(ga[i], aga_old, true) : M(0);
+        M bi = HAS_MOMENTUM ? q_decode(buf[i], abuf_old, true) : M(0);
+        rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<P>(g, i), sqi, gai, bi, sc);
+        store_param<P, MASTER, SR>(p, master, i, pi, key);
+        sqb[i - e0] = sqi;
+        gab[i - e0] = gai;
+        bb[i - e0] = bi;
+      }
+      q_encode_block<false>(sqb, e1 - e0, sq + e0, asq + b);
+      if (CENTERED) q_encode_block<true>(gab, e1 - e0, ga + e0, aga + b);
+      if (HAS_MOMENTUM) q_encode_block<true>(bb, e1 - e0, buf + e0, abuf + b);
+    }
+  });
+}
+
+// 8-bit layouts (the bindings validated them): fp32 p; 16-bit p with an fp32
+// master; bf16 p rounded stochastically; 16-bit p rounded to nearest.
+template <template <DType, bool, bool> class Pass>
+void by_q8_layout(const StepArgs& a) {
+  using D = DType;
+  const D p = static_cast<D>(a.dtype);
+  if (p == D::F32) return Pass<D::F32, false, false>::run(a);
+  if (a.master) {
+    if (p == D::BF16) return Pass<D::BF16, true, false>::run(a);
+    return Pass<D::F16, true, false>::run(a);
+  }
+  if (a.stochastic) return Pass<D::BF16, false, true>::run(a);
+  if (p == D::BF16) return Pass<D::BF16, false, false>::run(a);
+  return Pass<D::F16, false, false>::run(a);
+}
+
 // Runtime storage layout -> template; the bindings validated it
 // (fusedwd/_spec.py KERNEL_LAYOUTS lists the same combinations).
 template <template <DType, DType, bool, bool> class Pass>
@@ -214,6 +364,10 @@ struct AdamW {
   struct Pass {
     static void run(const StepArgs& a) { adamw_pass<P, P, S, MASTER, SR, AMSGRAD>(a); }
   };
+  template <DType P, bool MASTER, bool SR>
+  struct Q8 {
+    static void run(const StepArgs& a) { adamw_q8_pass<P, MASTER, SR, AMSGRAD>(a); }
+  };
 };
 
 template <bool HAS_MOMENTUM, bool NESTEROV>
@@ -221,6 +375,10 @@ struct Sgdw {
   template <DType P, DType S, bool MASTER, bool SR>
   struct Pass {
     static void run(const StepArgs& a) { sgdw_pass<P, P, S, MASTER, SR, HAS_MOMENTUM, NESTEROV>(a); }
+  };
+  template <DType P, bool MASTER, bool SR>
+  struct Q8 {
+    static void run(const StepArgs& a) { sgdw_q8_pass<P, MASTER, SR, HAS_MOMENTUM, NESTEROV>(a); }
   };
 };
 
@@ -232,39 +390,53 @@ struct Rmspropw {
       rmspropw_pass<P, P, S, MASTER, SR, CENTERED, HAS_MOMENTUM>(a);
     }
   };
+  template <DType P, bool MASTER, bool SR>
+  struct Q8 {
+    static void run(const StepArgs& a) { rmspropw_q8_pass<P, MASTER, SR, CENTERED, HAS_MOMENTUM>(a); }
+  };
 };
+
+// A rule's pass for the step's storage: 8-bit states or not.
+template <class Rule>
+void dispatch(const StepArgs& a) {
+  if (a.quantized) {
+    by_q8_layout<Rule::template Q8>(a);
+  } else {
+    by_layout<Rule::template Pass>(a);
+  }
+}
 
 inline void adamw(const StepArgs& a, bool amsgrad) {
   if (amsgrad) {
-    by_layout<AdamW<true>::Pass>(a);
+    dispatch<AdamW<true>>(a);
   } else {
-    by_layout<AdamW<false>::Pass>(a);
+    dispatch<AdamW<false>>(a);
   }
 }
 
 inline void sgdw(const StepArgs& a, bool has_momentum, bool nesterov) {
   if (!has_momentum) {
     // nesterov needs momentum (validated in Python): without it d = g either way
-    by_layout<Sgdw<false, false>::Pass>(a);
+    dispatch<Sgdw<false, false>>(a);
   } else if (nesterov) {
-    by_layout<Sgdw<true, true>::Pass>(a);
+    dispatch<Sgdw<true, true>>(a);
   } else {
-    by_layout<Sgdw<true, false>::Pass>(a);
+    dispatch<Sgdw<true, false>>(a);
   }
 }
 
 inline void rmspropw(const StepArgs& a, bool centered, bool has_momentum) {
   if (centered) {
     if (has_momentum) {
-      by_layout<Rmspropw<true, true>::Pass>(a);
+      dispatch<Rmspropw<true, true>>(a);
     } else {
-      by_layout<Rmspropw<true, false>::Pass>(a);
+      dispatch<Rmspropw<true, false>>(a);
     }
   } else {
     if (has_momentum) {
-      by_layout<Rmspropw<false, true>::Pass>(a);
+      dispatch<Rmspropw<false, true>>(a);
     } else {
-      by_layout<Rmspropw<false, false>::Pass>(a);
+      dispatch<Rmspropw<false, false>>(a);
     }
   }
 }

@@ -20,6 +20,7 @@ from . import _dtensor, _flat
 from .._buckets import CTL_CLIP, CTL_FOUND_INF, CTL_INV_SCALE, CTL_SIZE
 from .._spec import (SUPPORTED_DTYPES, Backend, check_backend, check_decay, check_max_grad_norm, group_lr_max,
                      hyper_tensor, storage_layout)
+from .. import quant
 from ..reference import Precision
 
 # Elements per thread below which the CPU pass does not split (torch's at::internal::GRAIN_SIZE).
@@ -43,6 +44,10 @@ def _built_by_zero() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# The states whose 8-bit code is unsigned (second moments); every other state is signed.
+UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
 
 class FusedOptimizer(Optimizer):
@@ -161,8 +166,9 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, keeping each saved state's dtype.
 
-        torch casts every floating state to its parameter's dtype, which would round an
-        fp32 master copy or fp32 states of a bf16 parameter; fusedwd keeps them as saved
+        torch casts every state to its parameter's dtype, which would round an fp32
+        master copy or fp32 states of a bf16 parameter and turn 8-bit codes into floats;
+        fusedwd keeps them as saved
         and converts them once, into the buckets' storage dtypes, at the next step
         (docs/design.md#precision).
         """
@@ -171,9 +177,9 @@ class FusedOptimizer(Optimizer):
             for pid, p in zip(saved_group["params"], group["params"]):
                 entry = state_dict.get("state", {}).get(pid)
                 if isinstance(entry, dict):
+                    # (8-bit codes too: torch casts every state, uint8 included, to the param dtype)
                     saved[id(p)] = {k: v for k, v in entry.items()
-                                    if k != "step" and isinstance(v, Tensor) and v.is_floating_point()
-                                    and v.dtype != p.dtype}
+                                    if k != "step" and isinstance(v, Tensor) and v.dtype != p.dtype}
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
@@ -230,7 +236,7 @@ class FusedOptimizer(Optimizer):
             structure = self._structure(group)
             slots = self._state_slots(structure)
             for p in group["params"]:
-                layout = storage_layout(p.dtype, group)
+                layout = storage_layout(p.dtype, group, p.numel())
                 backend = self._resolve_backend(group["backend"], p)
                 _dtensor.check_flat_grads(type(self).__name__, group, p)
                 dtensor = _dtensor.is_dtensor(p)
@@ -241,9 +247,14 @@ class FusedOptimizer(Optimizer):
                 bucket = buckets.get(key)
                 if bucket is None:
                     state_dtype, master, stochastic = layout
+                    quantized = state_dtype == torch.uint8
+                    if quantized and dtensor:
+                        raise ValueError(f"{type(self).__name__}: state_dtype='int8' does not take DTensor "
+                                         "parameters (FSDP2) yet: their shards would cut the 256-element blocks")
                     bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots, flat_grads=flat,
                                                    dtensor=dtensor, state_dtype=state_dtype, master=master,
-                                                   stochastic_rounding=stochastic)
+                                                   stochastic_rounding=stochastic, quantized=quantized,
+                                                   signed=tuple(n not in UNSIGNED_STATES for n in slots))
                 bucket.params.append(p)
                 bucket.salts.append(salt)
                 salt += 1
@@ -274,7 +285,9 @@ class FusedOptimizer(Optimizer):
                 continue
             if not state:
                 continue
-            for name in filter(None, bucket.state_names):
+            for column, name in enumerate(bucket.state_names):
+                if name is None or self._adopt_codes(bucket, i, state, name, column):
+                    continue
                 old = state.get(name)
                 if old is None:
                     continue  # a state this structure adds (e.g. amsgrad switched on) starts at zero
@@ -286,12 +299,39 @@ class FusedOptimizer(Optimizer):
                         f"{tuple(old.shape) if isinstance(old, Tensor) else type(old).__name__}, "
                         f"expected {tuple(bucket.shapes[i])}"
                     )
-                bucket.views[name][i].copy_(old)
+                if bucket.quantized:  # a float state (torch's, or fp32 fusedwd's): encoded once
+                    codes, scales = quant.quantize_blockwise(old, bucket.signed[column])
+                    bucket.views[name][i].copy_(codes.view(bucket.shapes[i]))
+                    bucket.absmax_views[name][i].copy_(scales)
+                else:
+                    bucket.views[name][i].copy_(old)
             step = self._initialized_step(state)
             if step is not None:
                 bucket.steps[i] = step
             self._expose(bucket, i)
         bucket.n_unexposed = bucket.exposed.count(False)
+
+    def _adopt_codes(self, bucket: Bucket, i: int, state: dict[str, Any], name: str, column: int) -> bool:
+        """An 8-bit state saved as ``<name>_codes`` and ``<name>_absmax``: copied into 8-bit
+        buffers exactly, or decoded once into float ones (docs/design.md#8-bit-states).
+        Returns whether it was there."""
+        codes, scales = state.get(name + "_codes"), state.get(name + "_absmax")
+        if codes is None or scales is None:
+            return False
+        shape = bucket.shapes[i]
+        blocks = -(-shape.numel() // quant.BLOCK_SIZE)
+        if codes.dtype != torch.uint8 or codes.numel() != shape.numel() or scales.numel() != blocks:
+            raise RuntimeError(
+                f"{type(self).__name__}: 8-bit state '{name}' of {self._describe(bucket, i)} has codes "
+                f"{codes.dtype} of {codes.numel()} and {scales.numel()} absmax, expected uint8 of "
+                f"{shape.numel()} and {blocks}"
+            )
+        if bucket.quantized:
+            bucket.views[name][i].copy_(codes.reshape(shape))
+            bucket.absmax_views[name][i].copy_(scales.reshape(-1))
+        else:
+            bucket.views[name][i].copy_(quant.dequantize_blockwise(codes, scales, shape, bucket.signed[column]))
+        return True
 
     def _adopt_master(self, bucket: Bucket, i: int, state: Optional[dict[str, Any]]) -> None:
         """docs/design.md#precision: a saved fp32 master is kept, never dropped silently."""
@@ -319,7 +359,15 @@ class FusedOptimizer(Optimizer):
         state = self.state[p]
         wrap = (lambda view: _dtensor.wrap(view, p)) if bucket.dtensor else (lambda view: view)
         for name in filter(None, bucket.state_names):
-            state[name] = wrap(bucket.views[name][i])
+            if bucket.quantized:
+                # codes and scales under their own names, so no reader takes the bytes for values
+                state.pop(name, None)
+                state[name + "_codes"] = bucket.views[name][i]
+                state[name + "_absmax"] = bucket.absmax_views[name][i]
+            else:
+                state.pop(name + "_codes", None)
+                state.pop(name + "_absmax", None)
+                state[name] = wrap(bucket.views[name][i])
         if bucket.master:
             state["master_param"] = wrap(bucket.master_views[i])
         if self._STEP_IN_STATE:
@@ -449,7 +497,9 @@ class FusedOptimizer(Optimizer):
     def _precision(self, bucket: Bucket, ctl: Optional[Tensor], dtype_code: Callable[[torch.dtype], Any]) -> dict:
         """The kernels' precision keywords for a bucket, only those that differ from the default."""
         kw: dict[str, Any] = {}
-        if bucket.state_dtype != bucket.dtype:
+        if bucket.quantized:
+            kw["quantized"] = True
+        elif bucket.state_dtype != bucket.dtype:
             kw["state_dtype"] = dtype_code(bucket.state_dtype)
         if bucket.master:
             kw["master"] = True
@@ -573,6 +623,12 @@ class FusedOptimizer(Optimizer):
             grad_mult = float(ctl[CTL_INV_SCALE] * ctl[CTL_CLIP])  # the fp32 product, as the kernels form it
         seed = self._stochastic_seed() if bucket.stochastic_rounding else 0
         for row, indices in by_group.items():
+            states = {name: [bucket.views[name][i] for i in indices] for name in filter(None, bucket.state_names)}
+            if bucket.quantized:  # the rule's fp32 math on decoded states, re-encoded after (fusedwd.quant)
+                states = {name: [quant.dequantize_blockwise(bucket.views[name][i], bucket.absmax_views[name][i],
+                                                            bucket.shapes[i], bucket.signed[column])
+                                 for i in indices]
+                          for column, name in enumerate(bucket.state_names) if name is not None}
             precision = Precision(
                 masters=[bucket.master_views[i] for i in indices] if bucket.master else None,
                 grad_mult=grad_mult, stochastic_rounding=bucket.stochastic_rounding, seed=seed,
@@ -583,10 +639,16 @@ class FusedOptimizer(Optimizer):
                 bucket.structure,
                 [_dtensor.local(bucket.params[i]) for i in indices],
                 [_dtensor.local(bucket.params[i].grad) for i in indices],
-                {name: [bucket.views[name][i] for i in indices] for name in filter(None, bucket.state_names)},
+                states,
                 [bucket.step_views[i] for i in indices],
                 precision,
             )
+            if bucket.quantized:
+                for column, name in enumerate(bucket.state_names):
+                    for i, value in zip(indices, states.get(name, ())):
+                        codes, scales = quant.quantize_blockwise(value, bucket.signed[column])
+                        bucket.views[name][i].copy_(codes.view(bucket.shapes[i]))
+                        bucket.absmax_views[name][i].copy_(scales)
             if bucket.n_unexposed:
                 self._expose_after_step(bucket, indices)
 

@@ -53,8 +53,12 @@ class RMSpropW(FusedOptimizer):
             states): the step reads and writes the master and writes the parameter rounded
             to nearest even in the same pass (docs/math.md#precision).
         state_dtype: storage dtype of the states (default: the parameter's, float32 with
-            master weights); math is always float32. bfloat16/float16 states quarter the
-            memory of float32 ones.
+            master weights); math is always float32. bfloat16/float16 states halve the
+            memory of float32 ones; ``"int8"`` stores 8-bit blockwise states (one byte per
+            element plus an fp32 absmax per 256, decoded, updated and re-encoded in the same
+            pass: docs/quantization.md), a quarter of float32's.
+        min_8bit_numel: under ``state_dtype="int8"``, tensors with fewer elements keep float32
+            states (their bytes are negligible, their statistics the most fragile).
         stochastic_rounding: round updated bf16 parameters (without a master) stochastically,
             from a seeded hash of (seed, parameter, step, element): unbiased and reproducible.
         max_grad_norm: clip the global gradient norm (all parameters, all groups) to this
@@ -95,15 +99,17 @@ class RMSpropW(FusedOptimizer):
         backend: str = "auto",
         flat_grads: bool = False,
         master_weights: bool = False,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: Union[None, torch.dtype, str] = None,
         stochastic_rounding: bool = False,
         max_grad_norm: Optional[float] = None,
+        min_8bit_numel: int = 4096,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
             decay=decay, backend=backend, flat_grads=flat_grads,
             master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+            min_8bit_numel=min_8bit_numel,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm)
 

@@ -50,8 +50,12 @@ class SGDW(FusedOptimizer):
             states): the step reads and writes the master and writes the parameter rounded
             to nearest even in the same pass (docs/math.md#precision).
         state_dtype: storage dtype of the states (default: the parameter's, float32 with
-            master weights); math is always float32. bfloat16/float16 states quarter the
-            memory of float32 ones.
+            master weights); math is always float32. bfloat16/float16 states halve the
+            memory of float32 ones; ``"int8"`` stores 8-bit blockwise states (one byte per
+            element plus an fp32 absmax per 256, decoded, updated and re-encoded in the same
+            pass: docs/quantization.md), a quarter of float32's.
+        min_8bit_numel: under ``state_dtype="int8"``, tensors with fewer elements keep float32
+            states (their bytes are negligible, their statistics the most fragile).
         stochastic_rounding: round updated bf16 parameters (without a master) stochastically,
             from a seeded hash of (seed, parameter, step, element): unbiased and reproducible.
         max_grad_norm: clip the global gradient norm (all parameters, all groups) to this
@@ -92,15 +96,17 @@ class SGDW(FusedOptimizer):
         backend: str = "auto",
         flat_grads: bool = False,
         master_weights: bool = False,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: Union[None, torch.dtype, str] = None,
         stochastic_rounding: bool = False,
         max_grad_norm: Optional[float] = None,
+        min_8bit_numel: int = 4096,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
             capturable=capturable, decay=decay, backend=backend, flat_grads=flat_grads,
             master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+            min_8bit_numel=min_8bit_numel,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm)
 
@@ -117,7 +123,8 @@ class SGDW(FusedOptimizer):
     def _initialized_step(self, state: dict[str, Any]) -> Optional[float]:
         # torch starts the buffer as a copy of the first gradient; a stored buffer means
         # that first step has happened (SGD's step count itself is internal)
-        return 1.0 if state.get("momentum_buffer") is not None else None
+        saved = state.get("momentum_buffer") is not None or state.get("momentum_buffer_codes") is not None
+        return 1.0 if saved else None
 
     def _hyper_row(self, group: dict[str, Any], device: Any = None) -> list[Any]:
         lr, decay_mult, l2, grad_sign = decay_row(group, device)

@@ -19,7 +19,10 @@ enum SegCol : int {
   SEG_INDEX = 8,  // index of the parameter inside its bucket (unused by kernels)
   SEG_MASTER = 9,  // address of the fp32 master copy of p (master weights), or 0
   SEG_SALT = 10,   // the parameter's stochastic-rounding salt (its index in the optimizer)
-  SEG_COLS = 11,
+  SEG_A0 = 11,     // 8-bit states: address of state 0's fp32 block absmax (quant.h), or 0
+  SEG_A1 = 12,     // ... of state 1
+  SEG_A2 = 13,     // ... of state 2
+  SEG_COLS = 14,
 };
 
 // The per-launch control block (float32, on the tensors' device), written by the

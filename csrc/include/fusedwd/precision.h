@@ -52,6 +52,25 @@ inline void check_layout(int dtype, int state_dtype, bool master, bool stochasti
   }
 }
 
+// 8-bit blockwise states (quant.h; the CPU loops' by_q8_layout): fp32 p; 16-bit
+// p with an fp32 master; bf16 p rounded stochastically; 16-bit p rounded to nearest.
+FUSEDWD_HD constexpr bool q8_layout_supported(int dtype, bool master, bool stochastic) {
+  const int F32 = static_cast<int>(DType::F32), F16 = static_cast<int>(DType::F16);
+  const int BF16 = static_cast<int>(DType::BF16);
+  const bool half_p = dtype == F16 || dtype == BF16;
+  if (master) return half_p && !stochastic;
+  if (stochastic) return dtype == BF16;
+  return dtype == F32 || half_p;
+}
+
+inline void check_q8_layout(int dtype, bool master, bool stochastic) {
+  if (!q8_layout_supported(dtype, master, stochastic)) {
+    throw std::invalid_argument("unsupported storage layout: params " + dtype_name(dtype) + ", 8-bit states" +
+                                (master ? ", fp32 master weights" : "") +
+                                (stochastic ? ", stochastic rounding" : ""));
+  }
+}
+
 // Runtime layout -> f(Layout<...>{}), for a layout check_layout accepted.
 template <typename F>
 decltype(auto) with_layout(int dtype, int state_dtype, bool master, bool stochastic, F&& f) {
