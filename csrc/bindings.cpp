@@ -321,6 +321,18 @@ void run_step(uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, int num
   pass(cpu::active(), args);
 }
 
+// max_grad_norm's read pass: the sum of squares of the gradients of nseg segments.
+double grad_sumsq(uintptr_t table, int64_t nseg, int dtype, int num_threads) {
+  check_step_args(nseg, dtype, num_threads);
+  if (nseg == 0) return 0.0;
+  py::gil_scoped_release release;
+  const int64_t* rows = reinterpret_cast<const int64_t*>(table);
+  const std::vector<int64_t> offs = cpu::segment_offsets(rows, nseg);
+  const cpu::StepArgs args{rows, nseg, nullptr, offs.data(), dtype, num_threads, dtype, false, false,
+                           nullptr, 0, false};
+  return cpu::active().sumsq(args);
+}
+
 void traffic_pass(const std::vector<uintptr_t>& reads, const std::vector<uintptr_t>& writes,
                   int64_t n, int elem_size, int num_threads) {
   if (n < 0) throw py::value_error("n must be >= 0");
@@ -494,6 +506,10 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("name"), "Selects the CPU ISA variant by name (for tests and benchmarks).");
 
+  m.def("grad_sumsq", &grad_sumsq, py::arg("table"), py::arg("nseg"), py::arg("dtype"),
+        py::arg("num_threads"),
+        "Sum of squares (in double) of the gradients of nseg segments of a segment table: the\n"
+        "one read pass of max_grad_norm. Threads' sums are added in thread order.");
   m.def("traffic_pass", &traffic_pass, py::arg("read_addrs"), py::arg("write_addrs"),
         py::arg("n"), py::arg("elem_size"), py::arg("num_threads"),
         "The memory-traffic floor: one parallel pass reading n elements of every read\n"

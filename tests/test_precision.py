@@ -230,9 +230,23 @@ def test_fused_clipping_equals_clip_grad_norm_then_step(cls, hp, states):
         clip(t)
         fused.step()
         plain.step()
-        assert torch.equal(fused.last_grad_norm, norms[-1])
-        for pa, pb in zip(params_a, params_b):
-            assert torch.equal(pa, pb), f"step {t}: fused clipping differs from clip_grad_norm_ + step"
+        # the CPU kernel sums squares in double in one pass; torch takes per-tensor fp32 norms
+        assert_close(fused.last_grad_norm, norms[-1], f"step {t}: the norm")
+        assert norms[-1] > 0.7, "the test must clip"
+        for k, (pa, pb) in enumerate(zip(params_a, params_b)):
+            assert_close(pa, pb, f"step {t} param {k}: fused clipping vs clip_grad_norm_ + step", scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_grad_sumsq_pass_is_the_sum_of_squares(dtype):
+    params = make_params(SHAPES + [(0,)], dtype)
+    opt = fusedwd.AdamW(params, max_grad_norm=1e9)
+    grads = random_grads(params, 0)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    exact = sum((g.double() ** 2).sum() for g in grads).sqrt()
+    torch.testing.assert_close(opt.last_grad_norm.double(), exact, rtol=2**-22, atol=0)
 
 
 def test_non_finite_norm_skips_the_step():

@@ -45,6 +45,7 @@ struct Kernels {
   void (*sgdw)(const StepArgs&, bool has_momentum, bool nesterov);
   void (*rmspropw)(const StepArgs&, bool centered, bool has_momentum);
   void (*traffic)(const TrafficArgs&);
+  double (*sumsq)(const StepArgs&);  // sum of squares of every segment's gradient
 };
 
 // The variant in use; chosen at first use from the CPU features unless

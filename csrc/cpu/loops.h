@@ -441,6 +441,53 @@ inline void rmspropw(const StepArgs& a, bool centered, bool has_momentum) {
   }
 }
 
+// The sum of squares of every gradient of the table (max_grad_norm's one read
+// pass), in double: each thread sums its share of the concatenated elements
+// (the steps' partition), the threads' sums are added in thread order, so the
+// result depends on the thread count only.
+template <DType G>
+double sumsq_pass(const StepArgs& a) {
+  double partial[256] = {0.0};
+  const int nt_max = a.num_threads < 256 ? a.num_threads : 256;
+  int nt_used = 1;
+#pragma omp parallel num_threads(nt_max) if (nt_max > 1)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t k = omp_get_thread_num();
+    if (k == 0) nt_used = static_cast<int>(nt);
+    const int64_t* offs = a.offs;
+    const int64_t begin = worker_begin(offs, a.nseg, k, nt);
+    const int64_t end = worker_begin(offs, a.nseg, k + 1, nt);
+    double acc = 0.0;
+    if (begin < end) {
+      for (int64_t s = segment_of(offs, a.nseg, begin); s < a.nseg && offs[s] < end; ++s) {
+        const int64_t lo = max_i64(begin, offs[s]) - offs[s];
+        const int64_t hi = min_i64(end, offs[s + 1]) - offs[s];
+        const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(a.table + s * SEG_COLS, SEG_G);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = lo; i < hi; ++i) {
+          const double x = static_cast<double>(load<G>(g, i));
+          acc += x * x;
+        }
+      }
+    }
+    partial[k] = acc;
+  }
+  double total = 0.0;
+  for (int k = 0; k < nt_used; ++k) total += partial[k];
+  return total;
+}
+
+inline double sumsq(const StepArgs& a) {
+  switch (static_cast<DType>(a.dtype)) {
+    case DType::F32: return sumsq_pass<DType::F32>(a);
+    case DType::F16: return sumsq_pass<DType::F16>(a);
+    case DType::BF16: return sumsq_pass<DType::BF16>(a);
+    case DType::F64: return sumsq_pass<DType::F64>(a);
+  }
+  return 0.0;
+}
+
 // The memory-traffic floor: every read buffer read once, every write buffer
 // written once with the (wrapping integer) sum of the reads, over the same
 // partition and threading as the steps. Like the steps, one loop touches every
@@ -507,6 +554,6 @@ FUSEDWD_NS_END
   extern const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels);                          \
   const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels) = {                              \
       FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::adamw, &cpu_loops::sgdw,               \
-      &cpu_loops::rmspropw, &cpu_loops::traffic};                                     \
+      &cpu_loops::rmspropw, &cpu_loops::traffic, &cpu_loops::sumsq};                \
   }                                                                                   \
   }

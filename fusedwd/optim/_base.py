@@ -434,7 +434,7 @@ class FusedOptimizer(Optimizer):
         prepared = [
             self._prepare_reference(b) if b.backend == Backend.REFERENCE else self._prepare_kernel(b) for b in plan
         ]
-        ctl = self._control(plan)
+        ctl = self._control(plan, prepared)
         hyper: Optional[Tensor] = None
         for bucket, work in zip(plan, prepared):
             if bucket.backend == Backend.REFERENCE:
@@ -446,7 +446,7 @@ class FusedOptimizer(Optimizer):
         return loss
 
     # ------------------------------------------------------- AMP and clipping
-    def _control(self, plan: list[Bucket]) -> Optional[Tensor]:
+    def _control(self, plan: list[Bucket], prepared: list) -> Optional[Tensor]:
         """The control block every pass of this step reads (csrc/include/fusedwd/layout.h Ctl).
 
         From GradScaler's ``grad_scale`` (None once ``scaler.unscale_(opt)`` ran: the
@@ -466,7 +466,7 @@ class FusedOptimizer(Optimizer):
         found = found_inf.float().to(device).reshape(()) if found_inf is not None else torch.zeros_like(one)
         clip = one
         if self.max_grad_norm is not None:
-            norm = self._grad_norm(plan, device) * inv_scale
+            norm = self._grad_norm(plan, prepared, device) * inv_scale
             # torch.nn.utils.clip_grad_norm_'s coefficient
             clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             found = found + (~torch.isfinite(norm)).float()
@@ -475,24 +475,31 @@ class FusedOptimizer(Optimizer):
         ctl[CTL_INV_SCALE], ctl[CTL_FOUND_INF], ctl[CTL_CLIP] = inv_scale, found, clip
         return ctl
 
-    def _grad_norm(self, plan: list[Bucket], device: torch.device) -> Tensor:
-        """The 2-norm of every gradient this step takes: per-tensor norms accumulated in fp32
-        (one read of each gradient), then the norm of the norms, as clip_grad_norm_ does."""
+    def _grad_norm(self, plan: list[Bucket], prepared: list, device: torch.device) -> Tensor:
+        """The 2-norm of every gradient this step takes, one read of each: on the CPU kernel's
+        buckets a pass over this step's segment table summing squares in double
+        (fusedwd._C.grad_sumsq); elsewhere per-tensor fp32 norms (torch._foreach_norm, on the
+        device). The total is the square root of the sum of squares, rounded to fp32."""
         if any(b.dtensor for b in plan):
             raise ValueError(
                 f"{type(self).__name__}: max_grad_norm needs the norm over every rank's shards; with DTensor "
                 "parameters (FSDP2) clip with torch.nn.utils.clip_grad_norm_, which reduces across ranks"
             )
+        sumsq = torch.zeros((), dtype=torch.float64, device=device)
         by_device: dict[torch.device, list[Tensor]] = {}
-        for bucket in plan:
+        for bucket, work in zip(plan, prepared):
+            if bucket.backend == Backend.CPU:
+                n_active = work[0]
+                sumsq += _ext.cpu().grad_sumsq(bucket.table_out.data_ptr(), n_active, DTYPE_CODES[bucket.dtype],
+                                               self._threads(bucket))
+                continue
             for p in bucket.params:
                 if p.grad is not None:
                     by_device.setdefault(p.grad.device, []).append(p.grad)
-        norms = [n.to(device) for grads in by_device.values()
-                 for n in torch._foreach_norm(grads, 2.0, dtype=torch.float32)]
-        if not norms:
-            return torch.zeros((), dtype=torch.float32, device=device)
-        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        for grads in by_device.values():
+            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+            sumsq += torch.stack(norms).double().square().sum().to(device)
+        return sumsq.sqrt().float()
 
     def _precision(self, bucket: Bucket, ctl: Optional[Tensor], dtype_code: Callable[[torch.dtype], Any]) -> dict:
         """The kernels' precision keywords for a bucket, only those that differ from the default."""
@@ -582,10 +589,7 @@ class FusedOptimizer(Optimizer):
         elif bucket.backend == Backend.CUDA:
             self._run_cuda(bucket, hyper, n_active, self._precision(bucket, ctl, DTYPE_CODES.__getitem__))
         else:
-            # like torch's parallel_for, no thread gets fewer than GRAIN_SIZE elements: on
-            # small buckets a parallel region costs more than it saves, and on a busy machine
-            # it waits for a descheduled thread at every step
-            threads = max(1, min(torch.get_num_threads(), -(-bucket.length // GRAIN_SIZE)))
+            threads = self._threads(bucket)
             precision = self._precision(bucket, ctl, DTYPE_CODES.__getitem__)
             if "ctl" in precision:
                 precision["ctl"] = precision["ctl"].data_ptr()  # a CPU tensor, alive as ctl
@@ -596,6 +600,13 @@ class FusedOptimizer(Optimizer):
                 p.copy_(p_c)
         if bucket.n_unexposed:
             self._expose_after_step(bucket, bucket.table_out[:n_active, SEG_INDEX].tolist())
+
+    @staticmethod
+    def _threads(bucket: Bucket) -> int:
+        # like torch's parallel_for, no thread gets fewer than GRAIN_SIZE elements: on
+        # small buckets a parallel region costs more than it saves, and on a busy machine
+        # it waits for a descheduled thread at every step
+        return max(1, min(torch.get_num_threads(), -(-bucket.length // GRAIN_SIZE)))
 
     def _run_cuda(self, bucket: Bucket, hyper: Tensor, n_active: int, precision: dict) -> None:
         """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device."""
