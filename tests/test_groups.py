@@ -111,3 +111,28 @@ def test_groups_drive_fusedwd_and_torch_alike():
         assert_close(p.detach(), q.detach(), name, scale=1.0)
     # no-decay parameters without gradient signal stay exactly where they were
     assert torch.equal(model.gn.weight, torch.ones(8))
+
+
+def test_400_param_groups_step_in_one_pass(monkeypatch):
+    # per-segment hyperparameter rows: 400 groups with different lr and weight decay
+    # still make one bucket and one kernel call per step, with torch's results
+    pytest.importorskip("fusedwd._C")
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(7, 5)) for _ in range(400)]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    groups = lambda ps: [dict(params=[p], lr=1e-3 * (1 + k % 7), weight_decay=0.01 * (k % 5))  # noqa: E731
+                         for k, p in enumerate(ps)]
+    opt = fusedwd.AdamW(groups(params))
+    ref = torch.optim.AdamW(groups(twins), foreach=False)
+    calls = []
+    launch = type(opt)._launch
+    monkeypatch.setattr(type(opt), "_launch", lambda self, *a, **k: calls.append(1) or launch(self, *a, **k))
+    for t in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(7, 5)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert len(opt._current_plan()) == 1 and len(calls) == 3, (len(opt._current_plan()), len(calls))
+    for p, q in zip(params, twins):
+        assert_close(p.detach(), q.detach(), "param", scale=1.0)
