@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from fusedwd import _buckets as B
+from fusedwd import _buckets as B, quant
 
-F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+F32, F16, BF16, F64, U8 = torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8
 
 # (param dtype, state dtype, master, stochastic rounding): every layout of
 # csrc/include/fusedwd/precision.h layout_supported.
@@ -25,9 +25,17 @@ LAYOUTS = [
     (F16, F32, True, False), (F16, BF16, True, False), (F16, F16, True, False),
     (BF16, BF16, False, True), (BF16, F32, False, True),
 ]
-_SHORT = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64"}
+# 8-bit blockwise states (state dtype torch.uint8: codes, with fp32 block absmax at SEG_A*):
+# every layout of precision.h q8_layout_supported.
+Q8_LAYOUTS = [
+    (F32, U8, False, False), (BF16, U8, True, False), (F16, U8, True, False), (BF16, U8, False, True),
+    (BF16, U8, False, False), (F16, U8, False, False),
+]
+_SHORT = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64", U8: "q8"}
 LAYOUT_IDS = [f"{_SHORT[p]}-{_SHORT[s]}" + ("-master" if m else "") + ("-sr" if sr else "")
               for p, s, m, sr in LAYOUTS]
+Q8_LAYOUT_IDS = [f"{_SHORT[p]}-{_SHORT[s]}" + ("-master" if m else "") + ("-sr" if sr else "")
+                 for p, s, m, sr in Q8_LAYOUTS]
 
 # every rule's switch combinations, as the launchers take them
 SWITCHES = {
@@ -58,6 +66,13 @@ def used_states(rule: str, switches: tuple) -> list[int]:
     return [B.SEG_S0] + ([B.SEG_S1] if switches[0] else []) + ([B.SEG_S2] if switches[1] else [])
 
 
+def signed_state(rule: str, column: int) -> bool:
+    """Whether a state column takes the signed 8-bit code (m, momentum, grad_avg) or the unsigned one (v)."""
+    if rule == "adamw":
+        return column == B.SEG_S0
+    return rule == "sgdw" or column != B.SEG_S0
+
+
 def control(inv_scale: float = 1.0, found_inf: float = 0.0, clip: float = 1.0, device="cpu") -> torch.Tensor:
     """A float32 control block (csrc/include/fusedwd/layout.h Ctl)."""
     ctl = torch.empty(B.CTL_SIZE, dtype=torch.float32)
@@ -67,7 +82,8 @@ def control(inv_scale: float = 1.0, found_inf: float = 0.0, clip: float = 1.0, d
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     # compare bit patterns: NaN payloads included, -0.0 != 0.0
-    return x.detach().cpu().contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()])
+    return x.detach().cpu().contiguous().view(
+        {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[x.element_size()])
 
 
 class LayoutBucket:
@@ -76,15 +92,25 @@ class LayoutBucket:
     per-segment steps starting at different counts (0 included: SGDW's first step).
 
     ``misaligned`` segments have every buffer one element past a 16-byte boundary.
+
+    With state dtype torch.uint8 the states are 8-bit (``quantized``): random codes and random
+    positive block absmax (fp32, one per 256 elements of each tensor, at SEG_A*). ``tiny_block``
+    (segment, block): that block's absmax starts subnormal and its gradients are always 0, so its
+    new states fall below the smallest normal (stored as absmax 0, zero codes); ``nan_grad``
+    (segment, element, step): a NaN gradient there at that step, which poisons its blocks
+    (absmax NaN, zero codes) and their weights from then on.
     """
 
     def __init__(self, rule: str, switches: tuple, layout: tuple, sizes: list[int], device="cpu",
-                 misaligned: frozenset = frozenset(), seed: int = 0):
+                 misaligned: frozenset = frozenset(), seed: int = 0, *, tiny_block: tuple | None = None,
+                 nan_grad: tuple | None = None):
         self.rule, self.switches, self.layout = rule, tuple(switches), layout
         self.dtype, self.state_dtype, self.master, self.stochastic = layout
         self.device = torch.device(device)
         self.sizes = list(sizes)
         self.misaligned = misaligned
+        self.quantized = self.state_dtype == U8
+        self.tiny_block, self.nan_grad = tiny_block, nan_grad
         self.states = used_states(rule, self.switches)
         gen = torch.Generator().manual_seed(seed)
         self.salts = [int(x) for x in torch.randint(-2**62, 2**62, (len(sizes),), generator=gen)]
@@ -92,6 +118,7 @@ class LayoutBucket:
         self.hyper = torch.tensor(HYPER[rule], dtype=torch.float64)
         self.params, self.grads, self.masters = [], [], []
         self.state_buffers: dict[int, list[torch.Tensor]] = {c: [] for c in self.states}
+        self.absmax: dict[int, list[torch.Tensor]] = {c: [] for c in self.states} if self.quantized else {}
         for i, n in enumerate(self.sizes):
             value = torch.randn(n, generator=gen)
             self.params.append(self._buffer(i, value, self.dtype))
@@ -103,7 +130,15 @@ class LayoutBucket:
                 positive = (rule == "adamw" and c != B.SEG_S0) or (rule == "rmspropw" and c == B.SEG_S0)
                 small = rule == "rmspropw" and c == B.SEG_S1
                 r = r.abs() + 1.0 if positive else (0.1 * r if small else r)
-                self.state_buffers[c].append(self._buffer(i, r, self.state_dtype))
+                if self.quantized:
+                    # the same values, 8-bit: codes and block absmax from the spec's encoder
+                    codes, scales = quant.quantize_blockwise(r, signed_state(rule, c))
+                    if tiny_block is not None and tiny_block[0] == i:
+                        scales[tiny_block[1]] = 1e-39  # subnormal
+                    self.state_buffers[c].append(self._buffer(i, codes, U8))
+                    self.absmax[c].append(scales.to(self.device))
+                else:
+                    self.state_buffers[c].append(self._buffer(i, r, self.state_dtype))
         self.steps = self.steps.to(self.device)
 
     def _buffer(self, i: int, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,6 +162,7 @@ class LayoutBucket:
         other.masters = [same(i, t) for i, t in enumerate(self.masters)]
         other.grads = [same(i, t) for i, t in enumerate(self.grads)]
         other.state_buffers = {c: [same(i, t) for i, t in enumerate(ts)] for c, ts in self.state_buffers.items()}
+        other.absmax = {c: [t.detach().to(other.device, copy=True) for t in ts] for c, ts in self.absmax.items()}
         other.steps = self.steps.detach().to(other.device, copy=True)
         return other
 
@@ -135,6 +171,11 @@ class LayoutBucket:
         gen = torch.Generator().manual_seed(1000 + t)
         for i, g in enumerate(self.grads):
             g.copy_(torch.randn(g.shape, generator=gen).to(g.dtype))
+        if self.tiny_block is not None:
+            seg, block = self.tiny_block
+            self.grads[seg][256 * block:256 * (block + 1)] = 0.0
+        if self.nan_grad is not None and self.nan_grad[2] == t:
+            self.grads[self.nan_grad[0]][self.nan_grad[1]] = float("nan")
 
     def table(self) -> torch.Tensor:
         """The int64 segment table (docs/design.md#segment-table) of every segment, on the host."""
@@ -150,6 +191,8 @@ class LayoutBucket:
             rows[i, B.SEG_INDEX] = i
             rows[i, B.SEG_MASTER] = self.masters[i].data_ptr() if self.master else 0
             rows[i, B.SEG_SALT] = self.salts[i]
+            for c in self.absmax:
+                rows[i, B.ABSMAX_COLUMNS[c - B.SEG_S0]] = self.absmax[c][i].data_ptr()
         return rows
 
     def buffers(self) -> list[tuple[str, torch.Tensor]]:
@@ -160,6 +203,7 @@ class LayoutBucket:
             if self.master:
                 out.append((f"master {i}", self.masters[i]))
             out += [(f"state column {c} of {i}", self.state_buffers[c][i]) for c in self.states]
+            out += [(f"absmax column {c} of {i}", self.absmax[c][i]) for c in self.absmax]
         return out
 
     def snapshot(self) -> list[torch.Tensor]:
@@ -170,10 +214,11 @@ class LayoutBucket:
         from fusedwd import _C
 
         table = self.table()
+        states = dict(quantized=True) if self.quantized else dict(state_dtype=dtype_code(self.state_dtype))
         getattr(_C, f"{self.rule}_step")(
             table.data_ptr(), len(self.sizes), self.hyper.data_ptr(), dtype_code(self.dtype), *self.switches, 1,
-            state_dtype=dtype_code(self.state_dtype), master=self.master, stochastic_rounding=self.stochastic,
-            ctl=0 if ctl is None else ctl.data_ptr(), seed=seed)
+            master=self.master, stochastic_rounding=self.stochastic, ctl=0 if ctl is None else ctl.data_ptr(),
+            seed=seed, **states)
 
 
 def dtype_code(dtype: torch.dtype) -> int:

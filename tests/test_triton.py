@@ -21,8 +21,8 @@ import torch
 import fusedwd
 from fusedwd import _buckets, _ext
 from _helpers import assert_close, make_params, random_grads
-from _layouts import (LAYOUT_IDS, LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES, SEED, LayoutBucket, assert_same_bits,
-                      compare_with_cpu, control)
+from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES, SEED,
+                      LayoutBucket, assert_same_bits, compare_with_cpu, control)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
@@ -348,7 +348,7 @@ def _launch_bucket(triton_kernels, bucket):
     def step(ctl, seed):
         launcher(bucket.table(), bucket.hyper, bucket.device, bucket.dtype, *bucket.switches,
                  state_dtype=bucket.state_dtype, master=bucket.master, stochastic_rounding=bucket.stochastic,
-                 ctl=ctl, seed=seed)
+                 ctl=ctl, seed=seed, quantized=bucket.quantized)
 
     return step
 
@@ -476,6 +476,95 @@ def test_launcher_rejects_bad_precision_options(triton_kernels):
     assert float(bucket.steps[0]) == 0.0, "a rejected launch wrote a step count"
 
 
+# ------------------------------------------------------------------ 8-bit states
+# Issue 6 on the Triton kernels: the CPU kernel's bytes (codes, absmax, parameters, masters,
+# step counts) bit for bit. Several quant blocks per segment with partial last ones (1030 and
+# 2100 elements), segments of fewer than 256 elements, an empty one, a misaligned one; a block
+# of segment 2 whose states fall below the smallest normal (absmax 0, zero codes) and a NaN
+# gradient in segment 4 at step 1 (its block's absmax NaN, zero codes, from then on).
+Q8_SIZES = [1, 300, 1030, 0, 2100, 5]
+Q8_EDGES = dict(tiny_block=(2, 1), nan_grad=(4, 1500, 1))
+
+
+def _q8_bucket(rule, switches, layout):
+    return LayoutBucket(rule, switches, layout, Q8_SIZES, DEVICE, frozenset({5}), **Q8_EDGES)
+
+
+def _assert_edges_reached(bucket):
+    # the test must see the edge cases it claims: the tiny block stored as 0, the NaN one as NaN
+    for c, scales in bucket.absmax.items():
+        assert float(scales[2][1]) == 0.0, c
+        assert int(scales[4].isnan().sum()) == 1 and bool(scales[4][1500 // 256].isnan()), c
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", Q8_LAYOUTS, ids=Q8_LAYOUT_IDS)
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+def test_q8_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kernels):
+    """8-bit states in each layout (every state in use): through no control block, AMP with
+    clipping, a found_inf step that writes nothing (codes and absmax included), unscaling alone."""
+    bucket = _q8_bucket(rule, switches, layout)
+    compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=INTERPRET)
+    _assert_edges_reached(bucket)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", [Q8_LAYOUTS[0], Q8_LAYOUTS[3]], ids=[Q8_LAYOUT_IDS[0], Q8_LAYOUT_IDS[3]])
+@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
+                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+def test_q8_every_switch_matches_the_cpu_kernel(rule, switches, layout, triton_kernels):
+    # the switches that leave state columns (and their absmax columns) unused
+    bucket = _q8_bucket(rule, switches, layout)
+    compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=INTERPRET)
+    if bucket.absmax:
+        _assert_edges_reached(bucket)
+
+
+@needs_cpu
+@pytest.mark.parametrize("options", [{}, dict(master_weights=True)], ids=["f32", "bf16-master"])
+def test_q8_optimizer_matches_the_cpu_backend(options):
+    """fusedwd.AdamW(state_dtype="int8", backend="triton") against backend="cpu", bit for bit:
+    8-bit and fp32-state tensors in separate buckets, two param groups, a skipped AMP step."""
+    dtype = torch.bfloat16 if options else torch.float32
+    b = make_params([(70, 90), (4097,), (100,)], dtype)
+    a = _on_device(b)
+    kw = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True, state_dtype="int8", **options)
+    opt_a = fusedwd.AdamW(_grouped(a, kw), backend="triton", **kw)
+    opt_b = fusedwd.AdamW(_grouped(b, kw), backend="cpu", **kw)
+    assert {bk.backend for bk in opt_a._current_plan()} == {"triton"}
+
+    def amp(t):
+        for opt in (opt_a, opt_b):
+            opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if t == 2 else 0.0)
+
+    for t in range(5):
+        amp(t)
+        for pa, pb, g in zip(a, b, random_grads(b, t, scale=8.0)):
+            pa.grad, pb.grad = g.to(DEVICE), g.clone()
+        opt_a.step()
+        opt_b.step()
+        for k, (pa, pb) in enumerate(zip(a, b)):
+            sa, sb = opt_a.state[pa], opt_b.state[pb]
+            assert sa.keys() == sb.keys()
+            # 8-bit states for the tensors of at least 4096 elements, fp32 ones for the small one
+            assert ("exp_avg_codes" in sa) == (pa.numel() >= 4096)
+            for name, x, y in [("param", pa.detach(), pb.detach())] + [(n, sa[n], sb[n]) for n in sa]:
+                if INTERPRET or name in ("step", "exp_avg_absmax"):
+                    assert torch.equal(x.cpu(), y), f"step {t} param {k} {name}: not bitwise equal"
+    assert float(opt_a.state[a[0]]["step"]) == 4.0  # one of the five steps was skipped
+
+
+def test_q8_launcher_rejects_bad_layouts(triton_kernels):
+    bucket = _q8_bucket("sgdw", (True, False), Q8_LAYOUTS[0])
+    launch = triton_kernels.sgdw_step_triton
+    args = (bucket.table(), bucket.hyper, DEVICE)
+    for dtype, kw in ((torch.float64, {}), (torch.float32, dict(master=True)),
+                      (torch.float16, dict(stochastic_rounding=True)), (torch.float32, dict(state_dtype=torch.float32))):
+        with pytest.raises(ValueError, match="unsupported storage layout: .*8-bit"):
+            launch(*args, dtype, True, False, quantized=True, **kw)
+    assert float(bucket.steps[0]) == 0.0, "a rejected launch wrote a step count"
+
+
 # ------------------------------------------------------------------ layout and wiring
 @pytest.mark.parametrize("cls, prefix", [(fusedwd.AdamW, "ADAMW"), (fusedwd.SGDW, "SGDW"),
                                          (fusedwd.RMSpropW, "RMSPROPW")])
@@ -534,24 +623,25 @@ _COMPILE_EVERY_VARIANT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fusedwd.triton import _kernels as K, _launch as L
-    from _layouts import LAYOUTS
+    from _layouts import LAYOUTS, Q8_LAYOUTS
 
     switches = {K._adamw_kernel: ["AMSGRAD"], K._sgdw_kernel: ["HAS_MOMENTUM", "NESTEROV"],
                 K._rmspropw_kernel: ["CENTERED", "HAS_MOMENTUM"]}
     tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
               "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
     for kernel, names in switches.items():
-        # every switch combination in the single-dtype layouts; in the others, every state in use
+        # every switch combination in the single-dtype layouts and 8-bit states of fp32 parameters;
+        # in the others, every state in use
         variants = []
-        for p, s, master, sr in LAYOUTS:
-            if p == s and not (master or sr):
-                variants += [((p, s, master, sr), v) for v in itertools.product([False, True], repeat=len(names))]
+        for (p, s, master, sr), q8 in [(layout, False) for layout in LAYOUTS] + [(layout, True) for layout in Q8_LAYOUTS]:
+            if (p == s and not (master or sr)) or (q8 and p == torch.float32):
+                variants += [((p, s, master, sr), q8, v) for v in itertools.product([False, True], repeat=len(names))]
             else:
-                variants.append(((p, s, master, sr), (True,) * len(names)))
-        for (p, s, master, sr), values in variants:
+                variants.append(((p, s, master, sr), q8, (True,) * len(names)))
+        for (p, s, master, sr), q8, values in variants:
             math = tl.float64 if p == torch.float64 else tl.float32
-            consts = dict(P=L._STORAGE[p], S=L._STORAGE[s], MATH=math, MASTER=master, SR=sr,
-                          BLOCK_SIZE=L.BLOCK_SIZE, **dict(zip(names, values)))
+            consts = dict(P=L._STORAGE[p], S=tl.uint8 if q8 else L._STORAGE[s], MATH=math, MASTER=master, SR=sr,
+                          BLOCK_SIZE=L.BLOCK_SIZE, Q8=q8, **dict(zip(names, values)))
             source = ASTSource(kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
             compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32),
                                       options=dict(num_warps=L.NUM_WARPS, enable_fp_fusion=False))
@@ -562,6 +652,9 @@ _COMPILE_EVERY_VARIANT = textwrap.dedent("""
             assert "atom.global.gpu.acq_rel.add" in ptx, (kernel.__name__, consts)
             # the rounding bits' hash in uint32: logical shifts, as C++'s
             assert not sr or "shr.s32" not in ptx, (kernel.__name__, consts)
+            # the rounding of 8-bit codes by the 2^23 addition, never truncated or contracted away
+            has_states = not (kernel is K._sgdw_kernel and not values[0])  # SGDW without momentum: none
+            assert not (q8 and has_states) or re.search(r"add\.rn\.f32\s+%r\d+, %r\d+, 0f4B000000", ptx), (kernel.__name__, consts)
             # the full, aligned blocks' path: 128-bit loads and stores
             assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), \\
                 (kernel.__name__, consts)
@@ -583,4 +676,6 @@ def test_every_variant_compiles_for_a_gpu(tmp_path):
     done = subprocess.run([sys.executable, "-c", _COMPILE_EVERY_VARIANT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(" ok") == (2 + 4 + 4) * 4 + 3 * 12
+    # 16 layouts: 4 single-dtype ones with every switch, 12 with every state; 8-bit states:
+    # fp32 parameters with every switch, the 5 other layouts with every state
+    assert done.stdout.count(" ok") == (2 + 4 + 4) * 4 + 3 * 12 + (2 + 4 + 4) + 3 * 5

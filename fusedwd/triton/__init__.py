@@ -26,7 +26,7 @@ INTERPRETED: bool = isinstance(_adamw_kernel, _InterpretedFunction)
 # Each optimizer's launcher, keyed like the C++ module's hyperparameter tables
 # (FusedOptimizer._HP_TABLE_NAME): one entry per rule. Every launcher is called
 # as launcher(segments, hyper, device, dtype, *bucket.structure), plus the keyword-only
-# precision options of the CPU kernel (state_dtype, master, stochastic_rounding, ctl, seed).
+# precision options of the CPU kernel (state_dtype, master, stochastic_rounding, ctl, seed, quantized).
 LAUNCHERS: dict[str, Callable[..., None]] = {
     "ADAMW_HP": adamw_step_triton,
     "SGDW_HP": sgdw_step_triton,

@@ -18,7 +18,11 @@ are written, with ``SR`` a bf16 parameter is rounded stochastically
 (``_load_param`` / ``_store_param``, as csrc/include/fusedwd/common.h's
 load_param / store_param). A float32 control block read at run time carries
 1/grad_scale and the clip coefficient, folded into grad_sign, and found_inf,
-which skips the launch's every write, step counts included.
+which skips the launch's every write, step counts included. With ``Q8`` the
+states are 8-bit codes with one fp32 absmax per 256-element quant block
+(docs/quantization.md): a program's elements form a [BLOCK_SIZE // 256, 256]
+tile of whole quant blocks, decoded before and encoded after the same per-rule
+helpers (``_q8_decode`` / ``_q8_encode``, as csrc/include/fusedwd/quant.h).
 
 The element math lives in ``_adamw_update``, ``_sgdw_update`` and
 ``_rmspropw_update``, written in the order of csrc/include/fusedwd/<rule>.h so
@@ -34,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import _buckets
+from .. import _buckets, quant
 
 # Segment-table columns (docs/design.md#segment-table), from the Python writer.
 SEG_P = tl.constexpr(_buckets.SEG_P)
@@ -47,11 +51,17 @@ SEG_N = tl.constexpr(_buckets.SEG_N)
 SEG_HP = tl.constexpr(_buckets.SEG_HP)
 SEG_MASTER = tl.constexpr(_buckets.SEG_MASTER)
 SEG_SALT = tl.constexpr(_buckets.SEG_SALT)
+SEG_A0 = tl.constexpr(_buckets.SEG_A0)
 SEG_COLS = tl.constexpr(_buckets.SEG_COLS)
 # The control block (csrc/include/fusedwd/layout.h Ctl).
 CTL_INV_SCALE = tl.constexpr(_buckets.CTL_INV_SCALE)
 CTL_FOUND_INF = tl.constexpr(_buckets.CTL_FOUND_INF)
 CTL_CLIP = tl.constexpr(_buckets.CTL_CLIP)
+# The 8-bit code (fusedwd/quant.py, csrc/include/fusedwd/quant.h).
+QUANT_BLOCK = tl.constexpr(quant.BLOCK_SIZE)  # elements per block, one fp32 absmax each
+SIGNED_LEVELS = tl.constexpr(quant.SIGNED_LEVELS)  # K of the signed code
+UNSIGNED_LEVELS = tl.constexpr(quant.UNSIGNED_LEVELS)  # K of the unsigned code
+SIGNED_ZERO = tl.constexpr(quant.zero_code(True))  # the byte of 0 in the signed code
 
 # Hyperparameter-table columns (docs/design.md#hyperparameter-table), as in
 # csrc/include/fusedwd/layout.h; tests/test_triton.py checks them against each
@@ -70,8 +80,15 @@ _TABLE_ARGS = ["seg_ptr", "block_start_ptr", "arrivals_ptr", "hp_ptr", "nseg", "
 
 # ------------------------------------------------------------------ segments
 @triton.jit
-def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr):
-    """This program's segment row, element offsets and mask, vector-path flag, segment index and block count."""
+def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr):
+    """This program's segment row, element offsets and mask, quant blocks and their mask (Q8; else unused),
+    vector-path flag, segment index and block count.
+
+    With 8-bit states (Q8) the offsets are a [BLOCK_SIZE // QUANT_BLOCK, QUANT_BLOCK] tile, one
+    row per 256-element quant block: a program starts at a multiple of BLOCK_SIZE from its
+    segment's first element, so it owns whole quant blocks (the last one maybe partial), and a
+    block's absmax is a max over one row.
+    """
     block = tl.program_id(0).to(tl.int64)
     # the last segment whose first block is <= this block (block_start[0] == 0)
     lo = tl.full((), 0, tl.int64)
@@ -88,8 +105,16 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr):
     row = seg_ptr + seg * SEG_COLS
     # int64 offsets: a segment may hold more than 2^31 elements
     start = (block - first) * BLOCK_SIZE
-    offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
     n = tl.load(row + SEG_N)
+    if Q8:
+        qblocks = start // QUANT_BLOCK + tl.arange(0, BLOCK_SIZE // QUANT_BLOCK).to(tl.int64)
+        offs = qblocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK).to(tl.int64)[None, :]
+        qmask = qblocks * QUANT_BLOCK < n
+    else:
+        offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+        # unused without Q8 (a jit function cannot return None)
+        qblocks = start
+        qmask = start < n
     mask = offs < n
     # A full block whose buffers all start 16-byte aligned needs no mask and may use
     # 128-bit accesses; Triton cannot know either from addresses read out of a table.
@@ -97,7 +122,7 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr):
     addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
                  | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
     vector = (start + BLOCK_SIZE <= n) & ((addresses & 15) == 0)
-    return row, offs, mask, vector, seg, nblocks
+    return row, offs, mask, qblocks, qmask, vector, seg, nblocks
 
 
 @triton.jit
@@ -294,6 +319,105 @@ def _div_rn(x, y):
         return x / y
 
 
+# ------------------------------------------------------------- 8-bit states
+# docs/quantization.md; reference: fusedwd.quant; the C++ copy: csrc/include/fusedwd/quant.h.
+# Every operation an IEEE fp32 one rounded to nearest even, as the CPU kernel's, so the
+# bytes agree bit for bit.
+
+@triton.jit
+def _f32(bits):
+    """The float32 with these bits (exact constants: no literal is ever rounded)."""
+    return tl.full((), bits, tl.uint32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _q8_decode(codes_ptr, absmax_ptr, offs, mask, qblocks, qmask, SIGNED: tl.constexpr):
+    """quant.h q_decode: (k/K)^4 as three fp32 products t = k*RCP, t2 = t*t, t2*t2, signed, times
+    the block's absmax; RCP = fp32(1/K). Byte 255 of the signed code decodes like 254."""
+    byte = tl.load(codes_ptr + offs, mask=mask).to(tl.int32)
+    absmax = tl.load(absmax_ptr + qblocks, mask=qmask)[:, None]
+    if SIGNED:
+        s = byte - SIGNED_ZERO
+        t = tl.minimum(tl.abs(s), SIGNED_LEVELS).to(tl.float32) * _f32(0x3C010204)
+        t2 = t * t
+        mag = t2 * t2
+        return tl.where(s < 0, -mag, mag) * absmax
+    else:
+        t = byte.to(tl.float32) * _f32(0x3B808081)
+        t2 = t * t
+        return (t2 * t2) * absmax
+
+
+@triton.jit
+def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.constexpr):
+    """quant.h q_encode_block per quant block (one row of the tile): the block's absmax, NaN (every
+    byte the zero code) if an element is NaN or infinite, 0 below the smallest normal; then
+    k = rint(sqrt(sqrt(min(|x|/absmax, 1))) * K) per element (the zero rule for the unsigned code)."""
+    m = tl.abs(x)
+    # NaN and +-inf reduce as +inf (quant.h q_absmax_key): the max needs no NaN semantics
+    key = tl.where(m <= _f32(0x7F7FFFFF), m, _f32(0x7F800000))
+    if mask is not None:
+        key = tl.where(mask, key, 0.0)  # lanes past the segment's end
+    a = tl.max(key, axis=1)
+    bad = a == _f32(0x7F800000)
+    ok = (a >= _f32(0x00800000)) & (a != _f32(0x7F800000))
+    inv = tl.div_rn(tl.full(a.shape, 1.0, tl.float32), tl.where(ok, a, 1.0))
+    if SIGNED:
+        mag = m
+    else:
+        mag = tl.where(x > 0.0, x, 0.0)
+    y = mag * inv[:, None]
+    y = tl.where(y < 1.0, y, 1.0)
+    if SIGNED:
+        r = tl.sqrt_rn(tl.sqrt_rn(y)) * 127.0  # SIGNED_LEVELS, exact in fp32
+    else:
+        r = tl.sqrt_rn(tl.sqrt_rn(y)) * 255.0  # UNSIGNED_LEVELS
+    # rint for 0 <= r <= 255: adding 2^23 rounds to an integer, half to even, and the sum's low
+    # mantissa bits are that integer (libdevice's rint does not run in the interpreter)
+    k = ((r + 8388608.0).to(tl.uint32, bitcast=True) - 0x4B000000).to(tl.int32)
+    if SIGNED:
+        byte = tl.where(x > 0.0, SIGNED_ZERO + k, SIGNED_ZERO - k)
+        byte = tl.where(ok[:, None], byte, SIGNED_ZERO)
+    else:
+        byte = tl.where((x > 0.0) & (k == 0), 1, k)
+        byte = tl.where(ok[:, None], byte, 0)
+    tl.store(codes_ptr + offs, byte.to(tl.uint8), mask=mask)
+    stored = tl.where(bad, _f32(0x7FC00000), tl.where(ok, a, 0.0))
+    tl.store(absmax_ptr + qblocks, stored, mask=qmask)
+
+
+@triton.jit
+def _state_pointers(row, column, S: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
+    """A state's buffer (uint8 codes with Q8) and, with Q8, its fp32 block absmax (else the buffer again)."""
+    if Q8:
+        codes_ptr = _pointer(row, column, tl.uint8, ALIGNED)
+        return codes_ptr, _pointer(row, column + (SEG_A0 - SEG_S0), tl.float32, False)
+    else:
+        ptr = _pointer(row, column, S, ALIGNED)
+        return ptr, ptr
+
+
+@triton.jit
+def _load_state(ptr, absmax_ptr, offs, mask, qblocks, qmask, S: tl.constexpr, MATH: tl.constexpr,
+                Q8: tl.constexpr, SIGNED: tl.constexpr):
+    """A state in the math type: decoded from its 8-bit code (Q8) or widened from S."""
+    if Q8:
+        return _q8_decode(ptr, absmax_ptr, offs, mask, qblocks, qmask, SIGNED)
+    else:
+        return _load(ptr, offs, mask, S, MATH)
+
+
+@triton.jit
+def _store_state(ptr, absmax_ptr, x, offs, mask, qblocks, qmask, S: tl.constexpr, Q8: tl.constexpr,
+                 SIGNED: tl.constexpr):
+    """Store a new state: encoded per quant block with its new absmax (Q8), or rounded once to S."""
+    if Q8:
+        _q8_encode(ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED)
+    else:
+        _store(ptr, offs, x, mask, S)
+
+
+
 # -------------------------------------------------------------------- AdamW
 @triton.jit
 def _adamw_update(p, g, m, v, vmax, grad_sign, l2, decay_mult, beta1, one_minus_beta1, beta2, one_minus_beta2,
@@ -314,8 +438,9 @@ def _adamw_update(p, g, m, v, vmax, grad_sign, l2, decay_mult, beta1, one_minus_
 
 
 @triton.jit
-def _adamw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
-                 MASTER: tl.constexpr, SR: tl.constexpr, AMSGRAD: tl.constexpr, ALIGNED: tl.constexpr):
+def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+                 MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, AMSGRAD: tl.constexpr,
+                 ALIGNED: tl.constexpr, Q8: tl.constexpr):
     # per-segment scalars in float64 from the segment's own step, then rounded to the math type
     hp = hp_ptr + tl.load(row + SEG_HP) * ADAMW_HP_COLS
     beta1 = tl.load(hp + ADAMW_BETA1)
@@ -325,16 +450,16 @@ def _adamw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S:
 
     p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
     g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    m_ptr = _pointer(row, SEG_S0, S, ALIGNED)  # exp_avg
-    v_ptr = _pointer(row, SEG_S1, S, ALIGNED)  # exp_avg_sq
+    m_ptr, am_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # exp_avg (signed code)
+    v_ptr, av_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)  # exp_avg_sq (unsigned code)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
-    m = _load(m_ptr, offs, mask, S, MATH)
-    v = _load(v_ptr, offs, mask, S, MATH)
+    m = _load_state(m_ptr, am_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
+    v = _load_state(v_ptr, av_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
     vmax = v
     if AMSGRAD:
-        vmax_ptr = _pointer(row, SEG_S2, S, ALIGNED)  # max_exp_avg_sq
-        vmax = _load(vmax_ptr, offs, mask, S, MATH)
+        vmax_ptr, avmax_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # max_exp_avg_sq (unsigned code)
+        vmax = _load_state(vmax_ptr, avmax_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
 
     p, m, v, vmax = _adamw_update(
         p, g, m, v, vmax,
@@ -344,11 +469,12 @@ def _adamw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S:
         tl.load(hp + ADAMW_EPS).to(MATH), step_size.to(MATH), bc2_sqrt.to(MATH), AMSGRAD,
     )
 
+    # the weight from the unquantized new states; then each state (re-encoded with Q8)
     _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
-    _store(m_ptr, offs, m, mask, S)
-    _store(v_ptr, offs, v, mask, S)
+    _store_state(m_ptr, am_ptr, m, offs, mask, qblocks, qmask, S, Q8, True)
+    _store_state(v_ptr, av_ptr, v, offs, mask, qblocks, qmask, S, Q8, False)
     if AMSGRAD:
-        _store(vmax_ptr, offs, vmax, mask, S)
+        _store_state(vmax_ptr, avmax_ptr, vmax, offs, mask, qblocks, qmask, S, Q8, False)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
@@ -361,23 +487,27 @@ def _adamw_kernel(
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
     seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
     P: tl.constexpr,  # element type of p and g
-    S: tl.constexpr,  # element type of every state
+    S: tl.constexpr,  # element type of every state (tl.uint8: 8-bit codes, with Q8)
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
     MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
     SR: tl.constexpr,  # bf16 p is rounded stochastically
     AMSGRAD: tl.constexpr,  # keep and use max_exp_avg_sq (state 2)
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
+    Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
     # (the launcher zeroes the arrival counters of each launch anyway).
     if not _skipped(ctl_ptr):
-        row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
+        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
+                                                                         Q8)
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _adamw_block(row, offs, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD, True)
+            _adamw_block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD,
+                         True, Q8)
         else:
-            _adamw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD, False)
+            _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD,
+                         False, Q8)
 
 
 # --------------------------------------------------------------------- SGDW
@@ -400,9 +530,9 @@ def _sgdw_update(p, g, buf, grad_sign, l2, decay_mult, lr, momentum, one_minus_d
 
 
 @triton.jit
-def _sgdw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
-                MASTER: tl.constexpr, SR: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+                MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
     hp = hp_ptr + tl.load(row + SEG_HP) * SGDW_HP_COLS
     p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
     g_ptr = _pointer(row, SEG_G, P, ALIGNED)
@@ -410,8 +540,8 @@ def _sgdw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: 
     g = _load(g_ptr, offs, mask, P, MATH)
     buf = g
     if HAS_MOMENTUM:
-        buf_ptr = _pointer(row, SEG_S0, S, ALIGNED)  # momentum_buffer
-        buf = _load(buf_ptr, offs, mask, S, MATH)
+        buf_ptr, abuf_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # momentum_buffer (signed code)
+        buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
 
     p, buf = _sgdw_update(
         p, g, buf,
@@ -422,7 +552,7 @@ def _sgdw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: 
 
     _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
     if HAS_MOMENTUM:
-        _store(buf_ptr, offs, buf, mask, S)
+        _store_state(buf_ptr, abuf_ptr, buf, offs, mask, qblocks, qmask, S, Q8, True)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
@@ -435,25 +565,27 @@ def _sgdw_kernel(
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
     seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
     P: tl.constexpr,  # element type of p and g
-    S: tl.constexpr,  # element type of the momentum buffer
+    S: tl.constexpr,  # element type of the momentum buffer (tl.uint8: 8-bit codes, with Q8)
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
     MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
     SR: tl.constexpr,  # bf16 p is rounded stochastically
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep momentum_buffer (state 0)
     NESTEROV: tl.constexpr,  # Nesterov momentum
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
+    Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     if not _skipped(ctl_ptr):  # as in _adamw_kernel
-        row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
+        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
+                                                                         Q8)
         # t == 1 marks the first step, when the momentum buffer starts as a copy of g
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _sgdw_block(row, offs, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, HAS_MOMENTUM, NESTEROV,
-                        True)
+            _sgdw_block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+                        HAS_MOMENTUM, NESTEROV, True, Q8)
         else:
-            _sgdw_block(row, offs, mask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, HAS_MOMENTUM, NESTEROV,
-                        False)
+            _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+                        HAS_MOMENTUM, NESTEROV, False, Q8)
 
 
 # ----------------------------------------------------------------- RMSpropW
@@ -478,25 +610,25 @@ def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, on
 
 
 @triton.jit
-def _rmspropw_block(row, offs, mask, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
-                    MASTER: tl.constexpr, SR: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                    ALIGNED: tl.constexpr):
+def _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+                    MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, CENTERED: tl.constexpr,
+                    HAS_MOMENTUM: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
     hp = hp_ptr + tl.load(row + SEG_HP) * RMSPROPW_HP_COLS
     alpha = tl.load(hp + RMSPROPW_ALPHA)
     p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
     g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    sq_ptr = _pointer(row, SEG_S0, S, ALIGNED)  # square_avg
+    sq_ptr, asq_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # square_avg (unsigned code)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
-    sq = _load(sq_ptr, offs, mask, S, MATH)
+    sq = _load_state(sq_ptr, asq_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
     ga = sq
     buf = sq
     if CENTERED:
-        ga_ptr = _pointer(row, SEG_S1, S, ALIGNED)  # grad_avg
-        ga = _load(ga_ptr, offs, mask, S, MATH)
+        ga_ptr, aga_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)  # grad_avg (signed code)
+        ga = _load_state(ga_ptr, aga_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
     if HAS_MOMENTUM:
-        buf_ptr = _pointer(row, SEG_S2, S, ALIGNED)  # momentum_buffer
-        buf = _load(buf_ptr, offs, mask, S, MATH)
+        buf_ptr, abuf_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # momentum_buffer (signed code)
+        buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
 
     p, sq, ga, buf = _rmspropw_update(
         p, g, sq, ga, buf,
@@ -507,11 +639,11 @@ def _rmspropw_block(row, offs, mask, hp_ptr, grad_mult, key, P: tl.constexpr, S:
     )
 
     _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
-    _store(sq_ptr, offs, sq, mask, S)
+    _store_state(sq_ptr, asq_ptr, sq, offs, mask, qblocks, qmask, S, Q8, False)
     if CENTERED:
-        _store(ga_ptr, offs, ga, mask, S)
+        _store_state(ga_ptr, aga_ptr, ga, offs, mask, qblocks, qmask, S, Q8, True)
     if HAS_MOMENTUM:
-        _store(buf_ptr, offs, buf, mask, S)
+        _store_state(buf_ptr, abuf_ptr, buf, offs, mask, qblocks, qmask, S, Q8, True)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
@@ -524,22 +656,24 @@ def _rmspropw_kernel(
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
     seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
     P: tl.constexpr,  # element type of p and g
-    S: tl.constexpr,  # element type of every state
+    S: tl.constexpr,  # element type of every state (tl.uint8: 8-bit codes, with Q8)
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
     MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
     SR: tl.constexpr,  # bf16 p is rounded stochastically
     CENTERED: tl.constexpr,  # keep grad_avg (state 1) and normalize by the variance
     HAS_MOMENTUM: tl.constexpr,  # momentum > 0: keep momentum_buffer (state 2)
-    BLOCK_SIZE: tl.constexpr,  # elements per program
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
+    Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     if not _skipped(ctl_ptr):  # as in _adamw_kernel
-        row, offs, mask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE)
+        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
+                                                                         Q8)
         # the rule does not use t, but torch counts RMSprop's steps (and t keys the rounding bits)
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _rmspropw_block(row, offs, None, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED, HAS_MOMENTUM,
-                            True)
+            _rmspropw_block(row, offs, None, qblocks, None, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED,
+                            HAS_MOMENTUM, True, Q8)
         else:
-            _rmspropw_block(row, offs, mask, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED, HAS_MOMENTUM,
-                            False)
+            _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED,
+                            HAS_MOMENTUM, False, Q8)

@@ -18,6 +18,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from .. import quant
 from .._buckets import CTL_CLIP, CTL_INV_SCALE, CTL_SIZE, SEG_COLS, SEG_HP, SEG_N
 from ._kernels import ADAMW_HP_COLS, RMSPROPW_HP_COLS, SGDW_HP_COLS, _adamw_kernel, _rmspropw_kernel, _sgdw_kernel
 
@@ -27,6 +28,8 @@ from ._kernels import ADAMW_HP_COLS, RMSPROPW_HP_COLS, SGDW_HP_COLS, _adamw_kern
 # thread 8 contiguous elements: two 128-bit accesses per fp32 buffer.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+# 8-bit states: a program owns whole quant blocks, counted from its tensor's first element
+assert BLOCK_SIZE % quant.BLOCK_SIZE == 0
 
 _STORAGE = {
     torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64,
@@ -60,6 +63,21 @@ def _check_layout(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, st
         ok = state_dtype == dtype or (dtype == torch.float32 and half_s) or (half_p and state_dtype == torch.float32)
     if not ok:
         raise ValueError(f"unsupported storage layout: params {dtype}, states {state_dtype}"
+                         + (", fp32 master weights" if master else "") + (", stochastic rounding" if stochastic else ""))
+
+
+def _check_q8_layout(dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic: bool) -> None:
+    """8-bit states: precision.h q8_layout_supported (fp32 p; 16-bit p with an fp32 master; bf16 p
+    rounded stochastically; 16-bit p rounded to nearest)."""
+    if master:
+        ok = dtype in _HALF and not stochastic
+    elif stochastic:
+        ok = dtype == torch.bfloat16
+    else:
+        ok = dtype == torch.float32 or dtype in _HALF
+    if not ok or state_dtype not in (None, torch.uint8):
+        raise ValueError(f"unsupported storage layout: params {dtype}, 8-bit states"
+                         + (f" (state_dtype {state_dtype})" if state_dtype not in (None, torch.uint8) else "")
                          + (", fp32 master weights" if master else "") + (", stochastic rounding" if stochastic else ""))
 
 
@@ -113,14 +131,18 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device,
 
 def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
             state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool, ctl: Optional[Tensor],
-            seed: int, **switches: bool) -> None:
+            seed: int, quantized: bool, **switches: bool) -> None:
     """One launch of ``kernel`` over every segment; ``switches`` are the rule's constexpr structure flags."""
-    state_dtype = dtype if state_dtype is None else state_dtype
-    for what, d in (("parameter", dtype), ("state", state_dtype)):
-        if d not in _STORAGE:
-            raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} {what}s, got {d}")
-    master, stochastic_rounding = bool(master), bool(stochastic_rounding)
-    _check_layout(dtype, state_dtype, master, stochastic_rounding)
+    master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
+    if dtype not in _STORAGE:
+        raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} parameters, got {dtype}")
+    if quantized:
+        _check_q8_layout(dtype, state_dtype, master, stochastic_rounding)
+    else:
+        state_dtype = dtype if state_dtype is None else state_dtype
+        if state_dtype not in _STORAGE:
+            raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} states, got {state_dtype}")
+        _check_layout(dtype, state_dtype, master, stochastic_rounding)
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
     device = torch.device(device)
@@ -137,8 +159,9 @@ def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch
     launch = kernel[(tables.num_blocks,)]
     args = (tables.segments, tables.block_starts, tables.arrivals, tables.hyper, tables.nseg,
             tables.ctl if ctl is None else ctl, tables.seed)
-    options = dict(P=_STORAGE[dtype], S=_STORAGE[state_dtype], MATH=math, MASTER=master, SR=stochastic_rounding,
-                   BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, enable_fp_fusion=False, **switches)
+    options = dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype], MATH=math, MASTER=master,
+                   SR=stochastic_rounding, BLOCK_SIZE=BLOCK_SIZE, Q8=quantized, num_warps=NUM_WARPS,
+                   enable_fp_fusion=False, **switches)
     if device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device
             launch(*args, **options)
@@ -148,7 +171,8 @@ def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch
 
 def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
                       amsgrad: bool, *, state_dtype: Optional[torch.dtype] = None, master: bool = False,
-                      stochastic_rounding: bool = False, ctl: Optional[Tensor] = None, seed: int = 0) -> None:
+                      stochastic_rounding: bool = False, ctl: Optional[Tensor] = None, seed: int = 0,
+                      quantized: bool = False) -> None:
     """One AdamW step over every segment of a bucket, in one launch (docs/math.md#adamw).
 
     Args:
@@ -170,15 +194,19 @@ def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dty
             launch writes nothing, step counts included) and the clip coefficient,
             read by the kernel; None: no scaling, no clipping.
         seed: the stochastic-rounding seed, in [0, 2^64).
+        quantized: 8-bit blockwise states (docs/quantization.md): ``SEG_S*`` hold uint8 codes and
+            ``SEG_A*`` each state's fp32 block absmax, blocks of 256 from each tensor's first element;
+            ``state_dtype`` is then None (or torch.uint8). Layouts: fp32 parameters, 16-bit ones with
+            ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
     """
     _launch(_adamw_kernel, ADAMW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, AMSGRAD=bool(amsgrad))
+            stochastic_rounding, ctl, seed, quantized, AMSGRAD=bool(amsgrad))
 
 
 def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
                      has_momentum: bool, nesterov: bool, *, state_dtype: Optional[torch.dtype] = None,
                      master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
-                     seed: int = 0) -> None:
+                     seed: int = 0, quantized: bool = False) -> None:
     """One SGDW step over every segment of a bucket, in one launch (docs/math.md#sgdw).
 
     Args:
@@ -186,16 +214,16 @@ def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtyp
         hyper: float64 ``[groups, 6]``: ``lr, momentum, dampening, decay_mult, l2, grad_sign``.
         has_momentum: whether the rows carry ``momentum_buffer`` (state 0).
         nesterov: Nesterov momentum.
-        state_dtype, master, stochastic_rounding, ctl, seed: as for :func:`adamw_step_triton`.
+        state_dtype, master, stochastic_rounding, ctl, seed, quantized: as for :func:`adamw_step_triton`.
     """
     _launch(_sgdw_kernel, SGDW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, HAS_MOMENTUM=bool(has_momentum), NESTEROV=bool(nesterov))
+            stochastic_rounding, ctl, seed, quantized, HAS_MOMENTUM=bool(has_momentum), NESTEROV=bool(nesterov))
 
 
 def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
                          centered: bool, has_momentum: bool, *, state_dtype: Optional[torch.dtype] = None,
                          master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
-                         seed: int = 0) -> None:
+                         seed: int = 0, quantized: bool = False) -> None:
     """One RMSpropW step over every segment of a bucket, in one launch (docs/math.md#rmspropw).
 
     Args:
@@ -203,7 +231,7 @@ def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, 
         hyper: float64 ``[groups, 7]``: ``lr, alpha, eps, momentum, decay_mult, l2, grad_sign``.
         centered: whether the rows carry ``grad_avg`` (state 1).
         has_momentum: whether the rows carry ``momentum_buffer`` (state 2).
-        state_dtype, master, stochastic_rounding, ctl, seed: as for :func:`adamw_step_triton`.
+        state_dtype, master, stochastic_rounding, ctl, seed, quantized: as for :func:`adamw_step_triton`.
     """
     _launch(_rmspropw_kernel, RMSPROPW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, CENTERED=bool(centered), HAS_MOMENTUM=bool(has_momentum))
+            stochastic_rounding, ctl, seed, quantized, CENTERED=bool(centered), HAS_MOMENTUM=bool(has_momentum))
