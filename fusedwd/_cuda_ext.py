@@ -58,7 +58,7 @@ def cuda() -> ModuleType:
 def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: int, switches: tuple,
          device: "torch.device", arrivals: Optional["torch.Tensor"] = None, *, state_dtype: int = -1,
          master: bool = False, stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None,
-         seed: int = 0) -> None:
+         seed: int = 0, quantized: bool = False) -> None:
     """One ``<rule>_step`` launch on torch's current stream of ``device``.
 
     ``table`` and ``hyper`` may live on the host: they are copied to the device
@@ -66,8 +66,9 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
     reuses only for work queued after this launch on the same stream.
     ``arrivals`` (one zero int32 on the device, left at zero by the kernel) may be
     kept by the caller across steps. ``state_dtype`` (a DTYPES code, -1: the
-    parameters'), ``master``, ``stochastic_rounding`` and ``seed`` are passed on
-    as they are; ``ctl``, the float32 control block (1/grad_scale, found_inf,
+    parameters'), ``master``, ``stochastic_rounding``, ``seed`` and ``quantized``
+    (8-bit blockwise states: codes at ``SEG_S*``, fp32 block absmax at ``SEG_A*``)
+    are passed on as they are; ``ctl``, the float32 control block (1/grad_scale, found_inf,
     clip coefficient), must already be on ``device``: the kernel reads it there,
     so a skipped or scaled step needs no host read.
     """
@@ -85,4 +86,4 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
         getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
                                      *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
                                      state_dtype=state_dtype, master=master, stochastic_rounding=stochastic_rounding,
-                                     ctl=0 if ctl is None else ctl.data_ptr(), seed=seed)
+                                     ctl=0 if ctl is None else ctl.data_ptr(), seed=seed, quantized=quantized)

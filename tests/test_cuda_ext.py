@@ -21,8 +21,8 @@ import torch
 
 from fusedwd import _cuda_ext
 from _helpers import assert_close
-from _layouts import (LAYOUT_IDS, LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES, LayoutBucket, compare_with_cpu,
-                      dtype_code)
+from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES,
+                      LayoutBucket, compare_with_cpu, dtype_code)
 from test_headers import find_nvcc
 from test_ops import CASE_IDS, CASES, DTYPES, Problem, compare_every_step
 
@@ -84,24 +84,26 @@ def test_machine_code_for_every_requested_arch():
     assert ptx == {re.sub(r"[af]$", "", requested[-1])}
 
 
-# 9 rule x switch combinations in each of precision.h's 16 storage layouts
-KERNELS = 9 * 16
-# step_kernel<Layout<P, S, MASTER, SR>, <Rule>Rule<P, switches...>>, mangled
+# 9 rule x switch combinations in each of precision.h's 16 storage layouts, and in each of
+# the 6 layouts of 8-bit states (q8_layout_supported)
+KERNELS = 9 * 16 + 9 * 6
+# step_kernel<Layout<P, S, MASTER, SR>, <Rule>Rule<P, switches...>, Q8>, mangled
 KERNEL_NAME = re.compile(r"6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEENS\w+?\d(AdamW|Sgdw|Rmspropw)"
-                         r"RuleILS\w+?_\dE((?:Lb[01]E)+)")
+                         r"RuleILS\w+?_\dE((?:Lb[01]E)+)EELb([01])E")
 
 
 def kernel_of(name):
-    """(param DType, state DType, master, stochastic rounding, rule, switches) of a kernel's mangled name."""
-    p, s, master, sr, rule, switches = KERNEL_NAME.search(name).groups()
-    return int(p), int(s), master == "1", sr == "1", rule, tuple(b == "1" for b in re.findall(r"Lb([01])E", switches))
+    """(param DType, state DType, master, stochastic rounding, rule, switches, q8) of a kernel's mangled name."""
+    p, s, master, sr, rule, switches, q8 = KERNEL_NAME.search(name).groups()
+    return (int(p), int(s), master == "1", sr == "1", rule, tuple(b == "1" for b in re.findall(r"Lb([01])E", switches)),
+            q8 == "1")
 
 
 @needs_module
 def test_every_kernel_within_its_register_budget():
-    """144 kernels (rule x switches x layout) per architecture, each within its launch
-    bounds without spilling: 64 registers per thread, 85 for fp64 (three blocks per SM,
-    see csrc/cuda/step.cuh)."""
+    """198 kernels (rule x switches x layout, 54 of them for 8-bit states) per architecture,
+    each within its launch bounds without spilling: 64 registers per thread, 85 for fp64 and
+    8-bit states (three blocks per SM, see csrc/cuda/step.cuh)."""
     usage = cuobjdump("--dump-resource-usage")
     per_arch = {}
     for block in usage.split("arch = sm_")[1:]:
@@ -114,8 +116,9 @@ def test_every_kernel_within_its_register_budget():
         assert len(kernels) == KERNELS, arch
         assert len({kernel_of(name) for name in kernels}) == KERNELS, arch
         for name, (regs, stack, local) in kernels.items():
-            fp64 = kernel_of(name)[0] == 3  # DType::F64 parameters
-            assert regs <= (85 if fp64 else 64), (arch, name, regs)
+            kernel = kernel_of(name)
+            three_per_sm = kernel[0] == 3 or kernel[6]  # DType::F64 parameters, or 8-bit states
+            assert regs <= (85 if three_per_sm else 64), (arch, name, regs)
             assert stack == 0 and local == 0, (arch, name, "spills", stack, local)
 
 
@@ -130,7 +133,9 @@ def test_every_kernel_moves_data_in_128_bit_accesses():
     assert len(bodies) == KERNELS
     size = {0: 4, 1: 2, 2: 2, 3: 8}  # bytes per element of each DType
     for name, body in bodies:
-        p, s, master, _, rule, switches = kernel_of(name)
+        p, s, master, _, rule, switches, q8 = kernel_of(name)
+        if q8:
+            continue  # 8-bit states: one element per thread and quant block, coalesced (test below)
         has_states = not (rule == "Sgdw" and not switches[0])  # SGDW without momentum keeps none
         widest = max(size[p], 4 if master else 0, size[s] if has_states else 0)
         g = "v4" if size[p] == widest else "v2"
@@ -139,6 +144,27 @@ def test_every_kernel_moves_data_in_128_bit_accesses():
         # a 16-bit buffer beside fp32 ones moves in 8-byte accesses
         assert ("ld.global.ca.v2.u32" in body or "st.global.wb.v2.u32" in body) == (widest > 2 and min(
             size[p], size[s] if has_states else size[p]) == 2), name
+
+
+@needs_module
+def test_q8_kernels_encode_with_ieee_arithmetic_and_shuffles():
+    """The 8-bit kernels' encode rounds as the CPU kernel's (docs/quantization.md): IEEE fp32
+    square roots and reciprocal, no approximate division, no contracted multiply-add in fp32
+    (rintf compiles to cvt.rni, or to the exact add of 1.5 * 2^23 and its subtraction), and
+    the block absmax by warp butterfly shuffles; byte loads and stores of the codes."""
+    ptx = cuobjdump("--dump-ptx")
+    bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
+    q8 = [(name, body) for name, body in bodies if kernel_of(name)[6]]
+    assert len(q8) == 9 * 6
+    for name, body in q8:
+        assert not re.search(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)\.f32|fma\.rn\.f32", body), name
+        _, _, _, _, rule, switches, _ = kernel_of(name)
+        if rule == "Sgdw" and not switches[0]:
+            continue  # no state to encode
+        assert "sqrt.rn.f32" in body and ("rcp.rn.f32" in body or "div.rn.f32" in body), name
+        assert "cvt.rni" in body or re.search(r"add\.rn\.f32\s+%f\d+, %f\d+, 0f4B400000", body), name
+        assert "shfl.sync.bfly.b32" in body, name
+        assert re.search(r"ld(?:\.global)?(?:\.nc)?\.u8", body) and re.search(r"st(?:\.global)?\.u8", body), name
 
 
 # ---------------------------------------------------------------- without a GPU
@@ -364,6 +390,7 @@ def emulation(tmp_path_factory):
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # table, nseg, hyper
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # dtype, state dtype, master, stochastic
         ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),  # ctl, seed, grid, arrivals
+        ctypes.c_int,  # quantized
     ]
     return dll
 
@@ -389,12 +416,15 @@ def emulated_step(emulation, bucket, grid=3):
     arrivals = ctypes.c_uint(0)
     switches = list(bucket.switches) + [False] * (2 - len(bucket.switches))
 
+    # 8-bit states: the state dtype is ignored
+    state_code = dtype_code(bucket.dtype if bucket.quantized else bucket.state_dtype)
+
     def step(ctl, seed):
         table = bucket.table()
         done = emulation.fusedwd_emulated_step(
             RULE_CODES[bucket.rule], *switches, table.data_ptr(), table.shape[0], bucket.hyper.data_ptr(),
-            dtype_code(bucket.dtype), dtype_code(bucket.state_dtype), bucket.master, bucket.stochastic,
-            0 if ctl is None else ctl.data_ptr(), seed, grid, ctypes.byref(arrivals))
+            dtype_code(bucket.dtype), state_code, bucket.master, bucket.stochastic,
+            0 if ctl is None else ctl.data_ptr(), seed, grid, ctypes.byref(arrivals), bucket.quantized)
         assert done == 0, done
         assert arrivals.value == 0, "the last block resets the arrival counter (and a skipped launch never arrives)"
 
@@ -430,6 +460,48 @@ def test_emulated_kernel_over_two_table_tiles_with_stochastic_rounding(emulation
     bucket = LayoutBucket("adamw", (False,), (torch.bfloat16, torch.float32, False, True), sizes,
                           misaligned=frozenset(range(0, 300, 11)))
     compare_with_cpu(bucket, emulated_step(emulation, bucket, grid=7))
+
+
+# 8-bit states (issue 6): the emulated q8 kernels against fusedwd._C bit for bit (codes, absmax,
+# parameters, masters, step counts). Chunks of 4 quant blocks: segments of 1 to 9 quant blocks
+# with partial last ones, short and empty segments, a misaligned one; a block whose states fall
+# below the smallest normal (absmax 0) and a NaN gradient at step 1 (absmax NaN from then on).
+Q8_SIZES = [1, 300, 1030, 0, 2100, 5]
+Q8_EDGES = dict(tiny_block=(2, 1), nan_grad=(4, 1500, 1))
+
+
+def _assert_q8_edges_reached(bucket):
+    for c, scales in bucket.absmax.items():
+        assert float(scales[2][1]) == 0.0, c
+        assert int(scales[4].isnan().sum()) == 1 and bool(scales[4][1500 // 256].isnan()), c
+
+
+@pytest.mark.parametrize("layout", Q8_LAYOUTS, ids=Q8_LAYOUT_IDS)
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+def test_emulated_q8_kernel_matches_the_cpu_kernel_in_every_layout(emulation, rule, switches, layout):
+    bucket = LayoutBucket(rule, switches, layout, Q8_SIZES, misaligned=frozenset({5}), **Q8_EDGES)
+    compare_with_cpu(bucket, emulated_step(emulation, bucket))
+    _assert_q8_edges_reached(bucket)
+
+
+@pytest.mark.parametrize("layout", [Q8_LAYOUTS[0], Q8_LAYOUTS[3]], ids=[Q8_LAYOUT_IDS[0], Q8_LAYOUT_IDS[3]])
+@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
+                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+def test_emulated_q8_kernel_matches_the_cpu_kernel_with_every_switch(emulation, rule, switches, layout):
+    bucket = LayoutBucket(rule, switches, layout, Q8_SIZES, misaligned=frozenset({5}), **Q8_EDGES)
+    compare_with_cpu(bucket, emulated_step(emulation, bucket))
+    if bucket.absmax:
+        _assert_q8_edges_reached(bucket)
+
+
+@pytest.mark.parametrize("grid", [1, 5])
+def test_emulated_q8_kernel_over_two_table_tiles(emulation, grid):
+    # 300 segments: chunks of whole quant blocks dealt round robin over two tiles, so a block
+    # moves between segments and quant blocks of one segment go to different blocks
+    sizes = [(i * 37) % 90 + (1100 if i % 61 == 0 else 0) for i in range(300)]
+    bucket = LayoutBucket("adamw", (True,), Q8_LAYOUTS[1], sizes, misaligned=frozenset(range(0, 300, 11)))
+    compare_with_cpu(bucket, emulated_step(emulation, bucket, grid=grid))
+
 
 # ---------------------------------------------------------------- on a GPU
 

@@ -84,6 +84,7 @@ struct Precision {
   bool stochastic;  // stochastic rounding of bf16 p
   uintptr_t ctl;    // device address of the float32 control block (layout.h Ctl), or 0
   uint64_t seed;    // stochastic rounding seed
+  bool quantized;   // 8-bit blockwise states (quant.h); state_dtype is then ignored
 };
 
 // Runs one rule's launch with the GIL released; a CUDA error becomes RuntimeError.
@@ -93,7 +94,11 @@ void run_step(const char* name, uintptr_t table, int64_t nseg, uintptr_t hyper, 
               Launch launch) {
   check_step_args(table, nseg, hyper, dtype, arrivals, blocks);
   const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
-  check_layout(dtype, state_dtype, pr.master, pr.stochastic);
+  if (pr.quantized) {
+    check_q8_layout(dtype, pr.master, pr.stochastic);
+  } else {
+    check_layout(dtype, state_dtype, pr.master, pr.stochastic);
+  }
   if (nseg == 0) return;
   cudaError_t err;
   {
@@ -108,6 +113,7 @@ void run_step(const char* name, uintptr_t table, int64_t nseg, uintptr_t hyper, 
                                 pr.stochastic,
                                 reinterpret_cast<const float*>(pr.ctl),
                                 pr.seed,
+                                pr.quantized,
                                 reinterpret_cast<unsigned int*>(arrivals),
                                 blocks,
                                 reinterpret_cast<cudaStream_t>(stream)};
@@ -205,15 +211,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       "adamw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool amsgrad,
          uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype, bool master,
-         bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
+         bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
         run_step("adamw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
-                 {state_dtype, master, stochastic_rounding, ctl, seed},
+                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
                  [=](const cuda::LaunchArgs& a) { return cuda::adamw(a, amsgrad); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("amsgrad"),
       py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0, py::kw_only(),
       py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      py::arg("quantized") = false,
       "One AdamW step over nseg segments, queued on `stream` (a cudaStream_t handle).\n"
       "table, hyper: device addresses of the int64 segment table and the float64 hyper\n"
       "table; arrivals: device address of one zero uint32 the launch uses and leaves\n"
@@ -222,35 +229,37 @@ PYBIND11_MODULE(_C_cuda, m) {
       "state_dtype (-1: dtype), master (fp32 master copies at SEG_MASTER), stochastic_rounding\n"
       "(bf16 params), ctl (device address of the float32 control block: 1/grad_scale,\n"
       "found_inf, clip coefficient; a nonzero found_inf skips the step, step counts\n"
-      "included) and seed, as fusedwd._C.adamw_step.");
+      "included), seed and quantized (8-bit blockwise states: S0..S2 hold uint8 codes,\n"
+      "SEG_A0..SEG_A2 fp32 absmax), as fusedwd._C.adamw_step.");
   m.def(
       "sgdw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool has_momentum,
          bool nesterov, uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype,
-         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
+         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
         run_step("sgdw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
-                 {state_dtype, master, stochastic_rounding, ctl, seed},
+                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
                  [=](const cuda::LaunchArgs& a) { return cuda::sgdw(a, has_momentum, nesterov); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
       py::arg("has_momentum"), py::arg("nesterov"), py::arg("arrivals"), py::arg("stream"),
       py::arg("blocks") = 0, py::kw_only(), py::arg("state_dtype") = -1,
       py::arg("master") = false, py::arg("stochastic_rounding") = false, py::arg("ctl") = 0,
-      py::arg("seed") = 0,
+      py::arg("seed") = 0, py::arg("quantized") = false,
       "One SGDW step over nseg segments (arguments as adamw_step).");
   m.def(
       "rmspropw_step",
       [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool centered,
          bool has_momentum, uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype,
-         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed) {
+         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
         run_step("rmspropw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
-                 {state_dtype, master, stochastic_rounding, ctl, seed},
+                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
                  [=](const cuda::LaunchArgs& a) { return cuda::rmspropw(a, centered, has_momentum); });
       },
       py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("centered"),
       py::arg("has_momentum"), py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0,
       py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
+      py::arg("quantized") = false,
       "One RMSpropW step over nseg segments (arguments as adamw_step).");
 
   m.def(

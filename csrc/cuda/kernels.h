@@ -20,13 +20,15 @@ struct LaunchArgs {
   bool stochastic;         // round bf16 p stochastically (no master)
   const float* ctl;        // device: the control block (layout.h Ctl), or nullptr: no AMP, no clipping
   uint64_t seed;           // stochastic rounding seed
+  bool quantized;          // 8-bit states: uint8 codes at SEG_S*, fp32 block absmax at SEG_A* (state_dtype unused)
   unsigned int* arrivals;  // device: one zero word, used and reset to zero by the launch
   int64_t grid;            // blocks; 0 sizes the persistent grid from the device
   cudaStream_t stream;
 };
 
 // One launch over every segment; returns the launch's error (cudaSuccess when
-// queued). Callers validated the layout (precision.h check_layout) and the addresses.
+// queued). Callers validated the layout (precision.h check_layout, or check_q8_layout
+// for 8-bit states) and the addresses.
 cudaError_t adamw(const LaunchArgs& a, bool amsgrad);
 cudaError_t sgdw(const LaunchArgs& a, bool has_momentum, bool nesterov);
 cudaError_t rmspropw(const LaunchArgs& a, bool centered, bool has_momentum);

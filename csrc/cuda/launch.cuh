@@ -13,9 +13,9 @@
 FUSEDWD_NS_BEGIN
 namespace cuda_kernels {
 
-// The persistent grid of step_kernel<L, Rule> on `device`, cached per kernel
+// The persistent grid of step_kernel<L, Rule, Q8> on `device`, cached per kernel
 // and device: occupancy and SM count do not change while the process runs.
-template <class L, class Rule>
+template <class L, class Rule, bool Q8>
 int64_t persistent_grid_for(int device, cudaError_t* error) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices];
@@ -28,15 +28,15 @@ int64_t persistent_grid_for(int device, cudaError_t* error) {
   int per_sm = 0;
   *error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (*error != cudaSuccess) return -1;
-  *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<L, Rule>, kCudaThreads, 0);
+  *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<L, Rule, Q8>, kCudaThreads, 0);
   if (*error != cudaSuccess) return -1;
   const int64_t g = persistent_grid(sms, per_sm);
   if (cached) cache[device].store(g, std::memory_order_relaxed);
   return g;
 }
 
-// Launches step_kernel<L, Rule> on a.stream, on the stream's device.
-template <class L, class Rule>
+// Launches step_kernel<L, Rule, Q8> on a.stream, on the stream's device.
+template <class L, class Rule, bool Q8>
 cudaError_t launch(const cuda::LaunchArgs& a) {
   int current = 0;
   cudaError_t err = cudaGetDevice(&current);
@@ -50,11 +50,11 @@ cudaError_t launch(const cuda::LaunchArgs& a) {
   // a launch goes to the current device; torch's stream may belong to another
   if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
   int64_t grid = a.grid;
-  if (grid == 0) grid = persistent_grid_for<L, Rule>(device, &err);
+  if (grid == 0) grid = persistent_grid_for<L, Rule, Q8>(device, &err);
   if (err == cudaSuccess) {
     const auto blocks = static_cast<unsigned int>(grid);
-    step_kernel<L, Rule><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals,
-                                                                a.ctl, a.seed);
+    step_kernel<L, Rule, Q8><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals,
+                                                                    a.ctl, a.seed);
     err = cudaGetLastError();
   }
   if (current != device) {
@@ -64,13 +64,19 @@ cudaError_t launch(const cuda::LaunchArgs& a) {
   return err;
 }
 
-// Runtime storage layout -> template (precision.h lists the layouts; the
-// bindings validated this one).
+// Runtime storage layout -> template (precision.h lists the layouts, and
+// q8_layout_supported those of 8-bit states; the bindings validated this one).
 template <template <DType> class RuleOf>
 cudaError_t by_layout(const cuda::LaunchArgs& a) {
+  if (a.quantized) {
+    return with_q8_layout(a.dtype, a.master, a.stochastic, [&](auto layout) {
+      using L = decltype(layout);
+      return launch<L, RuleOf<L::P>, true>(a);
+    });
+  }
   return with_layout(a.dtype, a.state_dtype, a.master, a.stochastic, [&](auto layout) {
     using L = decltype(layout);
-    return launch<L, RuleOf<L::P>>(a);
+    return launch<L, RuleOf<L::P>, false>(a);
   });
 }
 

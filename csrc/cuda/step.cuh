@@ -30,6 +30,15 @@
 // (the arrival counter stays zero); 1/grad_scale times the clip coefficient is
 // folded into grad_sign by the rules' scalars.
 //
+// 8-bit states (Q8; docs/quantization.md, quant.h): the states are uint8 codes with
+// one fp32 absmax per 256-element quant block of each tensor (SEG_A0..SEG_A2).
+// Chunks are kQ8Blocks whole quant blocks counted from the segment's start, so a
+// quant block is never split between thread blocks; thread tid updates element
+// tid of each of the chunk's quant blocks (coalesced, one element per quant block),
+// decoding with the old absmax, writing the weight from the unquantized new
+// states, and then the whole block reduces each new state's quant-block absmax
+// (warp shuffles, one barrier through shared memory) and encodes it.
+//
 // Device code only: the host side of a launch is in csrc/cuda/launch.cuh, so
 // that tests/cuda_emulation/ can compile this file for the host.
 #pragma once
@@ -46,6 +55,7 @@
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
 #include "fusedwd/precision.h"
+#include "fusedwd/quant.h"
 #include "fusedwd/rmspropw.h"
 #include "fusedwd/sgdw.h"
 
@@ -53,6 +63,11 @@ FUSEDWD_NS_BEGIN
 namespace cuda_kernels {
 
 constexpr int kWarps = kCudaThreads / 32;
+// 8-bit states: quant blocks per chunk, and the chunk in elements. A thread keeps one
+// element of each in flight (two loads per buffer): four spilled (see kMinBlocksPerSm).
+constexpr int kQ8Blocks = 2;
+constexpr int64_t kQ8Chunk = kQ8Blocks * kQuantBlock;
+static_assert(kQuantBlock == kCudaThreads, "a thread updates one element of each quant block");
 
 // Each rule as the kernel sees it: its hyper width, which of S0, S1, S2 it
 // reads and writes, and its two shared helpers. D is the parameters' dtype,
@@ -63,6 +78,8 @@ struct AdamWRule {
   using Scalars = AdamWScalars<M>;
   static constexpr int kHpCols = ADAMW_HP_COLS;
   static constexpr bool kS0 = true, kS1 = true, kS2 = AMSGRAD;
+  // 8-bit codes: exp_avg signed, exp_avg_sq and max_exp_avg_sq unsigned
+  static constexpr bool kSigned0 = true, kSigned1 = false, kSigned2 = false;
   __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
     return adamw_scalars<M>(hp, t, grad_mult);
   }
@@ -77,6 +94,7 @@ struct SgdwRule {
   using Scalars = SgdwScalars<M>;
   static constexpr int kHpCols = SGDW_HP_COLS;
   static constexpr bool kS0 = HAS_MOMENTUM, kS1 = false, kS2 = false;
+  static constexpr bool kSigned0 = true, kSigned1 = true, kSigned2 = true;  // momentum_buffer signed
   __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
     return sgdw_scalars<M>(hp, t, grad_mult);
   }
@@ -91,6 +109,8 @@ struct RmspropwRule {
   using Scalars = RmspropwScalars<M>;
   static constexpr int kHpCols = RMSPROPW_HP_COLS;
   static constexpr bool kS0 = true, kS1 = CENTERED, kS2 = HAS_MOMENTUM;
+  // square_avg unsigned, grad_avg and momentum_buffer signed
+  static constexpr bool kSigned0 = false, kSigned1 = true, kSigned2 = true;
   __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
     return rmspropw_scalars<M>(hp, t, grad_mult);
   }
@@ -251,6 +271,131 @@ struct Segment {
   }
 };
 
+// The 8-bit form of Segment: codes and block absmax instead of S-typed states.
+// L::S is unused (the q8 layouts carry S == P).
+template <class L, class Rule>
+struct Q8Segment {
+  using TP = storage_t<L::P>;
+  using M = math_t<L::P>;
+  static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
+  int64_t index;
+  int64_t n;
+  TP* p;
+  const TP* g;
+  uint8_t* s0;
+  uint8_t* s1;
+  uint8_t* s2;
+  float* a0;  // block absmax of state 0, one per kQuantBlock elements
+  float* a1;
+  float* a2;
+  float* master;
+  uint32_t key;
+  typename Rule::Scalars sc;
+
+  __device__ void open(const int64_t* table, const double* hyper, int64_t s, const float* ctl,
+                       uint64_t seed) {
+    const int64_t* row = table + s * SEG_COLS;
+    index = s;
+    n = row[SEG_N];
+    p = column<TP>(row, SEG_P);
+    g = column<const TP>(row, SEG_G);
+    // unused state, absmax and master columns hold 0 and are never dereferenced
+    s0 = Rule::kS0 ? column<uint8_t>(row, SEG_S0) : nullptr;
+    s1 = Rule::kS1 ? column<uint8_t>(row, SEG_S1) : nullptr;
+    s2 = Rule::kS2 ? column<uint8_t>(row, SEG_S2) : nullptr;
+    a0 = Rule::kS0 ? column<float>(row, SEG_A0) : nullptr;
+    a1 = Rule::kS1 ? column<float>(row, SEG_A1) : nullptr;
+    a2 = Rule::kS2 ? column<float>(row, SEG_A2) : nullptr;
+    master = L::MASTER ? column<float>(row, SEG_MASTER) : nullptr;
+    // t0 is read here by every block touching the segment (see the top of this file)
+    const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
+    key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(ctl));
+  }
+
+  // One chunk [r.begin, r.end) of up to kQ8Blocks quant blocks (r.begin a multiple of
+  // kQuantBlock); red: kWarps partial maxima per state and quant block, in shared memory
+  // not read since the block's previous barrier; held: this thread's new states across
+  // the barrier, in shared memory so they take no registers (each thread reads only
+  // what it wrote, so no barrier guards them).
+  __device__ void chunk(ChunkRange r, int tid, float (*red)[kWarps], float (*held)[kCudaThreads]) const {
+    const int64_t qb0 = r.begin / kQuantBlock;
+    // every load of the chunk first, so each thread has them all in flight
+    M pv[kQ8Blocks], gv[kQ8Blocks];
+    uint8_t c0[kQ8Blocks], c1[kQ8Blocks], c2[kQ8Blocks];
+#pragma unroll
+    for (int q = 0; q < kQ8Blocks; ++q) {
+      const int64_t i = r.begin + q * kQuantBlock + tid;
+      if (i < r.end) {
+        pv[q] = load_param<L::P, L::MASTER>(p, master, i);
+        gv[q] = load<L::P>(g, i);
+        if (Rule::kS0) c0[q] = s0[i];
+        if (Rule::kS1) c1[q] = s1[i];
+        if (Rule::kS2) c2[q] = s2[i];
+      }
+    }
+    // decode with the old absmax, update, store the weight from the unquantized states;
+    // elements past the end hold 0, which changes no block's max. Then each new state's
+    // absmax per quant block: warp maxima now, the block's through red after the barrier.
+    const int lane = tid % 32;
+    const int warp = tid / 32;
+#pragma unroll
+    for (int q = 0; q < kQ8Blocks; ++q) {
+      const int64_t i = r.begin + q * kQuantBlock + tid;
+      M a = M(0), b = M(0), c = M(0);
+      if (i < r.end) {
+        const int64_t qb = qb0 + q;
+        if (Rule::kS0) a = q_decode(c0[q], a0[qb], Rule::kSigned0);
+        if (Rule::kS1) b = q_decode(c1[q], a1[qb], Rule::kSigned1);
+        if (Rule::kS2) c = q_decode(c2[q], a2[qb], Rule::kSigned2);
+        M pi = pv[q];
+        Rule::update(pi, gv[q], a, b, c, sc);
+        store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+      }
+      if (Rule::kS0) held[0 * kQ8Blocks + q][tid] = a;
+      if (Rule::kS1) held[1 * kQ8Blocks + q][tid] = b;
+      if (Rule::kS2) held[2 * kQ8Blocks + q][tid] = c;
+      float k0 = q_absmax_key(a), k1 = q_absmax_key(b), k2 = q_absmax_key(c);
+#pragma unroll
+      for (int d = 16; d > 0; d /= 2) {
+        if (Rule::kS0) k0 = fmaxf(k0, __shfl_xor_sync(0xffffffffu, k0, d));
+        if (Rule::kS1) k1 = fmaxf(k1, __shfl_xor_sync(0xffffffffu, k1, d));
+        if (Rule::kS2) k2 = fmaxf(k2, __shfl_xor_sync(0xffffffffu, k2, d));
+      }
+      if (lane == 0) {
+        if (Rule::kS0) red[0 * kQ8Blocks + q][warp] = k0;
+        if (Rule::kS1) red[1 * kQ8Blocks + q][warp] = k1;
+        if (Rule::kS2) red[2 * kQ8Blocks + q][warp] = k2;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kQ8Blocks; ++q) {
+      const int64_t e0 = r.begin + q * kQuantBlock;
+      if (e0 >= r.end) break;  // the chunk's quant blocks end here (the same for every thread)
+      const int64_t i = e0 + tid;
+      const int64_t qb = qb0 + q;
+      if (Rule::kS0) encode<Rule::kSigned0>(held[0 * kQ8Blocks + q][tid], red[0 * kQ8Blocks + q], s0, a0, i, i < r.end, qb, tid);
+      if (Rule::kS1) encode<Rule::kSigned1>(held[1 * kQ8Blocks + q][tid], red[1 * kQ8Blocks + q], s1, a1, i, i < r.end, qb, tid);
+      if (Rule::kS2) encode<Rule::kSigned2>(held[2 * kQ8Blocks + q][tid], red[2 * kQ8Blocks + q], s2, a2, i, i < r.end, qb, tid);
+    }
+  }
+
+  // Element i's byte from the block's new absmax (the max of the warps' partial maxima);
+  // thread 0 stores the absmax (every thread read the old one before the barrier).
+  template <bool SIGNED>
+  __device__ static void encode(float x, const float* warp_max, uint8_t* codes, float* absmax, int64_t i,
+                                bool in_range, int64_t qb, int tid) {
+    float key_max = warp_max[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) key_max = fmaxf(key_max, warp_max[w]);
+    float scale, inv;
+    const bool ok = q_block_scale(key_max, &scale, &inv);
+    if (in_range) codes[i] = ok ? q_encode(x, inv, SIGNED) : q_zero_code(SIGNED);
+    if (tid == 0) absmax[qb] = scale;
+  }
+};
+
 // Block-wide exclusive sum of x; every thread gets its own prefix and the total.
 __device__ inline int64_t block_exclusive_sum(int64_t x, int64_t* warp_sums, int64_t* total) {
   const int lane = threadIdx.x % 32;
@@ -282,17 +427,24 @@ __device__ inline int64_t block_exclusive_sum(int64_t x, int64_t* warp_sums, int
 // pair and spilled at 64 (up to 76 bytes per thread), so it gets up to 85
 // registers and three blocks per SM: 768 threads still keep 48 KB of loads in
 // flight per SM, three times what H100 needs to reach its bandwidth.
-template <DType P>
-constexpr int kMinBlocksPerSm = P == DType::F64 ? 3 : kCudaBlocksPerSm;
+// The 8-bit kernels load a chunk's p, g and codes first and keep 2 addresses per
+// state: AdamW spilled 8-40 bytes at 64 registers (with four quant blocks per chunk,
+// and 16-24 with two, its new states held in shared memory), and 16 bytes at 80 with
+// four. So they take the fp64 budget and two quant blocks per chunk: no spills, 768
+// threads per SM with two elements each in flight.
+template <DType P, bool Q8 = false>
+constexpr int kMinBlocksPerSm = P == DType::F64 || Q8 ? 3 : kCudaBlocksPerSm;
 
 // ctl: the control block (layout.h Ctl), or nullptr; seed: the stochastic rounding seed.
-template <class L, class Rule>
-__global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P>)
+// Q8: 8-bit states (Q8Segment), in chunks of kQ8Blocks quant blocks.
+template <class L, class Rule, bool Q8>
+__global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
     step_kernel(const int64_t* __restrict__ table, int64_t nseg, const double* __restrict__ hyper,
                 unsigned int* arrivals, const float* __restrict__ ctl, uint64_t seed) {
   // found_inf: the same value for every block, which leaves before anything is read or written
   if (ctl_skips(ctl)) return;
-  constexpr int64_t kChunk = chunk_elems(kElemSize<L, Rule>);
+  // 8-bit chunks are whole quant blocks from the segment's start (a multiple of kQuantBlock)
+  constexpr int64_t kChunk = Q8 ? kQ8Chunk : chunk_elems(kElemSize<L, Rule>);
   constexpr int64_t kVec = vector_elems(kElemSize<L, Rule>);
   __shared__ int64_t starts[kCudaThreads + 1];  // chunk prefix sums of the current tile
   __shared__ int64_t warp_sums[kWarps];
@@ -301,7 +453,13 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P>)
   // Two buffers, so that a copy never lands where a read may still be pending; a
   // thread issues a copy exactly when it has a segment in that tile (tid < count).
   __shared__ int64_t sizes[2][kCudaThreads];
-  __shared__ Segment<L, Rule> seg;
+  __shared__ std::conditional_t<Q8, Q8Segment<L, Rule>, Segment<L, Rule>> seg;
+  // 8-bit states: per state and quant block the warps' partial maxima; two buffers, so a
+  // chunk's writes never land where the previous chunk's reads may still be pending
+  __shared__ float red[Q8 ? 2 : 1][Q8 ? 3 * kQ8Blocks : 1][kWarps];
+  // 8-bit states: each thread's new states of the chunk (6 KB), held across the reduction
+  __shared__ float held[Q8 ? 3 * kQ8Blocks : 1][Q8 ? kCudaThreads : 1];
+  int parity = 0;
   __shared__ bool last;
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t block = blockIdx.x;
@@ -335,7 +493,10 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P>)
         __syncthreads();
       }
       const ChunkRange r = chunk_range(seg.n, kChunk, j);
-      if (seg.aligned) {
+      if constexpr (Q8) {
+        seg.chunk(r, tid, red[parity], held);
+        parity ^= 1;
+      } else if (seg.aligned) {
         const ChunkRange v = thread_vector(r, tid, kVec);
         if (v.end - v.begin == kVec) {
           seg.vector(v.begin);
@@ -369,6 +530,23 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P>)
     }
     if (tid == 0) *arrivals = 0u;
   }
+}
+
+// Runtime 8-bit layout -> f(Layout<P, P, MASTER, SR>{}) (the CPU loops' by_q8_layout), for
+// a layout check_q8_layout accepted: fp32 p; 16-bit p with an fp32 master; bf16 p rounded
+// stochastically; 16-bit p rounded to nearest. S is unused by Q8Segment.
+template <typename F>
+decltype(auto) with_q8_layout(int dtype, bool master, bool stochastic, F&& f) {
+  using D = DType;
+  const D p = static_cast<D>(dtype);
+  if (p == D::F32) return f(Layout<D::F32, D::F32, false, false>{});
+  if (master) {
+    if (p == D::BF16) return f(Layout<D::BF16, D::BF16, true, false>{});
+    return f(Layout<D::F16, D::F16, true, false>{});
+  }
+  if (stochastic) return f(Layout<D::BF16, D::BF16, false, true>{});
+  if (p == D::BF16) return f(Layout<D::BF16, D::BF16, false, false>{});
+  return f(Layout<D::F16, D::F16, false, false>{});
 }
 
 }  // namespace cuda_kernels

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -20,7 +21,7 @@
 #define __device__
 #define __host__
 #define __shared__ static
-#define __launch_bounds__(threads, blocks)
+#define __launch_bounds__(...)
 
 struct dim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -41,6 +42,7 @@ constexpr int kWarpsPerBlock = 8;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::barrier<>* warp_barriers[kWarpsPerBlock] = {};
 inline int64_t warp_slots[kWarpsPerBlock][32];
+inline float warp_float_slots[kWarpsPerBlock][32];
 }  // namespace emulation
 
 inline void __syncthreads() { emulation::block_barrier->arrive_and_wait(); }
@@ -51,6 +53,16 @@ inline int64_t __shfl_up_sync(unsigned /*mask: the kernel always passes all lane
   emulation::warp_slots[warp][lane] = v;
   emulation::warp_barriers[warp]->arrive_and_wait();
   const int64_t r = lane >= d ? emulation::warp_slots[warp][lane - d] : v;
+  emulation::warp_barriers[warp]->arrive_and_wait();
+  return r;
+}
+
+inline float __shfl_xor_sync(unsigned /*mask: all lanes*/, float v, int d) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  emulation::warp_float_slots[warp][lane] = v;
+  emulation::warp_barriers[warp]->arrive_and_wait();
+  const float r = emulation::warp_float_slots[warp][lane ^ d];
   emulation::warp_barriers[warp]->arrive_and_wait();
   return r;
 }

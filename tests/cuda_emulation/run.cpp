@@ -11,8 +11,9 @@
 //
 // fusedwd_emulated_step() is one launch of the kernel the .cu files would
 // launch for a rule, its switches and a storage layout (precision.h
-// with_layout), over a caller's table in host memory: the test runs it beside
-// fusedwd._C on the same tables and compares every buffer bit for bit.
+// with_layout, or step.cuh with_q8_layout for 8-bit states), over a caller's
+// table in host memory: the test runs it beside fusedwd._C on the same tables
+// and compares every buffer bit for bit.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -73,13 +74,13 @@ class Block {
 
 Block* g_block = nullptr;
 
-template <class L, class Rule>
+template <class L, class Rule, bool Q8 = false>
 void launch(const int64_t* table, int64_t nseg, const double* hyper, unsigned* arrivals, unsigned grid,
             const float* ctl = nullptr, uint64_t seed = 0) {
   gridDim.x = grid;
   for (unsigned b = 0; b < grid; ++b) {
     blockIdx.x = b;
-    g_block->run([=] { step_kernel<L, Rule>(table, nseg, hyper, arrivals, ctl, seed); });
+    g_block->run([=] { step_kernel<L, Rule, Q8>(table, nseg, hyper, arrivals, ctl, seed); });
   }
 }
 
@@ -173,12 +174,12 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
 // Runtime rule and switches -> the Rule the .cu files instantiate for them.
 enum RuleCode { ADAMW = 0, SGDW = 1, RMSPROPW = 2 };
 
-template <class L>
+template <class L, bool Q8>
 int launch_rule(int rule, bool a, bool b, const int64_t* table, int64_t nseg, const double* hyper,
                 unsigned* arrivals, unsigned grid, const float* ctl, uint64_t seed) {
   constexpr DType P = L::P;
   auto go = [&](auto rule_tag) {
-    launch<L, decltype(rule_tag)>(table, nseg, hyper, arrivals, grid, ctl, seed);
+    launch<L, decltype(rule_tag), Q8>(table, nseg, hyper, arrivals, grid, ctl, seed);
     return 0;
   };
   switch (rule) {
@@ -197,21 +198,30 @@ int launch_rule(int rule, bool a, bool b, const int64_t* table, int64_t nseg, co
 }  // namespace
 
 // One launch over `table` (host addresses); returns 0, -1 for an unknown rule,
-// -2 for a layout the kernels do not instantiate.
+// -2 for a layout the kernels do not instantiate. quantized: 8-bit states
+// (state_dtype is then ignored).
 extern "C" int fusedwd_emulated_step(int rule, int switch0, int switch1, const int64_t* table,
                                      int64_t nseg, const double* hyper, int dtype,
                                      int state_dtype, int master, int stochastic,
                                      const float* ctl, uint64_t seed, unsigned grid,
-                                     unsigned* arrivals) {
-  if (!layout_supported(dtype, state_dtype, master, stochastic)) return -2;
+                                     unsigned* arrivals, int quantized) {
+  if (quantized ? !q8_layout_supported(dtype, master, stochastic)
+                : !layout_supported(dtype, state_dtype, master, stochastic)) {
+    return -2;
+  }
   if (rule < ADAMW || rule > RMSPROPW) return -1;
   if (nseg == 0) return 0;
   Block block;
   g_block = &block;
-  const int result = with_layout(dtype, state_dtype, master != 0, stochastic != 0, [&](auto layout) {
-    return launch_rule<decltype(layout)>(rule, switch0 != 0, switch1 != 0, table, nseg, hyper,
-                                         arrivals, grid, ctl, seed);
-  });
+  const int result =
+      quantized ? with_q8_layout(dtype, master != 0, stochastic != 0, [&](auto layout) {
+        return launch_rule<decltype(layout), true>(rule, switch0 != 0, switch1 != 0, table, nseg,
+                                                   hyper, arrivals, grid, ctl, seed);
+      })
+                : with_layout(dtype, state_dtype, master != 0, stochastic != 0, [&](auto layout) {
+                    return launch_rule<decltype(layout), false>(rule, switch0 != 0, switch1 != 0, table,
+                                                                nseg, hyper, arrivals, grid, ctl, seed);
+                  });
   g_block = nullptr;
   return result;
 }
