@@ -437,7 +437,7 @@ def test_found_inf_skips_before_any_block_arrives(triton_kernels):
 ], ids=["bf16-master", "bf16-sr-f32states", "f32-bf16states"])
 def test_optimizer_precision_options_match_the_cpu_backend(dtype, options):
     """Through fusedwd.AdamW: GradScaler's scale and found_inf (one step skipped) and
-    max_grad_norm reach the launcher as the CPU kernel's control block, bit for bit."""
+    max_grad_norm reach the launcher as the CPU kernel's control block."""
     cls, kw, states = CONFIGS["adamw-amsgrad-max"]
     b = make_params([(5, 7), (1030,)], dtype)
     a = _on_device(b)
@@ -452,8 +452,11 @@ def test_optimizer_precision_options_match_the_cpu_backend(dtype, options):
             opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(1.0 if t == 2 else 0.0)
 
     extra = ["master_param"] if options.get("master_weights") else []
+    # within the tolerance table, not bitwise: the CPU backend's clipping norm sums squares in
+    # double (fusedwd._C.grad_sumsq), a Triton bucket's takes torch's per-tensor fp32 norms,
+    # so the clip coefficients may differ in their last bit
     _compare_across_devices(opt_a, a, opt_b, b, states + extra, 5, lambda t: random_grads(b, t, scale=64.0),
-                            exact=INTERPRET, before_step=amp)
+                            exact=False, before_step=amp)
     assert float(opt_a.state[a[0]]["step"]) == 4.0  # one of the five steps was skipped
 
 
