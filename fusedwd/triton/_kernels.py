@@ -349,6 +349,11 @@ def _q8_decode(codes_ptr, absmax_ptr, offs, mask, qblocks, qmask, SIGNED: tl.con
 
 
 @triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.constexpr):
     """quant.h q_encode_block per quant block (one row of the tile): the block's absmax, NaN (every
     byte the zero code) if an element is NaN or infinite, 0 below the smallest normal; then
@@ -358,7 +363,10 @@ def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.
     key = tl.where(m <= _f32(0x7F7FFFFF), m, _f32(0x7F800000))
     if mask is not None:
         key = tl.where(mask, key, 0.0)  # lanes past the segment's end
-    a = tl.max(key, axis=1)
+    # tl.reduce (a builtin) with our own combine, not tl.max: triton.language's jit helpers are
+    # compiled-mode functions if anything imported Triton before TRITON_INTERPRET was set
+    # (torch.compile does), and the interpreter cannot call them
+    a = tl.reduce(key, 1, _max_combine)
     bad = a == _f32(0x7F800000)
     ok = (a >= _f32(0x00800000)) & (a != _f32(0x7F800000))
     inv = tl.div_rn(tl.full(a.shape, 1.0, tl.float32), tl.where(ok, a, 1.0))
