@@ -88,3 +88,45 @@ def compare_optimizers(
                     what = f"step {t} param {k} state {name}"
                     assert_close(sa[name], sb[name], what, dtype, previous.get((k, name), 0.0))
                     previous[(k, name)] = max_abs(sb[name])
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (NaN included), any dtype."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
+def results_on_every_isa(build: Callable[[], tuple], steps: int,
+                         grad_fn: Callable[[Sequence[torch.Tensor], int], Sequence[torch.Tensor]]) -> dict:
+    """isa -> every parameter and state tensor after ``steps`` steps of ``build()``'s optimizer.
+
+    ``build`` returns (optimizer, params); each CPU ISA variant the machine runs takes the
+    same steps from the same start.
+    """
+    from fusedwd import _ext
+
+    C = _ext.cpu()
+    before = C.isa()
+    out = {}
+    try:
+        for isa in C.supported_isas():
+            C.set_isa(isa)
+            opt, params = build()
+            for t in range(steps):
+                for p, g in zip(params, grad_fn(params, t)):
+                    p.grad = g
+                opt.step()
+            out[isa] = [p.detach().clone() for p in params] + [
+                v.detach().clone() for p in params for _, v in sorted(opt.state[p].items())
+                if isinstance(v, torch.Tensor)]
+    finally:
+        C.set_isa(before)
+    return out
+
+
+def assert_isa_variants_bitwise_equal(results: dict) -> None:
+    isas = list(results)
+    for isa in isas[1:]:
+        assert len(results[isa]) == len(results[isas[0]])
+        for k, (a, b) in enumerate(zip(results[isas[0]], results[isa])):
+            assert bitwise_equal(a, b), f"tensor {k}: {isa} differs from {isas[0]}"

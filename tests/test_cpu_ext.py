@@ -13,6 +13,8 @@ import itertools
 import pytest
 import torch
 
+from _helpers import bitwise_equal
+
 _C = pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -112,12 +114,6 @@ class Bucket:
 
     def tensors(self):
         return self.p + [t for s in self.s if s is not None for t in s] + [self.step]
-
-
-def bitwise_equal(a, b):
-    """Equal bit patterns (NaN included)."""
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
-    return a.shape == b.shape and torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 import fusedwd
 from fusedwd import quant
-from _helpers import assert_close, make_params, random_grads
+from _helpers import assert_close, assert_isa_variants_bitwise_equal, make_params, random_grads, results_on_every_isa
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
@@ -75,6 +75,23 @@ def test_cpu_kernel_matches_the_reference(cls, hp, dtype, options):
                 b.copy_(a)
                 for name in sa:
                     sb[name].copy_(sa[name])
+
+
+@pytest.mark.parametrize("cls,hp", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("dtype,options", LAYOUTS, ids=LAYOUT_IDS)
+def test_isa_variants_are_bitwise_equal(cls, hp, dtype, options):
+    """Every CPU variant this machine runs writes the same codes, scales and weights."""
+    def build():
+        params = make_params(SHAPES, dtype)
+        opt = cls(params, backend="cpu", state_dtype="int8", **hp, **options)
+        for group in opt.param_groups:
+            group["sr_seed"] = 11
+        return opt, params
+
+    results = results_on_every_isa(build, steps=5, grad_fn=random_grads)
+    if len(results) == 1:
+        pytest.skip("only one CPU variant runs here")
+    assert_isa_variants_bitwise_equal(results)
 
 
 def test_small_tensors_keep_fp32_states_and_big_ones_take_a_quarter_of_the_memory():

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fusedwd
-from _helpers import assert_close, compare_optimizers, make_params, random_grads
+from _helpers import (assert_close, assert_isa_variants_bitwise_equal, compare_optimizers, make_params, random_grads,
+                      results_on_every_isa)
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
@@ -74,6 +75,23 @@ def test_amp_and_clipping_on_the_cpu_kernel_match_the_reference():
                        steps=8, grad_fn=lambda t: random_grads(params[0], t, scale=1024.0), before_step=before)
     assert float(opts[0].state[params[0][0]]["step"]) == 7  # one of the 8 steps was skipped
     assert_close(opts[0].last_grad_norm, opts[1].last_grad_norm, "last_grad_norm")
+
+
+@pytest.mark.parametrize("cls,hp,states", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("dtype,options,extra", LAYOUTS, ids=LAYOUT_IDS)
+def test_isa_variants_are_bitwise_equal(cls, hp, states, dtype, options, extra):
+    """Every CPU variant this machine runs (baseline, AVX2, AVX-512) writes the same bits,
+    with the clip and the grad scale in the pass too."""
+    def build():
+        params = make_params(SHAPES, dtype)
+        opt = _seeded(cls(params, backend="cpu", max_grad_norm=2.0, **hp, **options))
+        opt.grad_scale = torch.tensor(8.0)
+        return opt, params
+
+    results = results_on_every_isa(build, steps=5, grad_fn=lambda ps, t: random_grads(ps, t, scale=8.0))
+    if len(results) == 1:
+        pytest.skip("only one CPU variant runs here")
+    assert_isa_variants_bitwise_equal(results)
 
 
 # ------------------------------------------------------------------ master weights
