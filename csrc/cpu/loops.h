@@ -81,6 +81,42 @@ void for_each_slice(const StepArgs& a, Seg seg) {
   }
 }
 
+// The element loop of the fp16/bf16/fp32/fp64 passes. elem(i, p, s0, s1, s2)
+// loads element i and runs the rule's update into its four outputs (the
+// parameter and up to three states); put(i, p, s0, s1, s2) stores them.
+// With 16-bit states (STAGED) a chunk is first updated into fp32 scratch and
+// then stored in a second loop: fused, each store of a 16-bit loop left later
+// loads of other streams waiting on it whenever their addresses matched it
+// modulo 4 KiB, which depends only on where the buffers happen to lie (bf16
+// AdamW on GPT-2 shapes: 66 to 140 ms on an Intel Xeon for the same bytes;
+// staged: 75 to 82 ms). fp32 states stay fused: staging cost them 8%.
+constexpr int64_t kStageChunk = 1024;
+
+template <bool STAGED, typename M, typename Elem, typename Put>
+inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put) {
+  if constexpr (STAGED) {
+    static_assert(sizeof(M) == 4, "16-bit storage computes in fp32");
+    alignas(64) M x0[kStageChunk], x1[kStageChunk], x2[kStageChunk], x3[kStageChunk];
+    for (int64_t c = lo; c < hi; c += kStageChunk) {
+      const int64_t e = min_i64(c + kStageChunk, hi);
+#pragma omp simd
+      for (int64_t i = c; i < e; ++i) elem(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
+#pragma omp simd
+      for (int64_t i = c; i < e; ++i) put(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      M x0, x1, x2, x3;
+      elem(i, x0, x1, x2, x3);
+      put(i, x0, x1, x2, x3);
+    }
+  }
+}
+
+template <DType S>
+constexpr bool staged() { return sizeof(storage_t<S>) == 2; }
+
 // Each pass takes the storage types of the parameter (P), the gradient (G) and
 // the states (S) separately; the math runs in the parameter's math type (fp32
 // for 16-bit storage). MASTER reads and writes p through its fp32 master copy;
@@ -100,19 +136,22 @@ void adamw_pass(const StepArgs& a) {
     storage_t<S>* __restrict__ v = column_ptr<storage_t<S>>(row, SEG_S1);
     storage_t<S>* __restrict__ vmax = column_ptr<storage_t<S>>(row, SEG_S2);
     const AdamWScalars<M> sc = adamw_scalars<M>(hp, t, gm);
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      M pi = load_param<P, MASTER>(p, master, i);
-      M mi = load<S>(m, i);
-      M vi = load<S>(v, i);
-      // S2 is 0 without amsgrad: never touched
-      M vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
-      adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
-      store_param<P, MASTER, SR>(p, master, i, pi, key);
-      store<S>(m, i, mi);
-      store<S>(v, i, vi);
-      if (AMSGRAD) store<S>(vmax, i, vmaxi);
-    }
+    element_loop<staged<S>(), M>(
+        lo, hi,
+        [&](int64_t i, M& pi, M& mi, M& vi, M& vmaxi) {
+          pi = load_param<P, MASTER>(p, master, i);
+          mi = load<S>(m, i);
+          vi = load<S>(v, i);
+          // S2 is 0 without amsgrad: never touched
+          vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
+          adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
+        },
+        [&](int64_t i, M pi, M mi, M vi, M vmaxi) {
+          store_param<P, MASTER, SR>(p, master, i, pi, key);
+          store<S>(m, i, mi);
+          store<S>(v, i, vi);
+          if (AMSGRAD) store<S>(vmax, i, vmaxi);
+        });
   });
 }
 
@@ -129,15 +168,18 @@ void sgdw_pass(const StepArgs& a) {
     const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
     storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S0);
     const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t, gm);
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      M pi = load_param<P, MASTER>(p, master, i);
-      // S0 is 0 without momentum: never touched
-      M bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
-      sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
-      store_param<P, MASTER, SR>(p, master, i, pi, key);
-      if (HAS_MOMENTUM) store<S>(buf, i, bi);
-    }
+    element_loop<staged<S>() && HAS_MOMENTUM, M>(
+        lo, hi,
+        [&](int64_t i, M& pi, M& bi, M&, M&) {
+          pi = load_param<P, MASTER>(p, master, i);
+          // S0 is 0 without momentum: never touched
+          bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
+          sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
+        },
+        [&](int64_t i, M pi, M bi, M, M) {
+          store_param<P, MASTER, SR>(p, master, i, pi, key);
+          if (HAS_MOMENTUM) store<S>(buf, i, bi);
+        });
   });
 }
 
@@ -156,19 +198,22 @@ void rmspropw_pass(const StepArgs& a) {
     storage_t<S>* __restrict__ ga = column_ptr<storage_t<S>>(row, SEG_S1);
     storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S2);
     const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t, gm);
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      M pi = load_param<P, MASTER>(p, master, i);
-      M sqi = load<S>(sq, i);
-      // S1 / S2 are 0 when not centered / without momentum: never touched
-      M gai = CENTERED ? load<S>(ga, i) : M(0);
-      M bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
-      rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
-      store_param<P, MASTER, SR>(p, master, i, pi, key);
-      store<S>(sq, i, sqi);
-      if (CENTERED) store<S>(ga, i, gai);
-      if (HAS_MOMENTUM) store<S>(buf, i, bi);
-    }
+    element_loop<staged<S>(), M>(
+        lo, hi,
+        [&](int64_t i, M& pi, M& sqi, M& gai, M& bi) {
+          pi = load_param<P, MASTER>(p, master, i);
+          sqi = load<S>(sq, i);
+          // S1 / S2 are 0 when not centered / without momentum: never touched
+          gai = CENTERED ? load<S>(ga, i) : M(0);
+          bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
+          rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
+        },
+        [&](int64_t i, M pi, M sqi, M gai, M bi) {
+          store_param<P, MASTER, SR>(p, master, i, pi, key);
+          store<S>(sq, i, sqi);
+          if (CENTERED) store<S>(ga, i, gai);
+          if (HAS_MOMENTUM) store<S>(buf, i, bi);
+        });
   });
 }
 
