@@ -85,15 +85,18 @@ void for_each_slice(const StepArgs& a, Seg seg) {
 // loads element i and runs the rule's update into its four outputs (the
 // parameter and up to three states); put(i, p, s0, s1, s2) stores them.
 // With 16-bit states (STAGED) a chunk is first updated into fp32 scratch and
-// then stored in a second loop: fused, each store of a 16-bit loop left later
-// loads of other streams waiting on it whenever their addresses matched it
-// modulo 4 KiB, which depends only on where the buffers happen to lie (bf16
+// then stored in a second loop: fused, the 16-bit loops slowed down by up to
+// 2x depending only on where the buffers happen to lie, the pattern of 4 KiB
+// aliasing between their stores and later loads of other streams (bf16
 // AdamW on GPT-2 shapes: 66 to 140 ms on an Intel Xeon for the same bytes;
-// staged: 75 to 82 ms). fp32 states stay fused: staging cost them 8%.
+// staged: 75 to 82 ms). fp32 states stay fused, with 16-bit parameters too:
+// staging cost fp32 GPT-2 8% and gained the master-weight layout nothing.
+// Always inlined: compiled out of line, the update read the segment's scalars
+// through the lambda's captured pointer and GCC left SGDW's fp16 loop scalar.
 constexpr int64_t kStageChunk = 1024;
 
 template <bool STAGED, typename M, typename Elem, typename Put>
-inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put) {
+__attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put) {
   if constexpr (STAGED) {
     static_assert(sizeof(M) == 4, "16-bit storage computes in fp32");
     alignas(64) M x0[kStageChunk], x1[kStageChunk], x2[kStageChunk], x3[kStageChunk];
@@ -146,7 +149,7 @@ void adamw_pass(const StepArgs& a) {
           vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
           adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
         },
-        [&](int64_t i, M pi, M mi, M vi, M vmaxi) {
+        [&](int64_t i, const M& pi, const M& mi, const M& vi, const M& vmaxi) {
           store_param<P, MASTER, SR>(p, master, i, pi, key);
           store<S>(m, i, mi);
           store<S>(v, i, vi);
@@ -176,7 +179,7 @@ void sgdw_pass(const StepArgs& a) {
           bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
           sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
         },
-        [&](int64_t i, M pi, M bi, M, M) {
+        [&](int64_t i, const M& pi, const M& bi, const M&, const M&) {
           store_param<P, MASTER, SR>(p, master, i, pi, key);
           if (HAS_MOMENTUM) store<S>(buf, i, bi);
         });
@@ -208,7 +211,7 @@ void rmspropw_pass(const StepArgs& a) {
           bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
           rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
         },
-        [&](int64_t i, M pi, M sqi, M gai, M bi) {
+        [&](int64_t i, const M& pi, const M& sqi, const M& gai, const M& bi) {
           store_param<P, MASTER, SR>(p, master, i, pi, key);
           store<S>(sq, i, sqi);
           if (CENTERED) store<S>(ga, i, gai);
@@ -489,7 +492,9 @@ inline void rmspropw(const StepArgs& a, bool centered, bool has_momentum) {
 // The sum of squares of every gradient of the table (max_grad_norm's one read
 // pass), in double: each thread sums its share of the concatenated elements
 // (the steps' partition), the threads' sums are added in thread order, so the
-// result depends on the thread count only.
+// result depends on the thread count and on the ISA variant (its number of
+// double lanes in the simd reduction): the last bits of the double sum differ
+// between variants, which the fp32 norm the step uses almost always absorbs.
 template <DType G>
 double sumsq_pass(const StepArgs& a) {
   double partial[256] = {0.0};
