@@ -33,8 +33,9 @@ LAYOUTS = [
     (torch.float16, dict(master_weights=True)),
     (torch.bfloat16, dict(stochastic_rounding=True)),
     (torch.bfloat16, {}),
+    (torch.float16, {}),
 ]
-LAYOUT_IDS = ["fp32", "bf16-master", "fp16-master", "bf16-sr", "bf16"]
+LAYOUT_IDS = ["fp32", "bf16-master", "fp16-master", "bf16-sr", "bf16", "fp16"]
 
 
 def _states(opt, p):

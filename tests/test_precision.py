@@ -34,9 +34,13 @@ LAYOUTS = [  # (param dtype, options, extra state names)
     (torch.bfloat16, dict(state_dtype=torch.float32), ()),
     (torch.bfloat16, dict(stochastic_rounding=True), ()),
     (torch.bfloat16, dict(stochastic_rounding=True, state_dtype=torch.float32), ()),
+    (torch.float16, dict(master_weights=True, state_dtype=torch.float16), ("master_param",)),
+    (torch.float16, dict(state_dtype=torch.float32), ()),
+    (torch.float32, dict(state_dtype=torch.float16), ()),
 ]
 LAYOUT_IDS = ["bf16-master", "fp16-master-bf16states", "bf16-master-fp16states", "fp32-bf16states",
-              "bf16-fp32states", "bf16-sr", "bf16-sr-fp32states"]
+              "bf16-fp32states", "bf16-sr", "bf16-sr-fp32states", "fp16-master-fp16states", "fp16-fp32states",
+              "fp32-fp16states"]
 
 
 def _seeded(opt, seed=1234):
