@@ -35,10 +35,12 @@ INCLUDE_DIRS = [CSRC, os.path.join(CSRC, "include"), get_include()]
 #   gives bitwise identical results (the loops are memory bound; FMA buys nothing).
 # -fno-trapping-math: the selects of the 8-bit codes, the fp16 conversions and the
 #   stochastic rounding are if-converted only when GCC may assume that no floating
-#   point exception traps (we never unmask one); without it those loops stayed
-#   scalar wherever AVX-512's masked operations are missing (AVX2: 86 of the passes,
-#   the 8-bit AdamW step 4x slower). It changes no value: IEEE results and rounding
-#   are the same, only the status flags of discarded lanes may differ.
+#   point exception traps (neither we nor torch unmask one; a process that enables
+#   FP traps itself could see one from a discarded lane); without it those loops
+#   stayed scalar wherever AVX-512's masked operations are missing (AVX2: every
+#   8-bit step, fp16 parameters, stochastic rounding; the 8-bit AdamW step 3x
+#   slower). No finite result changes (same IEEE operations and roundings); where
+#   two NaNs meet, which one's sign survives may.
 CPU_FLAGS = [
     "-std=c++17",
     "-O3",
