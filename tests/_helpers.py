@@ -125,7 +125,12 @@ def results_on_every_isa(build: Callable[[], tuple], steps: int,
 
 
 def assert_isa_variants_bitwise_equal(results: dict) -> None:
+    """Every variant's tensors carry the first variant's bits; skips where only one runs."""
+    import pytest
+
     isas = list(results)
+    if len(isas) == 1:
+        pytest.skip("only one CPU variant runs here")
     for isa in isas[1:]:
         assert len(results[isa]) == len(results[isas[0]])
         for k, (a, b) in enumerate(zip(results[isas[0]], results[isa])):
