@@ -27,6 +27,9 @@ CTL_INV_SCALE, CTL_FOUND_INF, CTL_CLIP = range(3)
 CTL_SIZE = 3
 STATE_COLUMNS = (SEG_S0, SEG_S1, SEG_S2)
 
+# Storage dtype codes of the compiled kernels (csrc/include/fusedwd/common.h DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
 ALIGN_BYTES = 64  # one cache line; also a full AVX-512 vector
 
 

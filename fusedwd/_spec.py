@@ -53,7 +53,7 @@ def _real_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_range(name: str, value: Any, lo: float, hi: float | None = None, hi_open: bool = True) -> float:
+def check_range(name: str, value: Any, lo: float, hi: float | None = None, hi_open: bool = True) -> float:
     x = _real_number(name, value)
     if math.isnan(x) or x < lo or (hi is not None and (x >= hi if hi_open else x > hi)):
         if hi is None:
@@ -64,7 +64,7 @@ def _check_range(name: str, value: Any, lo: float, hi: float | None = None, hi_o
     return x
 
 
-def _check_bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
@@ -94,21 +94,21 @@ def _check_device_lr(lr: Any) -> None:
         raise TypeError(f"lr must be a floating-point tensor, got {lr.dtype}")
 
 
-def _check_common(group: Mapping[str, Any]) -> None:
+def check_common(group: Mapping[str, Any]) -> None:
     if group.get("capturable", False) and isinstance(group["lr"], torch.Tensor):
         _check_device_lr(group["lr"])
     else:
-        _check_range("lr", group["lr"], 0.0)
-    _check_range("weight_decay", group["weight_decay"], 0.0)
-    _check_bool("maximize", group["maximize"])
-    _check_bool("flat_grads", group.get("flat_grads", False))
+        check_range("lr", group["lr"], 0.0)
+    check_range("weight_decay", group["weight_decay"], 0.0)
+    check_bool("maximize", group["maximize"])
+    check_bool("flat_grads", group.get("flat_grads", False))
     check_decay(group["decay"])
     check_backend(group["backend"])
     if group.get("differentiable", False):
         raise ValueError("differentiable=True is not supported by fusedwd (its steps are fused in-place kernels)")
-    _check_bool("capturable", group.get("capturable", False))
-    _check_bool("master_weights", group.get("master_weights", False))
-    _check_bool("stochastic_rounding", group.get("stochastic_rounding", False))
+    check_bool("capturable", group.get("capturable", False))
+    check_bool("master_weights", group.get("master_weights", False))
+    check_bool("stochastic_rounding", group.get("stochastic_rounding", False))
     state_dtype = group.get("state_dtype")
     if state_dtype is not None and state_dtype != INT8 and state_dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -121,34 +121,6 @@ def _check_common(group: Mapping[str, Any]) -> None:
     if group.get("master_weights", False) and group.get("stochastic_rounding", False):
         raise ValueError("stochastic_rounding=True rounds parameters that have no master copy; "
                          "it cannot be combined with master_weights=True")
-
-
-def check_adamw(group: Mapping[str, Any]) -> None:
-    _check_common(group)
-    _check_range("eps", group["eps"], 0.0)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_range("betas[0]", betas[0], 0.0, 1.0)
-    _check_range("betas[1]", betas[1], 0.0, 1.0)
-    _check_bool("amsgrad", group["amsgrad"])
-
-
-def check_sgdw(group: Mapping[str, Any]) -> None:
-    _check_common(group)
-    momentum = _check_range("momentum", group["momentum"], 0.0)
-    dampening = _check_range("dampening", group["dampening"], -math.inf)
-    _check_bool("nesterov", group["nesterov"])
-    if group["nesterov"] and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-
-
-def check_rmspropw(group: Mapping[str, Any]) -> None:
-    _check_common(group)
-    _check_range("alpha", group["alpha"], 0.0)
-    _check_range("eps", group["eps"], 0.0)
-    _check_range("momentum", group["momentum"], 0.0)
-    _check_bool("centered", group["centered"])
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -1,81 +1,82 @@
 """The fused steps as ``torch.library`` custom ops, so torch.compile traces through them.
 
-``torch.ops.fusedwd.adamw_step_``, ``sgdw_step_`` and ``rmspropw_step_`` update
-lists of tensors in place: the parameters, every state and the step counts
-(each tensor list the schema marks as mutated). One call is one pass over all
-of them: one kernel call per storage dtype (``fusedwd._C`` on CPU,
-``fusedwd._C_cuda`` on CUDA), over a segment table the op builds from the
-lists (docs/design.md#segment-table). Fake implementations let torch.compile
-and FakeTensor mode trace a step without running it.
+One op per rule of the registry (fusedwd/rules), ``torch.ops.fusedwd.<rule>_step_``,
+its schema built from the rule: it updates lists of tensors in place, the
+parameters, every state and the step counts (each tensor list the schema marks
+as mutated), e.g.::
+
+    fusedwd::adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,
+        Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps,
+        Tensor hyper, bool amsgrad) -> ()
+
+with one list per state of the rule (empty where its switch is off) and one bool
+per switch. One call is one pass over all of them: one kernel call per storage
+dtype (``fusedwd._C`` on CPU, ``fusedwd._C_cuda`` on CUDA), over a segment table
+the op builds from the lists (docs/design.md#segment-table). Fake
+implementations let torch.compile and FakeTensor mode trace a step without
+running it.
 
 Hyperparameters are one float64 tensor, the rule's row of the hyperparameter
 table (docs/design.md#hyperparameter-table) with the decay mode already
 resolved: a tensor, so that a changing lr neither recompiles a compiled step
 (pytorch issue 121857) nor needs a host read, and a row, so that the kernels
-read it as they read the optimizers' tables. Build it with ``adamw_hyper``,
-``sgdw_hyper`` or ``rmspropw_hyper``; it may live on the CPU or on the
-tensors' device (the CUDA op then reads lr from device memory).
+read it as they read the optimizers' tables. Build it with ``hyper(rule, ...)``
+(or ``<rule>_hyper(...)``); it may live on the CPU or on the tensors' device (the
+CUDA op then reads lr from device memory).
 
 Every step count is a float32 tensor of one element (torch's ``state["step"]``),
 on the parameters' device; the op uses ``t = step + 1`` and stores it.
 
 Example:
-    >>> hyper = fusedwd.ops.adamw_hyper(lr=1e-3, weight_decay=1e-2)
+    >>> hyper = fusedwd.ops.hyper("adamw", lr=1e-3, weight_decay=1e-2)
     >>> torch.ops.fusedwd.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [], steps, hyper, False)
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from __future__ import annotations
+
+import functools
+import string
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _cuda_ext, _ext
-from ._buckets import SEG_COLS, SEG_G, SEG_HP, SEG_INDEX, SEG_N, SEG_P, SEG_S0, SEG_S1, SEG_S2, SEG_STEP
-from ._spec import decay_row
-from .optim._base import DTYPE_CODES
+from . import _cuda_ext, _ext, rules
+from ._buckets import DTYPE_CODES, SEG_COLS, SEG_G, SEG_HP, SEG_INDEX, SEG_N, SEG_P, SEG_STEP, STATE_COLUMNS
 
-__all__ = ["adamw_step_", "sgdw_step_", "rmspropw_step_", "adamw_hyper", "sgdw_hyper", "rmspropw_hyper"]
+__all__ = ["hyper", "schema", "HP_COLS"]  # and, per rule, <rule>_hyper and <rule>_step_
 
 
 # ------------------------------------------------------------ hyper rows
-def _hyper(values: Sequence[float], device: Optional[torch.device]) -> Tensor:
-    return torch.tensor(list(values), dtype=torch.float64, device=device)
+def hyper(rule: str, *, device: Any = None, **hyperparameters: Any) -> Tensor:
+    """The rule's hyperparameter row as a float64 tensor on ``device``, from the rule's
+    keyword arguments as its optimizer takes them (defaults: the optimizer's), with
+    ``decay`` (``"decoupled"``), ``lr_max`` (None: ``lr``) and ``maximize`` (False).
+
+    Example:
+        >>> fusedwd.ops.hyper("sgdw", lr=0.1, momentum=0.9, weight_decay=1e-4, decay="l2")
+    """
+    spec = rules.get(rule)
+    return torch.tensor(spec.hyper_row(spec.group(**hyperparameters)), dtype=torch.float64, device=device)
 
 
-def _decay_columns(lr: float, weight_decay: float, decay: str, lr_max: Optional[float], maximize: bool):
-    """(decay_mult, l2, grad_sign): the columns every rule's row shares, as the optimizers compute them."""
-    group = dict(lr=lr, weight_decay=weight_decay, decay=decay, maximize=maximize)
-    if lr_max is not None:
-        group["lr_max"] = lr_max
-    return decay_row(group)[1:]
+# Row widths per rule (the kernels read the same: tests/test_layout.py).
+HP_COLS = {name: len(spec.columns) for name, spec in rules.RULES.items()}
 
 
-def adamw_hyper(lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                weight_decay: float = 1e-2, *, decay: str = "decoupled", lr_max: Optional[float] = None,
-                maximize: bool = False, device=None) -> Tensor:
-    """AdamW's row ``lr, beta1, beta2, eps, decay_mult, l2, grad_sign`` (docs/math.md#adamw)."""
-    decay_mult, l2, sign = _decay_columns(lr, weight_decay, decay, lr_max, maximize)
-    return _hyper([lr, betas[0], betas[1], eps, decay_mult, l2, sign], device)
+def _state_args(spec: rules.Rule) -> list[str]:
+    """The op's argument of each state: the state's name, plural (exp_avg -> exp_avgs)."""
+    return [s.name + "s" for s in spec.states]
 
 
-def sgdw_hyper(lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, *,
-               decay: str = "decoupled", lr_max: Optional[float] = None, maximize: bool = False,
-               device=None) -> Tensor:
-    """SGDW's row ``lr, momentum, dampening, decay_mult, l2, grad_sign`` (docs/math.md#sgdw)."""
-    decay_mult, l2, sign = _decay_columns(lr, weight_decay, decay, lr_max, maximize)
-    return _hyper([lr, momentum, dampening, decay_mult, l2, sign], device)
-
-
-def rmspropw_hyper(lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
-                   weight_decay: float = 0.0, *, decay: str = "decoupled", lr_max: Optional[float] = None,
-                   maximize: bool = False, device=None) -> Tensor:
-    """RMSpropW's row ``lr, alpha, eps, momentum, decay_mult, l2, grad_sign`` (docs/math.md#rmspropw)."""
-    decay_mult, l2, sign = _decay_columns(lr, weight_decay, decay, lr_max, maximize)
-    return _hyper([lr, alpha, eps, momentum, decay_mult, l2, sign], device)
-
-
-# Row widths, as csrc/include/fusedwd/layout.h (tests/test_ops.py checks them against fusedwd._C).
-HP_COLS = {"adamw": 7, "sgdw": 6, "rmspropw": 7}
+def schema(rule: str) -> str:
+    """The op's schema, from the rule: every mutated list with its own alias set."""
+    spec = rules.get(rule)
+    alias = iter(string.ascii_lowercase)
+    args = [f"Tensor({next(alias)}!)[] params", "Tensor[] grads"]
+    args += [f"Tensor({next(alias)}!)[] {name}" for name in _state_args(spec)]
+    args += [f"Tensor({next(alias)}!)[] steps", "Tensor hyper"] + [f"bool {s.name}" for s in spec.switches]
+    return f"({', '.join(args)}) -> ()"
 
 
 # ------------------------------------------------------------ checks
@@ -91,7 +92,7 @@ def _check(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequenc
     if hyper.dtype != torch.float64 or hyper.numel() != HP_COLS[rule]:
         raise ValueError(
             f"fusedwd::{rule}_step_: hyper must be a float64 tensor of {HP_COLS[rule]} values "
-            f"(fusedwd.ops.{rule}_hyper), got {hyper.dtype} of {hyper.numel()}"
+            f"(fusedwd.ops.hyper({rule!r}, ...)), got {hyper.dtype} of {hyper.numel()}"
         )
     for i, p in enumerate(params):
         if p.dtype not in DTYPE_CODES:
@@ -140,7 +141,7 @@ def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[
             g = _contiguous(grads[i], write_back, False)
             row[SEG_P], row[SEG_G] = p.data_ptr(), g.data_ptr()
             keep += [p, g]
-            for column, (_, tensors, used) in zip((SEG_S0, SEG_S1, SEG_S2), states):
+            for column, (_, tensors, used) in zip(STATE_COLUMNS, states):
                 if used:
                     s = _contiguous(tensors[i], write_back, True)
                     row[column] = s.data_ptr()
@@ -163,85 +164,42 @@ def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[
 
 
 # ------------------------------------------------------------ the ops
-def _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad):
-    return [("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True),
-            ("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad)]
+def _split(spec: rules.Rule, args: Sequence[Any]):
+    """An op call's arguments as (params, grads, states, steps, hyper, switches); ``states`` holds
+    (argument name, tensors, whether the switches keep that state) per state."""
+    n = len(spec.states)
+    params, grads, lists, steps, hyper_row = args[0], args[1], args[2:2 + n], args[2 + n], args[3 + n]
+    switches = tuple(args[4 + n:])
+    kept = spec.slots(switches)
+    states = [(name, tensors, slot is not None) for name, tensors, slot in zip(_state_args(spec), lists, kept)]
+    return params, grads, states, steps, hyper_row, switches
 
 
-def _sgdw_states(momentum_buffers, has_momentum):
-    return [("momentum_buffers", momentum_buffers, has_momentum), ("", [], False), ("", [], False)]
+def _define(spec: rules.Rule) -> Callable[..., None]:
+    def kernel(*args: Any) -> None:
+        params, grads, states, steps, hyper_row, switches = _split(spec, args)
+        _run(spec.name, params, grads, states, steps, hyper_row, switches)
+
+    def fake(*args: Any) -> None:
+        params, grads, states, steps, hyper_row, _ = _split(spec, args)
+        _check(spec.name, params, grads, states, steps, hyper_row)
+
+    mutated = ["params", *_state_args(spec), "steps"]
+    op = torch.library.custom_op(f"fusedwd::{spec.name}_step_", kernel, mutates_args=mutated, device_types="cpu",
+                                 schema=schema(spec.name))
+    op.register_kernel("cuda")(kernel)
+    op.register_fake(fake)
+    return op
 
 
-def _rmspropw_states(square_avgs, grad_avgs, momentum_buffers, centered, has_momentum):
-    return [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, centered),
-            ("momentum_buffers", momentum_buffers, has_momentum)]
+_OPS = {name: _define(spec) for name, spec in rules.RULES.items()}
 
 
-@torch.library.custom_op(
-    "fusedwd::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
-    device_types="cpu",
-)
-def adamw_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-                max_exp_avg_sqs: List[Tensor], steps: List[Tensor], hyper: Tensor, amsgrad: bool) -> None:
-    """One AdamW step in place (docs/math.md#adamw); ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
-    _run("adamw", params, grads, _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad), steps, hyper,
-         (amsgrad,))
-
-
-@adamw_step_.register_kernel("cuda")
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, amsgrad):
-    _run("adamw", params, grads, _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad), steps, hyper,
-         (amsgrad,))
-
-
-@adamw_step_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, amsgrad):
-    _check("adamw", params, grads, _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad), steps, hyper)
-
-
-@torch.library.custom_op(
-    "fusedwd::sgdw_step_", mutates_args=("params", "momentum_buffers", "steps"), device_types="cpu"
-)
-def sgdw_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], steps: List[Tensor],
-               hyper: Tensor, has_momentum: bool, nesterov: bool) -> None:
-    """One SGDW step in place (docs/math.md#sgdw); ``momentum_buffers`` is empty unless ``has_momentum``.
-
-    A step count of 0 before the step marks the first step: the buffer takes the gradient (torch's rule).
-    """
-    _run("sgdw", params, grads, _sgdw_states(momentum_buffers, has_momentum), steps, hyper, (has_momentum, nesterov))
-
-
-@sgdw_step_.register_kernel("cuda")
-def _(params, grads, momentum_buffers, steps, hyper, has_momentum, nesterov):
-    _run("sgdw", params, grads, _sgdw_states(momentum_buffers, has_momentum), steps, hyper, (has_momentum, nesterov))
-
-
-@sgdw_step_.register_fake
-def _(params, grads, momentum_buffers, steps, hyper, has_momentum, nesterov):
-    _check("sgdw", params, grads, _sgdw_states(momentum_buffers, has_momentum), steps, hyper)
-
-
-@torch.library.custom_op(
-    "fusedwd::rmspropw_step_",
-    mutates_args=("params", "square_avgs", "grad_avgs", "momentum_buffers", "steps"),
-    device_types="cpu",
-)
-def rmspropw_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor], grad_avgs: List[Tensor],
-                   momentum_buffers: List[Tensor], steps: List[Tensor], hyper: Tensor, centered: bool,
-                   has_momentum: bool) -> None:
-    """One RMSpropW step in place (docs/math.md#rmspropw); ``grad_avgs`` is empty unless ``centered``,
-    ``momentum_buffers`` unless ``has_momentum``."""
-    _run("rmspropw", params, grads, _rmspropw_states(square_avgs, grad_avgs, momentum_buffers, centered, has_momentum),
-         steps, hyper, (centered, has_momentum))
-
-
-@rmspropw_step_.register_kernel("cuda")
-def _(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper, centered, has_momentum):
-    _run("rmspropw", params, grads, _rmspropw_states(square_avgs, grad_avgs, momentum_buffers, centered, has_momentum),
-         steps, hyper, (centered, has_momentum))
-
-
-@rmspropw_step_.register_fake
-def _(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper, centered, has_momentum):
-    _check("rmspropw", params, grads, _rmspropw_states(square_avgs, grad_avgs, momentum_buffers, centered,
-                                                        has_momentum), steps, hyper)
+def __getattr__(name: str) -> Any:
+    # fusedwd.ops.<rule>_step_ (the op) and fusedwd.ops.<rule>_hyper (its row builder)
+    rule, _, kind = name.rpartition("_")
+    if name.endswith("_step_") and name[: -len("_step_")] in _OPS:
+        return _OPS[name[: -len("_step_")]]
+    if kind == "hyper" and rule in rules.RULES:
+        return functools.partial(hyper, rule)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

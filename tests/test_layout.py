@@ -8,7 +8,7 @@ import pytest
 
 from fusedwd import _buckets
 from fusedwd.optim import SGDW, AdamW, RMSpropW
-from fusedwd.optim._base import DTYPE_CODES
+from fusedwd._buckets import DTYPE_CODES
 
 _C = pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
@@ -20,9 +20,9 @@ def test_segment_columns():
 
 @pytest.mark.parametrize("cls", [AdamW, SGDW, RMSpropW])
 def test_hyperparameter_columns(cls):
-    table = getattr(_C, cls._HP_TABLE_NAME)
-    assert table == {name: i for i, name in enumerate(cls._HP_NAMES)}
-    assert getattr(_C, cls._HP_TABLE_NAME + "_COLS") == len(cls._HP_NAMES)
+    table = getattr(_C, cls.RULE.name.upper() + "_HP")
+    assert table == {name: i for i, name in enumerate(cls.RULE.columns)}
+    assert getattr(_C, cls.RULE.name.upper() + "_HP_COLS") == len(cls.RULE.columns)
 
 
 @pytest.mark.parametrize("cls, group", [
@@ -32,8 +32,8 @@ def test_hyperparameter_columns(cls):
                     maximize=False, lr_max=0.2)),
 ])
 def test_hyper_row_follows_the_names(cls, group):
-    row = cls._hyper_row(None, group)
-    named = dict(zip(cls._HP_NAMES, row))
+    row = cls.RULE.hyper_row(group)
+    named = dict(zip(cls.RULE.columns, row))
     assert named["lr"] == 0.1
     assert named["grad_sign"] == (-1.0 if group["maximize"] else 1.0)
     expected = {"decoupled": (1 - 0.1 * 0.2, 0.0), "l2": (1.0, 0.2), "independent": (1 - 0.5 * 0.2, 0.0)}
@@ -56,5 +56,5 @@ def test_cuda_module_agrees():
         assert getattr(K, name) == getattr(_C, name), name
     assert K.DTYPES == _C.DTYPES
     for cls in (AdamW, SGDW, RMSpropW):
-        assert getattr(K, cls._HP_TABLE_NAME + "_COLS") == len(cls._HP_NAMES)
-        assert hasattr(K, cls._HP_TABLE_NAME.removesuffix("_HP").lower() + "_step")
+        assert getattr(K, cls.RULE.name.upper() + "_HP_COLS") == len(cls.RULE.columns)
+        assert hasattr(K, cls.RULE.name + "_step")

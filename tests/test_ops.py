@@ -150,16 +150,18 @@ def test_hyper_widths_match_the_kernel():
 
 @pytest.mark.parametrize("decay", ["decoupled", "independent", "l2"])
 def test_hyper_rows_match_the_optimizers(decay):
-    """ops.<rule>_hyper builds the row the optimizer wrappers build for the same group."""
-    common = dict(lr=0.03, weight_decay=0.2, decay=decay, maximize=True, lr_max=0.1)
+    """ops.<rule>_hyper builds the row an optimizer builds for a group of the same numbers."""
+    common = dict(lr=0.03, weight_decay=0.2, decay=decay, maximize=True)
     cases = [
         (AdamW, ops.adamw_hyper, dict(betas=(0.8, 0.9), eps=1e-6)),
         (SGDW, ops.sgdw_hyper, dict(momentum=0.9, dampening=0.1)),
         (RMSpropW, ops.rmspropw_hyper, dict(alpha=0.95, eps=1e-7, momentum=0.3)),
     ]
     for cls, build, extra in cases:
-        expected = cls._hyper_row(None, {**common, **extra})
-        assert build(**common, **extra).tolist() == expected, cls.__name__
+        opt = cls([torch.nn.Parameter(torch.ones(2))], **common, **extra)
+        opt.param_groups[0]["lr_max"] = 0.1
+        expected = opt._hyper_table(torch.device("cpu"))[0].tolist()
+        assert build(**common, **extra, lr_max=0.1).tolist() == expected, cls.__name__
 
 
 # ---------------------------------------------------------------- opcheck

@@ -573,10 +573,11 @@ def test_q8_launcher_rejects_bad_layouts(triton_kernels):
                                          (fusedwd.RMSpropW, "RMSPROPW")])
 def test_hyperparameter_columns(cls, prefix, triton_kernels):
     kernels = triton_kernels._kernels
-    columns = {name: getattr(kernels, f"{prefix}_{name.upper()}").value for name in cls._HP_NAMES}
-    assert columns == {name: i for i, name in enumerate(cls._HP_NAMES)}
-    assert getattr(kernels, f"{prefix}_HP_COLS").value == len(cls._HP_NAMES)
-    assert triton_kernels.LAUNCHERS[cls._HP_TABLE_NAME].__name__ == f"{prefix.lower()}_step_triton"
+    names = cls.RULE.columns
+    columns = {name: getattr(kernels, f"{prefix}_{name.upper()}").value for name in names}
+    assert columns == {name: i for i, name in enumerate(names)}
+    assert getattr(kernels, f"{prefix}_HP_COLS").value == len(names)
+    assert triton_kernels.LAUNCHERS[cls.RULE.name].__name__ == f"{prefix.lower()}_step_triton"
 
 
 def test_backend_resolution(monkeypatch, triton_kernels):

@@ -15,20 +15,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _cuda_ext, _ext
-from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
+from .._buckets import DTYPE_CODES, SEG_G, SEG_INDEX, SEG_P, Bucket
 from . import _dtensor, _flat
 from .._buckets import CTL_CLIP, CTL_FOUND_INF, CTL_INV_SCALE, CTL_SIZE
 from .._spec import (SUPPORTED_DTYPES, Backend, check_backend, check_decay, check_max_grad_norm, group_lr_max,
                      hyper_tensor, storage_layout)
 from .. import quant
 from ..reference import Precision
+from ..rules import Rule
 
 # Elements per thread below which the CPU pass does not split (torch's at::internal::GRAIN_SIZE).
 GRAIN_SIZE = 32768
-
-# Storage dtype codes of the compiled kernels (csrc/include/fusedwd/common.h).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
 
 def _built_by_zero() -> bool:
     """Whether ZeroRedundancyOptimizer is constructing this optimizer over one rank's shard."""
@@ -46,19 +43,14 @@ def _built_by_zero() -> bool:
     return False
 
 
-# The states whose 8-bit code is unsigned (second moments); every other state is signed.
-UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
-
-
 class FusedOptimizer(Optimizer):
-    """Base class: torch.optim.Optimizer semantics over flat, fused state buffers."""
+    """Base class: torch.optim.Optimizer semantics over flat, fused state buffers.
 
-    # Per rule: state names in segment-table column order (S0, S1, S2); a rule's
-    # `_state_slots(structure)` returns them with None for a state it does not keep.
-    _STATE_NAMES: ClassVar[tuple[str, ...]] = ()
-    _STEP_IN_STATE: ClassVar[bool] = True  # torch keeps `step` in state (AdamW, RMSprop; not SGD)
-    _HP_NAMES: ClassVar[tuple[str, ...]] = ()  # hyperparameter row, in kernel column order
-    _HP_TABLE_NAME: ClassVar[str] = ""  # name of the column dict in fusedwd._C
+    A subclass names its rule (``RULE``, fusedwd/rules/<rule>.py) and gives torch's
+    signature; everything rule-specific is read from the rule.
+    """
+
+    RULE: ClassVar[Rule]
 
     # GradScaler hands the step its scale and found_inf (as attributes grad_scale and
     # found_inf) instead of unscaling the gradients and skipping the step itself
@@ -80,43 +72,13 @@ class FusedOptimizer(Optimizer):
         self.last_grad_norm: Optional[Tensor] = None
         super().__init__(params, defaults)
 
-    # ----------------------------------------------------------------- rule hooks
+    # ----------------------------------------------------------------- the rule
     def _check_group(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
+        self.RULE.check(group)
 
     def _structure(self, group: dict[str, Any]) -> tuple:
         """The group's switches that decide which states exist (part of the bucket key)."""
-        raise NotImplementedError
-
-    def _state_slots(self, structure: tuple) -> tuple[Optional[str], ...]:
-        raise NotImplementedError
-
-    def _hyper_row(self, group: dict[str, Any], device: Any = None) -> list[Any]:
-        """The group's row of the rule's hyperparameter table (docs/design.md#hyperparameter-table).
-
-        With ``device``, a tensor lr is not read on the host: the entries that depend
-        on it are float64 0-dim tensors on ``device`` (see _spec.decay_row).
-        """
-        raise NotImplementedError
-
-    def _launch(self, ext: Any, table: int, nseg: int, hyper: int, dtype: int, structure: tuple, threads: int,
-                **precision: Any) -> None:
-        """One CPU pass: every rule's kernel takes (table, nseg, hyper, dtype, *switches, threads, **precision)."""
-        getattr(ext, self._kernel_name() + "_step")(table, nseg, hyper, dtype, *structure, threads, **precision)
-
-    @classmethod
-    def _kernel_name(cls) -> str:
-        """The rule's name in the compiled modules: ADAMW_HP -> adamw (adamw_step)."""
-        return cls._HP_TABLE_NAME.removesuffix("_HP").lower()
-
-    def _reference(self, group: dict[str, Any], structure: tuple, params: list[Tensor], grads: list[Tensor],
-                   states: dict[str, list[Tensor]], steps: list[Tensor]) -> None:
-        raise NotImplementedError
-
-    def _initialized_step(self, state: dict[str, Any]) -> Optional[float]:
-        """The step count to resume from for an existing per-parameter state."""
-        step = state.get("step")
-        return None if step is None else float(step)
+        return self.RULE.structure(group)
 
     # ------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,7 +196,7 @@ class FusedOptimizer(Optimizer):
         salt = 0  # each parameter's index in the optimizer: its stochastic-rounding salt
         for row, group in enumerate(self.param_groups):
             structure = self._structure(group)
-            slots = self._state_slots(structure)
+            slots = self.RULE.slots(structure)
             for p in group["params"]:
                 layout = storage_layout(p.dtype, group, p.numel())
                 backend = self._resolve_backend(group["backend"], p)
@@ -254,7 +216,7 @@ class FusedOptimizer(Optimizer):
                     bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, slots, flat_grads=flat,
                                                    dtensor=dtensor, state_dtype=state_dtype, master=master,
                                                    stochastic_rounding=stochastic, quantized=quantized,
-                                                   signed=tuple(n not in UNSIGNED_STATES for n in slots))
+                                                   signed=tuple(st.signed for st in self.RULE.states))
                 bucket.params.append(p)
                 bucket.salts.append(salt)
                 salt += 1
@@ -273,7 +235,7 @@ class FusedOptimizer(Optimizer):
 
     def _adopt_state(self, bucket: Bucket) -> None:
         """Move existing per-parameter state (a checkpoint, an earlier plan) into the flat buffers."""
-        keeps_state = self._STEP_IN_STATE or any(bucket.state_names) or bucket.master
+        keeps_state = self.RULE.step_in_state or any(bucket.state_names) or bucket.master
         for i, p in enumerate(bucket.params):
             state = self.state.get(p)
             if bucket.master:
@@ -305,7 +267,7 @@ class FusedOptimizer(Optimizer):
                     bucket.absmax_views[name][i].copy_(scales)
                 else:
                     bucket.views[name][i].copy_(old)
-            step = self._initialized_step(state)
+            step = self.RULE.initialized_step(state)
             if step is not None:
                 bucket.steps[i] = step
             self._expose(bucket, i)
@@ -370,7 +332,7 @@ class FusedOptimizer(Optimizer):
                 state[name] = wrap(bucket.views[name][i])
         if bucket.master:
             state["master_param"] = wrap(bucket.master_views[i])
-        if self._STEP_IN_STATE:
+        if self.RULE.step_in_state:
             state["step"] = bucket.step_views[i]
         bucket.exposed[i] = True
 
@@ -536,8 +498,8 @@ class FusedOptimizer(Optimizer):
         built on the host from numbers.
         """
         if any(g.get("capturable") for g in self.param_groups):
-            return torch.stack([hyper_tensor(self._hyper_row(g, device), device) for g in self.param_groups])
-        return torch.tensor([self._hyper_row(g) for g in self.param_groups], dtype=torch.float64)
+            return torch.stack([hyper_tensor(self.RULE.hyper_row(g, device), device) for g in self.param_groups])
+        return torch.tensor([self.RULE.hyper_row(g) for g in self.param_groups], dtype=torch.float64)
 
     def _prepare_kernel(self, bucket: Bucket) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
         """Fill the bucket's table of this step's segments; returns (rows, staged copies)."""
@@ -583,7 +545,7 @@ class FusedOptimizer(Optimizer):
         if not n_active:
             return
         if bucket.backend == Backend.TRITON:
-            launch = _ext.triton(bucket.device).LAUNCHERS[self._HP_TABLE_NAME]
+            launch = _ext.triton(bucket.device).LAUNCHERS[self.RULE.name]
             launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure,
                    **self._precision(bucket, ctl, lambda d: d))
         elif bucket.backend == Backend.CUDA:
@@ -593,8 +555,9 @@ class FusedOptimizer(Optimizer):
             precision = self._precision(bucket, ctl, DTYPE_CODES.__getitem__)
             if "ctl" in precision:
                 precision["ctl"] = precision["ctl"].data_ptr()  # a CPU tensor, alive as ctl
-            self._launch(_ext.cpu(), bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
-                         DTYPE_CODES[bucket.dtype], bucket.structure, threads, **precision)
+            getattr(_ext.cpu(), self.RULE.name + "_step")(bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
+                                                          DTYPE_CODES[bucket.dtype], *bucket.structure, threads,
+                                                          **precision)
         for p, p_c, _ in staged:
             if p_c is not p:
                 p.copy_(p_c)
@@ -612,7 +575,7 @@ class FusedOptimizer(Optimizer):
         """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device."""
         if bucket.arrivals is None:
             bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
-        _cuda_ext.step(self._kernel_name(), bucket.table_out[:n_active], hyper, DTYPE_CODES[bucket.dtype],
+        _cuda_ext.step(self.RULE.name, bucket.table_out[:n_active], hyper, DTYPE_CODES[bucket.dtype],
                        bucket.structure, bucket.device, bucket.arrivals, **precision)
 
     def _prepare_reference(self, bucket: Bucket) -> dict[int, list[int]]:
@@ -645,7 +608,7 @@ class FusedOptimizer(Optimizer):
                 grad_mult=grad_mult, stochastic_rounding=bucket.stochastic_rounding, seed=seed,
                 salts=[bucket.salts[i] for i in indices],
             )
-            self._reference(
+            self.RULE.reference(
                 self.param_groups[row],
                 bucket.structure,
                 [_dtensor.local(bucket.params[i]) for i in indices],
@@ -753,7 +716,7 @@ class FusedOptimizer(Optimizer):
         A tensor lr enters the graph as an input, so a scheduler changing it does not
         recompile; a float lr is a constant the graph guards on, as in torch.optim.
         """
-        op = getattr(torch.ops.fusedwd, self._kernel_name() + "_step_")
+        op = getattr(torch.ops.fusedwd, self.RULE.name + "_step_")
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -765,6 +728,6 @@ class FusedOptimizer(Optimizer):
             if not params:
                 continue
             structure = self._structure(group)
-            states = (s0, s1, s2)[: len(self._state_slots(structure))]
-            hyper = hyper_tensor(self._hyper_row(group, params[0].device), params[0].device)
+            states = (s0, s1, s2)[: len(self.RULE.states)]
+            hyper = hyper_tensor(self.RULE.hyper_row(group, params[0].device), params[0].device)
             op(params, grads, *states, steps, hyper, *structure)

@@ -23,12 +23,11 @@ __all__ = ["adamw_step_triton", "sgdw_step_triton", "rmspropw_step_triton", "LAU
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)
 INTERPRETED: bool = isinstance(_adamw_kernel, _InterpretedFunction)
 
-# Each optimizer's launcher, keyed like the C++ module's hyperparameter tables
-# (FusedOptimizer._HP_TABLE_NAME): one entry per rule. Every launcher is called
+# Each rule's launcher, keyed by the rule's name (fusedwd/rules). Every launcher is called
 # as launcher(segments, hyper, device, dtype, *bucket.structure), plus the keyword-only
 # precision options of the CPU kernel (state_dtype, master, stochastic_rounding, ctl, seed, quantized).
 LAUNCHERS: dict[str, Callable[..., None]] = {
-    "ADAMW_HP": adamw_step_triton,
-    "SGDW_HP": sgdw_step_triton,
-    "RMSPROPW_HP": rmspropw_step_triton,
+    "adamw": adamw_step_triton,
+    "sgdw": sgdw_step_triton,
+    "rmspropw": rmspropw_step_triton,
 }

@@ -1,0 +1,89 @@
+"""SGDW (docs/math.md#sgdw): its rule spec, reference and Triton helpers.
+
+The C++ copy of the math: csrc/include/fusedwd/sgdw.h.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._spec import check_bool, check_common, check_range, decay_factors, group_lr_max
+from ..reference import Precision, math_dtype, prologue, store
+from ._rule import Rule, State, Switch
+
+
+def check(group: Mapping[str, Any]) -> None:
+    check_common(group)
+    momentum = check_range("momentum", group["momentum"], 0.0)
+    dampening = check_range("dampening", group["dampening"], -math.inf)
+    check_bool("nesterov", group["nesterov"])
+    if group["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+
+
+def values(group: Mapping[str, Any]) -> dict[str, float]:
+    return dict(momentum=float(group["momentum"]), dampening=float(group["dampening"]))
+
+
+@torch.no_grad()
+def sgdw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Optional[Tensor]],
+    steps: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decay: str = "decoupled",
+    lr_max: Optional[float] = None,
+    maximize: bool = False,
+    precision: Precision = Precision(),
+) -> None:
+    """SGD with momentum and an explicit decay mode (docs/math.md#sgdw).
+
+    ``steps`` counts steps per tensor; a count of 0 before the step marks the
+    first step, when the momentum buffer takes the gradient itself (torch's rule).
+    """
+    decay_mult, l2 = decay_factors(decay, lr, weight_decay, lr if lr_max is None else lr_max)
+    grad_sign = (-1.0 if maximize else 1.0) * precision.grad_mult
+    for i, param in enumerate(params):
+        steps[i] += 1
+        first = float(steps[i]) == 1.0
+        mt = math_dtype(param.dtype)
+        p, g = prologue(precision.load(params, i, mt), grads[i].to(mt), grad_sign=grad_sign, l2=l2,
+                        decay_mult=decay_mult)
+        d = g
+        if momentum != 0:
+            buf = g if first else momentum_buffers[i].to(mt) * momentum + g * (1.0 - dampening)
+            store(momentum_buffers[i], buf)
+            d = g + momentum * buf if nesterov else buf
+        p = p - lr * d
+        precision.store(params, i, p, float(steps[i]))
+
+
+def _reference(group, structure, params, grads, states, steps, precision) -> None:
+    sgdw(params, grads, states.get("momentum_buffer", [None] * len(params)), steps,
+         lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+         nesterov=group["nesterov"], weight_decay=float(group["weight_decay"]), decay=group["decay"],
+         lr_max=group_lr_max(group), maximize=group["maximize"], precision=precision)
+
+
+RULE = Rule(
+    name="sgdw",
+    states=(State("momentum_buffer", signed=True, when="has_momentum"),),
+    switches=(Switch("has_momentum", lambda group: float(group["momentum"]) != 0),
+              Switch("nesterov", lambda group: group["nesterov"])),
+    columns=("lr", "momentum", "dampening", "decay_mult", "l2", "grad_sign"),
+    defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
+    values=values,
+    check=check,
+    reference=_reference,
+    step_in_state=False,  # torch.optim.SGD keeps only momentum_buffer
+)
