@@ -83,7 +83,8 @@ def is_x86_64():
 
 
 # ------------------------------------------------------------------ CUDA
-CUDA_SOURCES = [os.path.join(CSRC, "cuda", f"{rule}.cu") for rule in ("adamw", "sgdw", "rmspropw")]
+# one translation unit per rule (csrc/cuda/<rule>.cu), compiled in parallel
+CUDA_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
 CUDA_BINDINGS = os.path.join(CSRC, "cuda", "bindings.cpp")
 DEFAULT_CUDA_ARCHS = "80;90"
 # where toolkits keep libcudart_static.a (the targets/ ones are what lib64 links to)
@@ -322,6 +323,7 @@ cpu_extension = Extension(
     "fusedwd._C",
     sources=[
         os.path.join(CSRC, "bindings.cpp"),
+        os.path.join(CSRC, "gather.cpp"),
         os.path.join(CSRC, "cpu", "dispatch.cpp"),
         BASELINE_LOOPS,
     ],

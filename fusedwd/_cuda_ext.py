@@ -59,7 +59,7 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
          device: "torch.device", arrivals: Optional["torch.Tensor"] = None, *, state_dtype: int = -1,
          master: bool = False, stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None,
          seed: int = 0, quantized: bool = False) -> None:
-    """One ``<rule>_step`` launch on torch's current stream of ``device``.
+    """One ``step(rule, ...)`` launch on torch's current stream of ``device``.
 
     ``table`` and ``hyper`` may live on the host: they are copied to the device
     first, into temporaries freed after the call, which the caching allocator
@@ -83,7 +83,7 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
         hyper_dev = hyper.to(device, non_blocking=True).contiguous()
         if arrivals is None:
             arrivals = torch.zeros(1, dtype=torch.int32, device=device)
-        getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
-                                     *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
-                                     state_dtype=state_dtype, master=master, stochastic_rounding=stochastic_rounding,
-                                     ctl=0 if ctl is None else ctl.data_ptr(), seed=seed, quantized=quantized)
+        ext.step(rule, table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code, switches,
+                 arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream, state_dtype=state_dtype,
+                 master=master, stochastic_rounding=stochastic_rounding, ctl=0 if ctl is None else ctl.data_ptr(),
+                 seed=seed, quantized=quantized)

@@ -157,8 +157,8 @@ def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[
         else:
             ext = _ext.cpu()
             hp = hyper.to("cpu").contiguous()
-            getattr(ext, f"{rule}_step")(table.data_ptr(), len(rows), hp.data_ptr(), DTYPE_CODES[dtype], *switches,
-                                         torch.get_num_threads())
+            ext.step(rule, table.data_ptr(), len(rows), hp.data_ptr(), DTYPE_CODES[dtype], switches,
+                     torch.get_num_threads())
         for original, staged in write_back:
             original.copy_(staged)
 

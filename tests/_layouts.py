@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+import _rules
 from fusedwd import _buckets as B, quant
 
 F32, F16, BF16, F64, U8 = torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8
@@ -37,40 +38,9 @@ LAYOUT_IDS = [f"{_SHORT[p]}-{_SHORT[s]}" + ("-master" if m else "") + ("-sr" if 
 Q8_LAYOUT_IDS = [f"{_SHORT[p]}-{_SHORT[s]}" + ("-master" if m else "") + ("-sr" if sr else "")
                  for p, s, m, sr in Q8_LAYOUTS]
 
-# every rule's switch combinations, as the launchers take them
-SWITCHES = {
-    "adamw": [(False,), (True,)],  # amsgrad
-    "sgdw": [(False, False), (True, False), (True, True)],  # has_momentum, nesterov
-    "rmspropw": [(False, False), (False, True), (True, False), (True, True)],  # centered, has_momentum
-}
-RULE_CASES = [(rule, sw) for rule, sws in SWITCHES.items() for sw in sws]
-RULE_CASE_IDS = [f"{rule}-" + "".join("1" if s else "0" for s in sw) for rule, sw in RULE_CASES]
-# the switches that use every state column: one case per rule where the layout is what varies
-RICHEST = [("adamw", (True,)), ("sgdw", (True, True)), ("rmspropw", (True, True))]
-
-# Two hyperparameter rows per rule, non-default numbers: decoupled decay, then
-# maximize with coupled L2 (docs/design.md#hyperparameter-table).
-HYPER = {
-    "adamw": [[3e-3, 0.8, 0.95, 1e-6, 0.9997, 0.0, 1.0], [1e-2, 0.9, 0.999, 1e-8, 1.0, 0.05, -1.0]],
-    "sgdw": [[0.05, 0.9, 0.1, 0.9995, 0.0, 1.0], [0.02, 0.8, 0.0, 1.0, 0.03, -1.0]],
-    "rmspropw": [[1e-3, 0.9, 1e-6, 0.5, 0.9999, 0.0, 1.0], [5e-3, 0.99, 1e-8, 0.9, 1.0, 0.02, -1.0]],
-}
-
-
-def used_states(rule: str, switches: tuple) -> list[int]:
-    """The state columns the rule reads and writes under these switches."""
-    if rule == "adamw":
-        return [B.SEG_S0, B.SEG_S1] + ([B.SEG_S2] if switches[0] else [])
-    if rule == "sgdw":
-        return [B.SEG_S0] if switches[0] else []
-    return [B.SEG_S0] + ([B.SEG_S1] if switches[0] else []) + ([B.SEG_S2] if switches[1] else [])
-
-
-def signed_state(rule: str, column: int) -> bool:
-    """Whether a state column takes the signed 8-bit code (m, momentum, grad_avg) or the unsigned one (v)."""
-    if rule == "adamw":
-        return column == B.SEG_S0
-    return rule == "sgdw" or column != B.SEG_S0
+# Two hyperparameter rows per rule, non-default numbers (tests/_rules.py hyper_rows): decoupled
+# decay, then maximize with coupled L2 (docs/design.md#hyperparameter-table).
+HYPER = {name: _rules.hyper_rows(name).tolist() for name in _rules.NAMES}
 
 
 def control(inv_scale: float = 1.0, found_inf: float = 0.0, clip: float = 1.0, device="cpu") -> torch.Tensor:
@@ -111,11 +81,11 @@ class LayoutBucket:
         self.misaligned = misaligned
         self.quantized = self.state_dtype == U8
         self.tiny_block, self.nan_grad = tiny_block, nan_grad
-        self.states = used_states(rule, self.switches)
+        self.states = _rules.used_states(rule, self.switches)
         gen = torch.Generator().manual_seed(seed)
         self.salts = [int(x) for x in torch.randint(-2**62, 2**62, (len(sizes),), generator=gen)]
         self.steps = torch.tensor([float((3 * i) % 5) for i in range(len(sizes))], dtype=torch.float32)
-        self.hyper = torch.tensor(HYPER[rule], dtype=torch.float64)
+        self.hyper = _rules.hyper_rows(rule, self.switches)
         self.params, self.grads, self.masters = [], [], []
         self.state_buffers: dict[int, list[torch.Tensor]] = {c: [] for c in self.states}
         self.absmax: dict[int, list[torch.Tensor]] = {c: [] for c in self.states} if self.quantized else {}
@@ -125,14 +95,11 @@ class LayoutBucket:
             self.masters.append(self._buffer(i, value, F32) if self.master else None)
             self.grads.append(self._buffer(i, torch.randn(n, generator=gen), self.dtype))
             for c in self.states:
-                r = torch.randn(n, generator=gen)
-                # exp_avg_sq / max_exp_avg_sq and square_avg positive, grad_avg small
-                positive = (rule == "adamw" and c != B.SEG_S0) or (rule == "rmspropw" and c == B.SEG_S0)
-                small = rule == "rmspropw" and c == B.SEG_S1
-                r = r.abs() + 1.0 if positive else (0.1 * r if small else r)
+                # second moments positive, RMSprop's grad_avg small
+                r = _rules.draw(torch.randn(n, generator=gen), _rules.state_kind(rule, c))
                 if self.quantized:
                     # the same values, 8-bit: codes and block absmax from the spec's encoder
-                    codes, scales = quant.quantize_blockwise(r, signed_state(rule, c))
+                    codes, scales = quant.quantize_blockwise(r, _rules.signed_state(rule, c))
                     if tiny_block is not None and tiny_block[0] == i:
                         scales[tiny_block[1]] = 1e-39  # subnormal
                     self.state_buffers[c].append(self._buffer(i, codes, U8))
@@ -215,8 +182,9 @@ class LayoutBucket:
 
         table = self.table()
         states = dict(quantized=True) if self.quantized else dict(state_dtype=dtype_code(self.state_dtype))
-        getattr(_C, f"{self.rule}_step")(
-            table.data_ptr(), len(self.sizes), self.hyper.data_ptr(), dtype_code(self.dtype), *self.switches, 1,
+        _C.step(
+            self.rule, table.data_ptr(), len(self.sizes), self.hyper.data_ptr(), dtype_code(self.dtype),
+            self.switches, 1,
             master=self.master, stochastic_rounding=self.stochastic, ctl=0 if ctl is None else ctl.data_ptr(),
             seed=seed, **states)
 

@@ -8,11 +8,11 @@ against torch's own conversions.
 """
 
 import bisect
-import itertools
 
 import pytest
 import torch
 
+import _rules
 from _helpers import bitwise_equal
 
 _C = pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
@@ -20,47 +20,7 @@ _C = pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_ENUM = {dt: _C.DTYPES[str(dt).removeprefix("torch.")] for dt in DTYPES}
 
-# rule -> (step function, hyper columns, state count, switch combinations)
-RULES = {
-    "adamw": (_C.adamw_step, _C.ADAMW_HP, _C.ADAMW_HP_COLS, [(False,), (True,)]),
-    "sgdw": (_C.sgdw_step, _C.SGDW_HP, _C.SGDW_HP_COLS, [(False, False), (True, False), (True, True)]),
-    "rmspropw": (
-        _C.rmspropw_step,
-        _C.RMSPROPW_HP,
-        _C.RMSPROPW_HP_COLS,
-        list(itertools.product([False, True], repeat=2)),
-    ),
-}
-
-# Two param groups of non-default numbers per rule; the second maximizes and uses coupled L2.
-HYPER = {
-    "adamw": [
-        dict(lr=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, decay_mult=1 - 3e-3 * 0.1, l2=0.0, grad_sign=1.0),
-        dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, decay_mult=1.0, l2=0.05, grad_sign=-1.0),
-    ],
-    "sgdw": [
-        dict(lr=0.05, momentum=0.9, dampening=0.1, decay_mult=1 - 0.05 * 0.01, l2=0.0, grad_sign=1.0),
-        dict(lr=0.02, momentum=0.8, dampening=0.0, decay_mult=1.0, l2=0.03, grad_sign=-1.0),
-    ],
-    "rmspropw": [
-        dict(lr=1e-3, alpha=0.9, eps=1e-6, momentum=0.5, decay_mult=1 - 1e-3 * 0.1, l2=0.0, grad_sign=1.0),
-        dict(lr=5e-3, alpha=0.99, eps=1e-8, momentum=0.9, decay_mult=1.0, l2=0.02, grad_sign=-1.0),
-    ],
-}
-
 SIZES = [1, 4097, 0, 64, 63, 3000, 1000, 129, 0, 5]
-
-
-def states_used(rule, switches):
-    """Which of S0, S1, S2 a rule with these switches reads and writes."""
-    if rule == "adamw":
-        (amsgrad,) = switches
-        return (True, True, amsgrad)
-    if rule == "sgdw":
-        has_momentum, _ = switches
-        return (has_momentum, False, False)
-    centered, has_momentum = switches
-    return (True, centered, has_momentum)
 
 
 class Bucket:
@@ -70,24 +30,16 @@ class Bucket:
         gen = torch.Generator().manual_seed(seed)
 
         def draw(n, kind="signed"):
-            x = torch.randn(n, generator=gen, dtype=torch.float64)
-            # second moments positive; grad_avg small enough that square_avg - grad_avg^2 > 0
-            x = {"signed": x, "positive": x.abs() + 1.0, "small": 0.1 * x}[kind]
-            return x.to(dtype)
+            return _rules.draw(torch.randn(n, generator=gen, dtype=torch.float64), kind).to(dtype)
 
-        _, hp_names, hp_cols, _ = RULES[rule]
-        used = states_used(rule, switches)
+        used = _rules.used_states(rule, switches)
         self.p = [draw(n) for n in sizes]
         self.g = [draw(n) for n in sizes]
-        kinds = {"adamw": ("signed", "positive", "positive"), "sgdw": ("signed",) * 3,
-                 "rmspropw": ("positive", "small", "signed")}[rule]  # fmt: skip
         # every state starts non-zero
-        self.s = [[draw(n, kind) for n in sizes] if use else None for use, kind in zip(used, kinds)]
+        self.s = [[draw(n, _rules.state_kind(rule, col)) for n in sizes] if col in used else None
+                  for col in (_C.SEG_S0, _C.SEG_S1, _C.SEG_S2)]
         self.step = torch.randint(0, 5, (len(sizes),), generator=gen).to(torch.float32)
-        self.hyper = torch.zeros(len(HYPER[rule]), hp_cols, dtype=torch.float64)
-        for row, values in enumerate(HYPER[rule]):
-            for name, value in values.items():
-                self.hyper[row, hp_names[name]] = value
+        self.hyper = _rules.hyper_rows(rule, switches)
         self.table = torch.zeros(len(sizes), _C.SEG_COLS, dtype=torch.int64)
         for i, n in enumerate(sizes):
             row = self.table[i]
@@ -97,20 +49,17 @@ class Bucket:
                 row[col] = s[i].data_ptr() if s is not None else 0
             row[_C.SEG_STEP] = self.step[i : i + 1].data_ptr()
             row[_C.SEG_N] = n
-            row[_C.SEG_HP] = i % len(HYPER[rule])
+            row[_C.SEG_HP] = i % self.hyper.shape[0]
             row[_C.SEG_INDEX] = i
         self.rule, self.switches, self.dtype = rule, switches, dtype
 
+    def column(self, name):
+        """The hyper table's column of this name (the rule's spec gives the order)."""
+        return _rules.INFOS[self.rule].rule.columns.index(name)
+
     def run(self, num_threads):
-        fn = RULES[self.rule][0]
-        fn(
-            self.table.data_ptr(),
-            self.table.shape[0],
-            self.hyper.data_ptr(),
-            DTYPE_ENUM[self.dtype],
-            *self.switches,
-            num_threads,
-        )
+        _C.step(self.rule, self.table.data_ptr(), self.table.shape[0], self.hyper.data_ptr(), DTYPE_ENUM[self.dtype],
+                self.switches, num_threads)
 
     def tensors(self):
         return self.p + [t for s in self.s if s is not None for t in s] + [self.step]
@@ -194,11 +143,11 @@ def test_isa_names(restore_isa):
         _C.set_isa("sse9")
 
 
-CASES = [(rule, sw) for rule, spec in RULES.items() for sw in spec[3]]
+CASES, CASE_IDS = _rules.RULE_CASES, _rules.RULE_CASE_IDS
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rule,switches", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
 def test_isa_variants_match_baseline(rule, switches, dtype, restore_isa):
     isas = _C.supported_isas()
     if len(isas) == 1:
@@ -220,7 +169,7 @@ def test_isa_variants_match_baseline(rule, switches, dtype, restore_isa):
             assert bitwise_equal(ref, got), isa
 
 
-@pytest.mark.parametrize("rule,switches", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
 def test_thread_count_does_not_change_results(rule, switches):
     """Segments split between threads use the same scalars in both halves."""
     one = Bucket(rule, switches, torch.float32, SIZES, seed=1)
@@ -259,9 +208,8 @@ def test_16bit_stores_round_like_torch(dtype, restore_isa):
             bucket = Bucket("sgdw", (False, False), dtype, [n], seed=3)
             bucket.p[0].copy_(p0)
             bucket.g[0].copy_(g0)
-            hp = _C.SGDW_HP
             for name, value in (("lr", lr), ("l2", 0.0), ("grad_sign", 1.0), ("decay_mult", decay_mult)):
-                bucket.hyper[:, hp[name]] = value
+                bucket.hyper[:, bucket.column(name)] = value
             bucket.run(num_threads=2)
             # the same fp32 ops, scalars rounded to fp32 as the kernel does
             f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
@@ -277,7 +225,7 @@ def test_16bit_stores_round_like_torch(dtype, restore_isa):
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3, 8])
-@pytest.mark.parametrize("rule,switches", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
 def test_step_counts_advance_exactly_once(rule, switches, num_threads):
     # 4097 and 3000 straddle thread boundaries; 0-length segments count too
     bucket = Bucket(rule, switches, torch.float32, SIZES, seed=4)
@@ -291,8 +239,8 @@ def test_sgdw_first_step_copies_gradient():
     """SGDW's stored step 0 means t = 1: buf = g exactly (torch clones g)."""
     bucket = Bucket("sgdw", (True, False), torch.float32, [4097, 100], seed=5)
     bucket.step.zero_()
-    bucket.hyper[:, _C.SGDW_HP["l2"]] = 0.0
-    bucket.hyper[:, _C.SGDW_HP["grad_sign"]] = 1.0
+    bucket.hyper[:, bucket.column("l2")] = 0.0
+    bucket.hyper[:, bucket.column("grad_sign")] = 1.0
     bucket.run(num_threads=2)
     for g, buf in zip(bucket.g, bucket.s[0]):
         assert torch.equal(buf, g)
@@ -437,16 +385,20 @@ def test_gather_clears_exceptions_and_checks_device():
 def test_bad_arguments_raise_value_error():
     bucket = Bucket("adamw", (False,), torch.float32, [10], seed=6)
     args = (bucket.table.data_ptr(), 1, bucket.hyper.data_ptr())
-    with pytest.raises(ValueError):
-        _C.adamw_step(*args, 7, False, 1)
-    with pytest.raises(ValueError):
-        _C.adamw_step(*args, -1, False, 1)
-    with pytest.raises(ValueError):
-        _C.adamw_step(*args, 0, False, 0)
-    with pytest.raises(ValueError):
-        _C.sgdw_step(*args, 9, True, False, 1)
-    with pytest.raises(ValueError):
-        _C.rmspropw_step(*args, 0, True, False, -3)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.step("adamw", *args, 7, (False,), 1)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.step("adamw", *args, -1, (False,), 1)
+    with pytest.raises(ValueError, match="num_threads"):
+        _C.step("adamw", *args, 0, (False,), 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.step("sgdw", *args, 9, (True, False), 1)
+    with pytest.raises(ValueError, match="num_threads"):
+        _C.step("rmspropw", *args, 0, (True, False), -3)
+    with pytest.raises(ValueError, match="unknown rule 'adam' \\(known: "):
+        _C.step("adam", *args, 0, (False,), 1)
+    with pytest.raises(ValueError, match="rule 'adamw' takes 1 switches, got 2"):
+        _C.step("adamw", *args, 0, (False, False), 1)
     with pytest.raises(ValueError):
         _C.traffic_pass([], [], 10, 3, 1)
     with pytest.raises(ValueError):
@@ -455,11 +407,10 @@ def test_bad_arguments_raise_value_error():
     assert bucket.step.item() == Bucket("adamw", (False,), torch.float32, [10], seed=6).step.item()
 
 
-def test_zero_segments_is_a_no_op():
+@pytest.mark.parametrize("rule,switches", CASES, ids=CASE_IDS)
+def test_zero_segments_is_a_no_op(rule, switches):
     # null addresses: nothing may be dereferenced
-    _C.adamw_step(0, 0, 0, 0, True, 2)
-    _C.sgdw_step(0, 0, 0, 1, True, True, 2)
-    _C.rmspropw_step(0, 0, 0, 2, True, True, 2)
+    _C.step(rule, 0, 0, 0, 0, switches, 2)
 
 
 # ---------------------------------------------------------------- traffic pass

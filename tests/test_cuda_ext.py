@@ -21,8 +21,8 @@ import torch
 
 from fusedwd import _cuda_ext
 from _helpers import assert_close
-from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES,
-                      LayoutBucket, compare_with_cpu, dtype_code)
+from _layouts import LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, LayoutBucket, compare_with_cpu, dtype_code
+from _rules import OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS
 from test_headers import find_nvcc
 from test_ops import CASE_IDS, CASES, DTYPES, Problem, compare_every_step
 
@@ -78,18 +78,19 @@ def test_machine_code_for_every_requested_arch():
     requested = C.ARCHS.split(";")
     elf = re.findall(r"\.sm_(\w+)\.cubin", cuobjdump("--list-elf"))
     # one cubin per rule's translation unit and architecture
-    assert sorted(elf) == sorted(requested * 3)
+    assert sorted(elf) == sorted(requested * len(C.RULES))
     ptx = set(re.findall(r"\.sm_(\w+)\.ptx", cuobjdump("--list-ptx")))
     # PTX of the highest architecture (without an arch-specific suffix), for newer GPUs
     assert ptx == {re.sub(r"[af]$", "", requested[-1])}
 
 
-# 9 rule x switch combinations in each of precision.h's 16 storage layouts, and in each of
-# the 6 layouts of 8-bit states (q8_layout_supported)
-KERNELS = 9 * 16 + 9 * 6
-# step_kernel<Layout<P, S, MASTER, SR>, <Rule>Rule<P, switches...>, Q8>, mangled
-KERNEL_NAME = re.compile(r"6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEENS\w+?\d(AdamW|Sgdw|Rmspropw)"
-                         r"RuleILS\w+?_\dE((?:Lb[01]E)+)EELb([01])E")
+# every rule's kernels (one per Rule type its switches select: csrc/include/fusedwd/<rule>.h
+# with_switches) in each of precision.h's 16 storage layouts, and in each of the 6 layouts of
+# 8-bit states (q8_layout_supported)
+KERNELS = sum(info["kernels"] for info in C.RULES.values()) * (16 + 6) if C is not None else 0
+# step_kernel<Layout<P, S, MASTER, SR>, <Rule>::Rule<P, switches...>, Q8>, mangled
+KERNEL_NAME = re.compile(r"6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEENS\w+?_\d+([A-Za-z]+)"
+                         r"4RuleILS\w+?_\dE((?:Lb[01]E)*)EELb([01])E")
 
 
 def kernel_of(name):
@@ -99,9 +100,14 @@ def kernel_of(name):
             q8 == "1")
 
 
+def keeps_states(rule, switches):
+    """Whether a kernel of this rule ("Sgdw", its name in C++) and switches reads any state."""
+    return any(C.RULES[rule.lower()]["states"][switches])
+
+
 @needs_module
 def test_every_kernel_within_its_register_budget():
-    """198 kernels (rule x switches x layout, 54 of them for 8-bit states) per architecture,
+    """KERNELS kernels (rule x switches x layout, 8-bit states among them) per architecture,
     each within its launch bounds without spilling: 64 registers per thread, 85 for fp64 and
     8-bit states (three blocks per SM, see csrc/cuda/step.cuh)."""
     usage = cuobjdump("--dump-resource-usage")
@@ -136,7 +142,7 @@ def test_every_kernel_moves_data_in_128_bit_accesses():
         p, s, master, _, rule, switches, q8 = kernel_of(name)
         if q8:
             continue  # 8-bit states: one element per thread and quant block, coalesced (test below)
-        has_states = not (rule == "Sgdw" and not switches[0])  # SGDW without momentum keeps none
+        has_states = keeps_states(rule, switches)
         widest = max(size[p], 4 if master else 0, size[s] if has_states else 0)
         g = "v4" if size[p] == widest else "v2"
         assert f"ld.global.cs.{g}.u32" in body, name
@@ -155,12 +161,12 @@ def test_q8_kernels_encode_with_ieee_arithmetic_and_shuffles():
     ptx = cuobjdump("--dump-ptx")
     bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
     q8 = [(name, body) for name, body in bodies if kernel_of(name)[6]]
-    assert len(q8) == 9 * 6
+    assert len(q8) == KERNELS // (16 + 6) * 6
     for name, body in q8:
         assert not re.search(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)\.f32|fma\.rn\.f32", body), name
         _, _, _, _, rule, switches, _ = kernel_of(name)
-        if rule == "Sgdw" and not switches[0]:
-            continue  # no state to encode
+        if not keeps_states(rule, switches):
+            continue  # no state to encode (SGDW without momentum)
         assert "sqrt.rn.f32" in body and ("rcp.rn.f32" in body or "div.rn.f32" in body), name
         assert "cvt.rni" in body or re.search(r"add\.rn\.f32\s+%f\d+, %f\d+, 0f4B400000", body), name
         assert "shfl.sync.bfly.b32" in body, name
@@ -194,8 +200,8 @@ def test_no_gpu_gives_count_zero_and_clear_errors():
     # a launch reaches the CUDA runtime, whose error becomes a RuntimeError with its message
     table = torch.zeros(1, C.SEG_COLS, dtype=torch.int64)
     table[0, C.SEG_N] = 10
-    with pytest.raises(RuntimeError, match=r"fusedwd\._C_cuda\.adamw_step: cudaError\w+: "):
-        C.adamw_step(table.data_ptr(), 1, table.data_ptr(), 0, False, table.data_ptr(), 0)
+    with pytest.raises(RuntimeError, match=r"fusedwd\._C_cuda\.step\(adamw\): cudaError\w+: "):
+        C.step("adamw", table.data_ptr(), 1, table.data_ptr(), 0, (False,), table.data_ptr(), 0)
 
 
 @needs_module
@@ -208,15 +214,19 @@ def test_bad_arguments_raise_value_error():
     t = torch.zeros(16, dtype=torch.int64)
     addr = t.data_ptr()
     with pytest.raises(ValueError):
-        C.adamw_step(addr, 1, addr, 7, False, addr, 0)  # dtype
+        C.step("adamw", addr, 1, addr, 7, (False,), addr, 0)  # dtype
     with pytest.raises(ValueError):
-        C.sgdw_step(addr, -1, addr, 0, True, False, addr, 0)  # nseg
+        C.step("sgdw", addr, -1, addr, 0, (True, False), addr, 0)  # nseg
     with pytest.raises(ValueError):
-        C.rmspropw_step(addr, 1, addr, 0, True, True, 0, 0)  # no arrivals word
+        C.step("rmspropw", addr, 1, addr, 0, (True, True), 0, 0)  # no arrivals word
     with pytest.raises(ValueError):
-        C.adamw_step(addr, 1, addr, 0, False, addr, 0, -1)  # blocks
+        C.step("adamw", addr, 1, addr, 0, (False,), addr, 0, -1)  # blocks
     with pytest.raises(ValueError):
-        C.adamw_step(addr, 1, addr, 0, False, addr, 0, 2**31)
+        C.step("adamw", addr, 1, addr, 0, (False,), addr, 0, 2**31)
+    with pytest.raises(ValueError, match="unknown rule"):
+        C.step("adam", addr, 1, addr, 0, (False,), addr, 0)
+    with pytest.raises(ValueError, match="switches"):
+        C.step("adamw", addr, 1, addr, 0, (), addr, 0)
     # storage layouts the kernels do not instantiate, as fusedwd._C rejects them (precision.h)
     cpu = pytest.importorskip("fusedwd._C")
     bf16, f16, f32, f64 = (C.DTYPES[n] for n in ("bfloat16", "float16", "float32", "float64"))
@@ -225,14 +235,13 @@ def test_bad_arguments_raise_value_error():
                       (f64, dict(state_dtype=f32)), (bf16, dict(stochastic_rounding=True, state_dtype=f16)),
                       (f32, dict(state_dtype=9))]:
         with pytest.raises(ValueError, match="unsupported storage layout") as cuda_error:
-            C.adamw_step(addr, 1, addr, dtype, False, addr, 0, **kw)
+            C.step("adamw", addr, 1, addr, dtype, (False,), addr, 0, **kw)
         with pytest.raises(ValueError) as cpu_error:
-            cpu.adamw_step(addr, 1, addr, dtype, False, 1, **kw)
+            cpu.step("adamw", addr, 1, addr, dtype, (False,), 1, **kw)
         assert str(cuda_error.value) == str(cpu_error.value)
     # no segments: nothing is launched, null addresses are never read
-    C.adamw_step(0, 0, 0, 0, True, 0, 0)
-    C.sgdw_step(0, 0, 0, 1, True, True, 0, 0)
-    C.rmspropw_step(0, 0, 0, 3, True, True, 0, 0)
+    for rule, info in C.RULES.items():
+        C.step(rule, 0, 0, 0, 0, (True,) * len(info["switches"]), 0, 0)
 
 
 @needs_module
@@ -240,7 +249,7 @@ def test_constants_match_the_cpu_module():
     cpu = pytest.importorskip("fusedwd._C")
     for name in ("SEG_P", "SEG_G", "SEG_S0", "SEG_S1", "SEG_S2", "SEG_STEP", "SEG_N", "SEG_HP", "SEG_INDEX",
                  "SEG_MASTER", "SEG_SALT", "SEG_COLS", "CTL_INV_SCALE", "CTL_FOUND_INF", "CTL_CLIP", "CTL_SIZE",
-                 "ADAMW_HP_COLS", "SGDW_HP_COLS", "RMSPROPW_HP_COLS", "DTYPES"):
+                 "DTYPES", "RULES"):
         assert getattr(C, name) == getattr(cpu, name), name
 
 
@@ -386,7 +395,7 @@ def emulation(tmp_path_factory):
     dll.fusedwd_emulation_self_check.restype = ctypes.c_int
     dll.fusedwd_emulated_step.restype = ctypes.c_int
     dll.fusedwd_emulated_step.argtypes = [
-        ctypes.c_int, ctypes.c_int, ctypes.c_int,  # rule, its two switches
+        ctypes.c_int, ctypes.c_uint,  # rule id (csrc/include/fusedwd/rules.h), its switches' bits
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # table, nseg, hyper
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # dtype, state dtype, master, stochastic
         ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),  # ctl, seed, grid, arrivals
@@ -404,7 +413,6 @@ def test_kernel_on_a_host_emulation(emulation, capfd):
     assert failures == 0 and out.endswith("ALL OK\n"), out
 
 
-RULE_CODES = {"adamw": 0, "sgdw": 1, "rmspropw": 2}  # tests/cuda_emulation/run.cpp RuleCode
 # tails and several chunks in every layout (256 threads x 2..8 elements per chunk), an empty
 # segment, and a last one whose buffers are misaligned
 EMULATED_SIZES = [1, 37, 1030, 0, 2100, 5]
@@ -414,7 +422,7 @@ MISALIGNED = frozenset({5})
 def emulated_step(emulation, bucket, grid=3):
     """step(ctl, seed): one emulated launch over the bucket's table, its arrival counter left at zero."""
     arrivals = ctypes.c_uint(0)
-    switches = list(bucket.switches) + [False] * (2 - len(bucket.switches))
+    bits = sum(1 << k for k, on in enumerate(bucket.switches) if on)
 
     # 8-bit states: the state dtype is ignored
     state_code = dtype_code(bucket.dtype if bucket.quantized else bucket.state_dtype)
@@ -422,7 +430,7 @@ def emulated_step(emulation, bucket, grid=3):
     def step(ctl, seed):
         table = bucket.table()
         done = emulation.fusedwd_emulated_step(
-            RULE_CODES[bucket.rule], *switches, table.data_ptr(), table.shape[0], bucket.hyper.data_ptr(),
+            C.RULES[bucket.rule]["id"], bits, table.data_ptr(), table.shape[0], bucket.hyper.data_ptr(),
             dtype_code(bucket.dtype), state_code, bucket.master, bucket.stochastic,
             0 if ctl is None else ctl.data_ptr(), seed, grid, ctypes.byref(arrivals), bucket.quantized)
         assert done == 0, done
@@ -432,7 +440,7 @@ def emulated_step(emulation, bucket, grid=3):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=RICHEST_IDS)
 def test_emulated_kernel_matches_the_cpu_kernel_in_every_layout(emulation, rule, switches, layout):
     """Each storage layout, every state in use, against fusedwd._C bit for bit: through no
     control block, AMP unscaling with clipping, a found_inf step that writes nothing (step
@@ -445,8 +453,7 @@ def test_emulated_kernel_matches_the_cpu_kernel_in_every_layout(emulation, rule,
                                     (torch.float32, torch.bfloat16, False, False),
                                     (torch.bfloat16, torch.bfloat16, False, True)],
                          ids=["bf16-f32-master", "f32-bf16", "bf16-sr"])
-@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
-                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+@pytest.mark.parametrize("rule,switches", OTHER_CASES, ids=OTHER_CASE_IDS)
 def test_emulated_kernel_matches_the_cpu_kernel_with_every_switch(emulation, rule, switches, layout):
     # the switches that leave state columns unused, where the geometry follows p and g alone
     bucket = LayoutBucket(rule, switches, layout, EMULATED_SIZES, misaligned=MISALIGNED)
@@ -477,7 +484,7 @@ def _assert_q8_edges_reached(bucket):
 
 
 @pytest.mark.parametrize("layout", Q8_LAYOUTS, ids=Q8_LAYOUT_IDS)
-@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=RICHEST_IDS)
 def test_emulated_q8_kernel_matches_the_cpu_kernel_in_every_layout(emulation, rule, switches, layout):
     bucket = LayoutBucket(rule, switches, layout, Q8_SIZES, misaligned=frozenset({5}), **Q8_EDGES)
     compare_with_cpu(bucket, emulated_step(emulation, bucket))
@@ -485,8 +492,7 @@ def test_emulated_q8_kernel_matches_the_cpu_kernel_in_every_layout(emulation, ru
 
 
 @pytest.mark.parametrize("layout", [Q8_LAYOUTS[0], Q8_LAYOUTS[3]], ids=[Q8_LAYOUT_IDS[0], Q8_LAYOUT_IDS[3]])
-@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
-                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+@pytest.mark.parametrize("rule,switches", OTHER_CASES, ids=OTHER_CASE_IDS)
 def test_emulated_q8_kernel_matches_the_cpu_kernel_with_every_switch(emulation, rule, switches, layout):
     bucket = LayoutBucket(rule, switches, layout, Q8_SIZES, misaligned=frozenset({5}), **Q8_EDGES)
     compare_with_cpu(bucket, emulated_step(emulation, bucket))
@@ -520,10 +526,9 @@ def device_table(prob, grads):
 
 
 def launch(prob, table, hyper, arrivals, blocks=0):
-    fn = getattr(C, f"{prob.rule}_step")
     dtype = C.DTYPES[str(prob.dtype).removeprefix("torch.")]
-    fn(table.data_ptr(), table.shape[0], hyper.data_ptr(), dtype, *prob.switches, arrivals.data_ptr(),
-       torch.cuda.current_stream().cuda_stream, blocks)
+    C.step(prob.rule, table.data_ptr(), table.shape[0], hyper.data_ptr(), dtype, prob.switches, arrivals.data_ptr(),
+           torch.cuda.current_stream().cuda_stream, blocks)
 
 
 @needs_gpu
@@ -548,7 +553,7 @@ def test_cuda_matches_cpu_kernel(rule, switches, dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=RICHEST_IDS)
 def test_cuda_matches_cpu_kernel_in_every_layout(rule, switches, layout):
     """As the emulated kernel, on the GPU: to the tolerance table (CUDA's double pow may differ
     in the last bit, and a stochastic rounding then land on the other neighbour); a found_inf

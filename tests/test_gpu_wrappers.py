@@ -5,15 +5,12 @@ import torch
 
 import fusedwd
 from _helpers import AWKWARD_SHAPES, compare_optimizers, random_grads
+from _rules import RICH_CONFIGS
 
 GPU_BACKENDS = [b for b in fusedwd.available_backends("cuda") if b != "reference"] if torch.cuda.is_available() else []
 pytestmark = pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device, or no GPU backend built")
 
-CONFIGS = [
-    (fusedwd.AdamW, dict(lr=2e-2, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True), ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
-    (fusedwd.SGDW, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1), ["momentum_buffer"]),
-    (fusedwd.RMSpropW, dict(lr=1e-3, centered=True, momentum=0.5, weight_decay=0.1), ["step", "square_avg", "grad_avg", "momentum_buffer"]),
-]
+CONFIGS = list(RICH_CONFIGS.values())  # every rule in its richest structure (tests/_rules.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

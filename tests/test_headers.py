@@ -1,9 +1,10 @@
 """The per-element headers in csrc/include/fusedwd/ compile for the device too.
 
 The CPU tests exercise their math; this compiles a tiny CUDA kernel that runs
-every rule helper through the device load/store of each dtype (fp16 and bf16
-through cuda_fp16 / cuda_bf16), so a host-only construct in a header fails here
-and not later in the CUDA extension.
+every rule of csrc/include/fusedwd/rules.h, every switch combination, through
+the device load/store of each dtype (fp16 and bf16 through cuda_fp16 /
+cuda_bf16), so a host-only construct in a header fails here and not later in
+the CUDA extension.
 """
 
 import os
@@ -30,39 +31,47 @@ KERNEL = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "fusedwd/adamw.h"
 #include "fusedwd/common.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
-#include "fusedwd/rmspropw.h"
-#include "fusedwd/sgdw.h"
+#include "fusedwd/precision.h"
+#include "fusedwd/quant.h"
+#include "fusedwd/rules.h"
 
 using namespace fusedwd;
 
-template <DType D>
-__global__ void all_rules(storage_t<D>* p, const storage_t<D>* g, storage_t<D>* s0,
-                          storage_t<D>* s1, storage_t<D>* s2, const int64_t* offs,
-                          int64_t nseg, const double* hp, double t) {
+// One rule's helpers (csrc/include/fusedwd/rule.h) on the device, every element through the
+// device load/store of its dtype.
+template <DType D, class Rule>
+__global__ void one_rule(storage_t<D>* p, const storage_t<D>* g, storage_t<D>* s0, storage_t<D>* s1,
+                         storage_t<D>* s2, const int64_t* offs, int64_t nseg, const double* hp, double t) {
   using M = math_t<D>;
   const int64_t begin = worker_begin(offs, nseg, blockIdx.x, gridDim.x);
   const int64_t end = worker_begin(offs, nseg, blockIdx.x + 1, gridDim.x);
-  const AdamWScalars<M> a = adamw_scalars<M>(hp, t);
-  const SgdwScalars<M> s = sgdw_scalars<M>(hp, t);
-  const RmspropwScalars<M> r = rmspropw_scalars<M>(hp, t);
+  const typename Rule::Scalars sc = Rule::scalars(hp, t, 1.0);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    M pi = load<D>(p, i), gi = load<D>(g, i);
+    M pi = load<D>(p, i);
     M x = load<D>(s0, i), y = load<D>(s1, i), z = load<D>(s2, i);
-    adamw_update<true>(pi, gi, x, y, z, a);
-    adamw_update<false>(pi, gi, x, y, z, a);
-    sgdw_update<true, true>(pi, gi, x, s);
-    sgdw_update<true, false>(pi, gi, x, s);
-    sgdw_update<false, false>(pi, gi, x, s);
-    rmspropw_update<true, true>(pi, gi, x, y, z, r);
-    rmspropw_update<false, false>(pi, gi, x, y, z, r);
+    Rule::update(pi, load<D>(g, i), x, y, z, sc);
     store<D>(p, i, pi);
     store<D>(s0, i, x);
     store<D>(s1, i, y);
     store<D>(s2, i, z);
+  }
+}
+
+// Every rule of rules.h with every switch combination it selects (host code: compiled, never run).
+template <DType D>
+void all_rules(storage_t<D>* p, const storage_t<D>* g, storage_t<D>* s0, storage_t<D>* s1,
+               storage_t<D>* s2, const int64_t* offs, int64_t nseg, const double* hp, double t) {
+  for (int id = 0; id < static_cast<int>(RuleId::kCount); ++id) {
+    with_rule(id, [&](auto r) {
+      for (unsigned bits = 0; bits < 8u; ++bits) {
+        decltype(r)::template with_switches<D>(bits, [&](auto rule) {
+          one_rule<D, decltype(rule)><<<1, 32>>>(p, g, s0, s1, s2, offs, nseg, hp, t);
+        });
+      }
+    });
   }
 }
 
@@ -74,16 +83,14 @@ __global__ void half_bits(__half* h, __nv_bfloat16* b) {
   store<DType::BF16>(bb, 0, load<DType::BF16>(bb, 0) * 2.0f);
 }
 
-template __global__ void all_rules<DType::F32>(float*, const float*, float*, float*, float*,
-                                               const int64_t*, int64_t, const double*, double);
-template __global__ void all_rules<DType::F16>(uint16_t*, const uint16_t*, uint16_t*, uint16_t*,
-                                               uint16_t*, const int64_t*, int64_t, const double*,
-                                               double);
-template __global__ void all_rules<DType::BF16>(uint16_t*, const uint16_t*, uint16_t*, uint16_t*,
-                                                uint16_t*, const int64_t*, int64_t, const double*,
-                                                double);
-template __global__ void all_rules<DType::F64>(double*, const double*, double*, double*, double*,
-                                               const int64_t*, int64_t, const double*, double);
+template void all_rules<DType::F32>(float*, const float*, float*, float*, float*, const int64_t*, int64_t,
+                                    const double*, double);
+template void all_rules<DType::F16>(uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, const int64_t*,
+                                    int64_t, const double*, double);
+template void all_rules<DType::BF16>(uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, const int64_t*,
+                                     int64_t, const double*, double);
+template void all_rules<DType::F64>(double*, const double*, double*, double*, double*, const int64_t*, int64_t,
+                                    const double*, double);
 """
 
 

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import _rules
 import fusedwd
 from fusedwd import quant
 from _helpers import assert_close, assert_isa_variants_bitwise_equal, make_params, random_grads, results_on_every_isa
@@ -20,13 +21,11 @@ from _helpers import assert_close, assert_isa_variants_bitwise_equal, make_param
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
 SHAPES = [(5000,), (70, 90), (4097,), (100,)]  # the last stays fp32 (below min_8bit_numel)
-RULES = [
-    (fusedwd.AdamW, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)),
-    (fusedwd.AdamW, dict(lr=1e-3, weight_decay=0.1, amsgrad=True, decay="independent")),
-    (fusedwd.SGDW, dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)),
-    (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.1, decay="l2")),
-]
-RULE_IDS = ["adamw", "adamw-amsgrad", "sgdw-nesterov", "rmspropw-centered"]
+# every rule in its richest structure (tests/_rules.py; the others run at the kernel level in
+# test_triton and test_cuda_ext), decay modes taken in turn
+RULES = [(cls, dict(kw, decay=["decoupled", "independent", "l2"][k % 3]))
+         for k, (cls, kw, _) in enumerate(_rules.RICH_CONFIGS.values())]
+RULE_IDS = list(_rules.RICH_CONFIGS)
 LAYOUTS = [
     (torch.float32, {}),
     (torch.bfloat16, dict(master_weights=True)),

@@ -10,29 +10,13 @@ import torch
 import fusedwd
 from fusedwd import _ext
 from _helpers import AWKWARD_SHAPES, clone_params, compare_optimizers, make_params, random_grads
+from _rules import CONFIGS
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="fusedwd._C is not built")
 
 STEPS = 25
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DECAYS = ["decoupled", "independent", "l2"]
-
-# (optimizer, non-default hyperparameters, state names compared)
-CONFIGS = {
-    "adamw": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1), ["step", "exp_avg", "exp_avg_sq"]),
-    "adamw-amsgrad-max": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.85, 0.9), eps=1e-5, weight_decay=0.2, amsgrad=True, maximize=True),
-                          ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
-    "sgdw": (fusedwd.SGDW, dict(lr=1e-2, weight_decay=0.3), []),
-    "sgdw-momentum": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.8, dampening=0.25, weight_decay=0.3), ["momentum_buffer"]),
-    "sgdw-nesterov-max": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
-                          ["momentum_buffer"]),
-    "rmspropw": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-5, weight_decay=0.1), ["step", "square_avg"]),
-    "rmspropw-centered-momentum": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.95, eps=1e-4, weight_decay=0.2, centered=True, momentum=0.6),
-                                   ["step", "square_avg", "grad_avg", "momentum_buffer"]),
-    "rmspropw-momentum-max": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, weight_decay=0.05, momentum=0.5, maximize=True),
-                              ["step", "square_avg", "momentum_buffer"]),
-}
-
 
 @pytest.fixture(params=_ext.cpu().supported_isas() if _ext.has_cpu() else ["none"])
 def isa(request):

@@ -7,13 +7,14 @@ the tolerance table. tests/test_cuda_ext.py runs the same problems through
 the CUDA implementation when a GPU is present.
 """
 
-import itertools
+import re
 
 import pytest
 import torch
 
+import _rules
 import fusedwd.ops as ops
-from fusedwd import reference
+from fusedwd import _buckets, reference, rules
 from fusedwd.optim import SGDW, AdamW, RMSpropW
 from _helpers import assert_close, max_abs
 
@@ -22,37 +23,7 @@ pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built: the ops' CPU 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1,), (4097,), (33, 17), (2, 3, 5), (0,)]
 
-CASES = (
-    [("adamw", (amsgrad,)) for amsgrad in (False, True)]
-    + [("sgdw", sw) for sw in ((False, False), (True, False), (True, True))]
-    + [("rmspropw", sw) for sw in itertools.product((False, True), repeat=2)]
-)
-CASE_IDS = [f"{rule}-{'-'.join(str(int(s)) for s in sw)}" for rule, sw in CASES]
-
-
-def hyperparameters(rule, switches):
-    """Non-default numbers for each rule; momentum and dampening follow the switches."""
-    if rule == "adamw":
-        return dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    if rule == "sgdw":
-        has_momentum, nesterov = switches
-        return dict(lr=0.05, momentum=0.9 if has_momentum else 0.0, dampening=0.0 if nesterov else 0.1,
-                    weight_decay=0.01)
-    _, has_momentum = switches
-    return dict(lr=1e-3, alpha=0.9, eps=1e-6, momentum=0.5 if has_momentum else 0.0, weight_decay=0.1)
-
-
-# state name -> (kind of random start, used for these switches)
-def state_specs(rule, switches):
-    if rule == "adamw":
-        (amsgrad,) = switches
-        return {"exp_avgs": ("signed", True), "exp_avg_sqs": ("positive", True),
-                "max_exp_avg_sqs": ("positive", amsgrad)}
-    if rule == "sgdw":
-        return {"momentum_buffers": ("signed", switches[0])}
-    centered, has_momentum = switches
-    return {"square_avgs": ("positive", True), "grad_avgs": ("small", centered),
-            "momentum_buffers": ("signed", has_momentum)}
+CASES, CASE_IDS = _rules.RULE_CASES, _rules.RULE_CASE_IDS
 
 
 class Problem:
@@ -64,19 +35,19 @@ class Problem:
         gen = torch.Generator().manual_seed(seed)
 
         def draw(shape, kind="signed"):
-            x = torch.randn(shape, generator=gen, dtype=torch.float64)
-            # second moments positive; grad_avg small enough that square_avg - grad_avg^2 > 0
-            x = {"signed": x, "positive": x.abs() + 1.0, "small": 0.1 * x}[kind]
-            return x.to(dtype).to(device)
+            return _rules.draw(torch.randn(shape, generator=gen, dtype=torch.float64), kind).to(dtype).to(device)
 
         self.rule, self.switches, self.dtype, self.device = rule, switches, dtype, device
+        self.spec = rules.get(rule)
         self.shapes = shapes
         self.params = [draw(s) for s in shapes]
-        self.states = {name: [draw(s, kind) for s in shapes] if used else []
-                       for name, (kind, used) in state_specs(rule, switches).items()}
+        # the op's state lists, by argument name (exp_avgs, ...): empty where the switches keep none
+        kept = self.spec.slots(switches)
+        self.states = {state.name + "s": [draw(s, _rules.state_kind(rule, _buckets.SEG_S0 + k)) for s in shapes]
+                       if kept[k] else [] for k, state in enumerate(self.spec.states)}
         # every tensor at its own step count; 0 is SGDW's first step
         self.steps = [torch.tensor(float(k), device=device) for k in torch.randint(0, 4, (len(shapes),), generator=gen)]
-        self.hp = hyperparameters(rule, switches)
+        self.hp = {k: v for k, v in _rules.kwargs(rule, switches).items() if k not in ("maximize",)}
         self.decay, self.maximize, self.lr_max = decay, maximize, lr_max
 
     def grads(self, step):
@@ -84,38 +55,25 @@ class Problem:
         return [(torch.randn(s, generator=gen, dtype=torch.float64) * (1 + k)).to(self.dtype).to(self.device)
                 for k, s in enumerate(self.shapes)]
 
+    def group(self):
+        return self.spec.group(**self.hp, decay=self.decay, lr_max=self.lr_max, maximize=self.maximize)
+
     def hyper(self, device=None):
-        build = {"adamw": ops.adamw_hyper, "sgdw": ops.sgdw_hyper, "rmspropw": ops.rmspropw_hyper}[self.rule]
-        return build(**self.hp, decay=self.decay, lr_max=self.lr_max, maximize=self.maximize, device=device)
+        return ops.hyper(self.rule, **self.hp, decay=self.decay, lr_max=self.lr_max, maximize=self.maximize,
+                         device=device)
 
     def op_args(self, grads, hyper):
         return (self.params, grads, *self.states.values(), self.steps, hyper, *self.switches)
 
     def op(self):
-        return {"adamw": torch.ops.fusedwd.adamw_step_, "sgdw": torch.ops.fusedwd.sgdw_step_,
-                "rmspropw": torch.ops.fusedwd.rmspropw_step_}[self.rule]
+        return getattr(torch.ops.fusedwd, f"{self.rule}_step_")
 
     def step_op(self, grads, hyper=None):
         self.op()(*self.op_args(grads, self.hyper() if hyper is None else hyper))
 
     def step_reference(self, grads):
-        common = dict(weight_decay=self.hp["weight_decay"], decay=self.decay, lr_max=self.lr_max,
-                      maximize=self.maximize)
-        n = len(self.params)
-        st = {name: tensors if tensors else [None] * n for name, tensors in self.states.items()}
-        if self.rule == "adamw":
-            (amsgrad,) = self.switches
-            beta1, beta2 = self.hp["betas"]
-            reference.adamw(self.params, grads, st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"], self.steps,
-                            lr=self.hp["lr"], beta1=beta1, beta2=beta2, eps=self.hp["eps"], amsgrad=amsgrad, **common)
-        elif self.rule == "sgdw":
-            reference.sgdw(self.params, grads, st["momentum_buffers"], self.steps, lr=self.hp["lr"],
-                           momentum=self.hp["momentum"], dampening=self.hp["dampening"], nesterov=self.switches[1],
-                           **common)
-        else:
-            reference.rmspropw(self.params, grads, st["square_avgs"], st["grad_avgs"], st["momentum_buffers"],
-                               self.steps, lr=self.hp["lr"], alpha=self.hp["alpha"], eps=self.hp["eps"],
-                               momentum=self.hp["momentum"], centered=self.switches[0], **common)
+        states = {state.name: self.states[state.name + "s"] for state in self.spec.states if self.states[state.name + "s"]}
+        self.spec.reference(self.group(), self.switches, self.params, grads, states, self.steps, reference.Precision())
 
     def tensors(self):
         """(name, tensor) of every parameter and used state."""
@@ -145,7 +103,21 @@ def compare_every_step(a, b, steps, step_a, step_b):
 def test_hyper_widths_match_the_kernel():
     import fusedwd._C as C
 
-    assert ops.HP_COLS == {"adamw": C.ADAMW_HP_COLS, "sgdw": C.SGDW_HP_COLS, "rmspropw": C.RMSPROPW_HP_COLS}
+    assert ops.HP_COLS == {name: len(info["columns"]) for name, info in C.RULES.items()}
+
+
+@pytest.mark.parametrize("rule", _rules.NAMES)
+def test_schema_is_derived_from_the_rule(rule):
+    """One list per state (mutated, its own alias set), one bool per switch, in the spec's order."""
+    spec = rules.get(rule)
+    schema = getattr(torch.ops.fusedwd, f"{rule}_step_").default._schema
+    names = [a.name for a in schema.arguments]
+    assert names == ["params", "grads", *[st.name + "s" for st in spec.states], "steps", "hyper",
+                     *[sw.name for sw in spec.switches]]
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == ["params", *[st.name + "s" for st in spec.states], "steps"]
+    sets = re.findall(r"Tensor\((\w+)!\)\[\]", str(schema))
+    assert len(sets) == len(set(sets)) == len(mutated), str(schema)
 
 
 @pytest.mark.parametrize("decay", ["decoupled", "independent", "l2"])

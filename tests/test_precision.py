@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+import _rules
 import fusedwd
 from _helpers import (assert_close, assert_isa_variants_bitwise_equal, compare_optimizers, make_params, random_grads,
                       results_on_every_isa)
@@ -19,13 +20,11 @@ from _helpers import (assert_close, assert_isa_variants_bitwise_equal, compare_o
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
 SHAPES = [(1,), (4097,), (33, 17), (6, 7, 5)]
-RULES = [
-    (fusedwd.AdamW, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1), ("exp_avg", "exp_avg_sq", "step")),
-    (fusedwd.SGDW, dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True), ("momentum_buffer",)),
-    (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.1, decay="l2"),
-     ("square_avg", "grad_avg", "momentum_buffer", "step")),
-]
-RULE_IDS = ["adamw", "sgdw", "rmspropw"]
+# every rule in its richest structure (tests/_rules.py), decay modes taken in turn
+DECAYS = ["decoupled", "l2", "independent"]
+RULES = [(cls, dict(kw, decay=DECAYS[k % 3]), tuple(states))
+         for k, (cls, kw, states) in enumerate(_rules.RICH_CONFIGS.values())]
+RULE_IDS = list(_rules.RICH_CONFIGS)
 LAYOUTS = [  # (param dtype, options, extra state names)
     (torch.bfloat16, dict(master_weights=True), ("master_param",)),
     (torch.float16, dict(master_weights=True, state_dtype=torch.bfloat16), ("master_param",)),

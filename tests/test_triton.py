@@ -21,8 +21,9 @@ import torch
 import fusedwd
 from fusedwd import _buckets, _ext
 from _helpers import assert_close, make_params, random_grads
-from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, RICHEST, RULE_CASE_IDS, RULE_CASES, SEED,
-                      LayoutBucket, assert_same_bits, compare_with_cpu, control)
+from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, SEED, LayoutBucket, assert_same_bits,
+                      compare_with_cpu, control)
+from _rules import CONFIGS, OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
@@ -39,26 +40,6 @@ DECAYS = ["decoupled", "independent", "l2"]
 # one and several blocks per segment, with a partial last block (BLOCK_SIZE is 1024)
 SHAPES = [(1,), (5, 7), (1030,)]
 
-# (optimizer, non-default hyperparameters, state names compared): every structure of every rule
-CONFIGS = {
-    "adamw": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
-              ["step", "exp_avg", "exp_avg_sq"]),
-    "adamw-amsgrad-max": (fusedwd.AdamW, dict(lr=2e-2, betas=(0.85, 0.9), eps=1e-5, weight_decay=0.2, amsgrad=True,
-                                              maximize=True), ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
-    "sgdw": (fusedwd.SGDW, dict(lr=1e-2, weight_decay=0.3), []),
-    "sgdw-momentum": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.8, dampening=0.25, weight_decay=0.3),
-                      ["momentum_buffer"]),
-    "sgdw-nesterov-max": (fusedwd.SGDW, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
-                          ["momentum_buffer"]),
-    "rmspropw": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-5, weight_decay=0.1), ["step", "square_avg"]),
-    "rmspropw-centered": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-4, weight_decay=0.1, centered=True),
-                          ["step", "square_avg", "grad_avg"]),
-    "rmspropw-centered-momentum": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.95, eps=1e-4, weight_decay=0.2,
-                                                          centered=True, momentum=0.6),
-                                   ["step", "square_avg", "grad_avg", "momentum_buffer"]),
-    "rmspropw-momentum-max": (fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, weight_decay=0.05, momentum=0.5,
-                                                     maximize=True), ["step", "square_avg", "momentum_buffer"]),
-}
 KERNELS = {fusedwd.AdamW: "_adamw_kernel", fusedwd.SGDW: "_sgdw_kernel", fusedwd.RMSpropW: "_rmspropw_kernel"}
 
 
@@ -165,7 +146,7 @@ def test_odd_sizes_in_one_launch(dtype):
 def test_unaligned_parameters(dtype):
     # Views one element into a buffer are not 16-byte aligned: their full blocks take the
     # masked path, beside aligned tensors whose full blocks take the 128-bit one.
-    cls, kw, states = CONFIGS["rmspropw-centered-momentum"]
+    cls, kw, states = CONFIGS["rmspropw-centered-has_momentum"]
     base = make_params([(2049,)], dtype)[0].detach()
     b = [torch.nn.Parameter(base.clone()[1:]), *make_params([(2048,), (5,)], dtype, seed=1)]
     a = [torch.nn.Parameter(base.to(DEVICE, copy=True)[1:]), *_on_device(b[1:])]
@@ -178,7 +159,7 @@ def test_unaligned_parameters(dtype):
 def test_many_tensors_in_one_launch(monkeypatch, triton_kernels):
     # 64 tensors of assorted sizes, empty ones included, in three param groups: one launch
     sizes = [(n,) for n in [0, 1, 2, 3, 17, 31, 64, 100] * 8]
-    cls, kw, states = CONFIGS["rmspropw-centered-momentum"]
+    cls, kw, states = CONFIGS["rmspropw-centered-has_momentum"]
     b = make_params(sizes)
     a = _on_device(b)
 
@@ -318,7 +299,7 @@ def test_empty_group_and_no_grads():
 
 def test_state_dict_round_trip_with_the_reference():
     # a checkpoint taken from the reference continues under Triton with the same counts
-    cls, kw, states = CONFIGS["adamw-amsgrad-max"]
+    cls, kw, states = CONFIGS["adamw-amsgrad"]
     b = make_params(SHAPES)
     opt_b = cls(b, backend="reference", **kw)
     for t in range(3):
@@ -360,7 +341,7 @@ def _exact(rule, layout):
 
 @needs_cpu
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=RICHEST_IDS)
 def test_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kernels):
     """Each storage layout (every state in use), through no control block, AMP unscaling with
     clipping, a found_inf step that must write nothing (step counts and masters included), and
@@ -372,8 +353,7 @@ def test_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kern
 @needs_cpu
 @pytest.mark.parametrize("layout", [(torch.bfloat16, torch.float32, True, False),
                                     (torch.bfloat16, torch.bfloat16, False, True)], ids=["bf16-f32-master", "bf16-sr"])
-@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
-                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+@pytest.mark.parametrize("rule,switches", OTHER_CASES, ids=OTHER_CASE_IDS)
 def test_every_switch_with_masters_and_stochastic_rounding(rule, switches, layout, triton_kernels):
     # the switches that leave state columns unused (0 in the table), with a master and with SR
     bucket = LayoutBucket(rule, switches, layout, PRECISION_SIZES, DEVICE, MISALIGNED)
@@ -438,7 +418,7 @@ def test_found_inf_skips_before_any_block_arrives(triton_kernels):
 def test_optimizer_precision_options_match_the_cpu_backend(dtype, options):
     """Through fusedwd.AdamW: GradScaler's scale and found_inf (one step skipped) and
     max_grad_norm reach the launcher as the CPU kernel's control block."""
-    cls, kw, states = CONFIGS["adamw-amsgrad-max"]
+    cls, kw, states = CONFIGS["adamw-amsgrad"]
     b = make_params([(5, 7), (1030,)], dtype)
     a = _on_device(b)
     opt_a = cls(a, backend="triton", max_grad_norm=0.5, **kw, **options)
@@ -502,7 +482,7 @@ def _assert_edges_reached(bucket):
 
 @needs_cpu
 @pytest.mark.parametrize("layout", Q8_LAYOUTS, ids=Q8_LAYOUT_IDS)
-@pytest.mark.parametrize("rule,switches", RICHEST, ids=[r for r, _ in RICHEST])
+@pytest.mark.parametrize("rule,switches", RICHEST, ids=RICHEST_IDS)
 def test_q8_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kernels):
     """8-bit states in each layout (every state in use): through no control block, AMP with
     clipping, a found_inf step that writes nothing (codes and absmax included), unscaling alone."""
@@ -513,8 +493,7 @@ def test_q8_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_k
 
 @needs_cpu
 @pytest.mark.parametrize("layout", [Q8_LAYOUTS[0], Q8_LAYOUTS[3]], ids=[Q8_LAYOUT_IDS[0], Q8_LAYOUT_IDS[3]])
-@pytest.mark.parametrize("rule,switches", [c for c in RULE_CASES if c not in RICHEST],
-                         ids=[i for c, i in zip(RULE_CASES, RULE_CASE_IDS) if c not in RICHEST])
+@pytest.mark.parametrize("rule,switches", OTHER_CASES, ids=OTHER_CASE_IDS)
 def test_q8_every_switch_matches_the_cpu_kernel(rule, switches, layout, triton_kernels):
     # the switches that leave state columns (and their absmax columns) unused
     bucket = _q8_bucket(rule, switches, layout)

@@ -41,9 +41,8 @@ struct TrafficArgs {
 
 struct Kernels {
   const char* name;
-  void (*adamw)(const StepArgs&, bool amsgrad);
-  void (*sgdw)(const StepArgs&, bool has_momentum, bool nesterov);
-  void (*rmspropw)(const StepArgs&, bool centered, bool has_momentum);
+  // one step of rule `rule` (its id in csrc/include/fusedwd/rules.h) with these switch bits
+  void (*step)(int rule, const StepArgs&, unsigned switches);
   void (*traffic)(const TrafficArgs&);
   double (*sumsq)(const StepArgs&);  // sum of squares of every segment's gradient
 };

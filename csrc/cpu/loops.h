@@ -11,13 +11,12 @@
 
 #include <cstdint>
 
-#include "fusedwd/adamw.h"
 #include "fusedwd/common.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
+#include "fusedwd/precision.h"
 #include "fusedwd/quant.h"
-#include "fusedwd/rmspropw.h"
-#include "fusedwd/sgdw.h"
+#include "fusedwd/rules.h"
 #include "kernels.h"
 
 #ifndef FUSEDWD_ISA_NS
@@ -120,102 +119,44 @@ __attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, 
 template <DType S>
 constexpr bool staged() { return sizeof(storage_t<S>) == 2; }
 
-// Each pass takes the storage types of the parameter (P), the gradient (G) and
-// the states (S) separately; the math runs in the parameter's math type (fp32
-// for 16-bit storage). MASTER reads and writes p through its fp32 master copy;
-// SR rounds a bf16 p stochastically. by_layout() lists the instantiations.
-template <DType P, DType G, DType S, bool MASTER, bool SR, bool AMSGRAD>
-void adamw_pass(const StepArgs& a) {
-  using M = math_t<P>;
+// The pass of every rule (csrc/include/fusedwd/rule.h): over the storage layout L
+// (precision.h: p and g stored as L::P, the states as L::S; the math in Rule::M,
+// fp32 for 16-bit storage; L::MASTER reads and writes p through its fp32 master
+// copy, L::SR rounds a bf16 p stochastically) and the rule's Rule<D, switches...>,
+// which says which of S0..S2 it reads and writes. A state the rule does not keep
+// is never touched (its column holds 0).
+template <class L, class Rule>
+void pass(const StepArgs& a) {
+  using M = typename Rule::M;
+  using TP = storage_t<L::P>;
+  using TS = storage_t<L::S>;
+  constexpr bool kStates = Rule::kS0 || Rule::kS1 || Rule::kS2;
   const double gm = grad_mult(a);
   const uint64_t seed = a.seed;
-  for_each_slice<ADAMW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+  for_each_slice<Rule::kHpCols>(a, [gm, seed](const int64_t* row, const double* hp, double t,
                                               int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
+    TP* __restrict__ p = column_ptr<TP>(row, SEG_P);
     float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
-    storage_t<S>* __restrict__ m = column_ptr<storage_t<S>>(row, SEG_S0);
-    storage_t<S>* __restrict__ v = column_ptr<storage_t<S>>(row, SEG_S1);
-    storage_t<S>* __restrict__ vmax = column_ptr<storage_t<S>>(row, SEG_S2);
-    const AdamWScalars<M> sc = adamw_scalars<M>(hp, t, gm);
-    element_loop<staged<S>(), M>(
+    const uint32_t key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    const TP* __restrict__ g = column_ptr<const TP>(row, SEG_G);
+    TS* __restrict__ s0 = column_ptr<TS>(row, SEG_S0);
+    TS* __restrict__ s1 = column_ptr<TS>(row, SEG_S1);
+    TS* __restrict__ s2 = column_ptr<TS>(row, SEG_S2);
+    const typename Rule::Scalars sc = Rule::scalars(hp, t, gm);
+    element_loop<staged<L::S>() && kStates, M>(
         lo, hi,
-        [&](int64_t i, M& pi, M& mi, M& vi, M& vmaxi) {
-          pi = load_param<P, MASTER>(p, master, i);
-          mi = load<S>(m, i);
-          vi = load<S>(v, i);
-          // S2 is 0 without amsgrad: never touched
-          vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
-          adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
+        [&](int64_t i, M& pi, M& x0, M& x1, M& x2) {
+          pi = load_param<L::P, L::MASTER>(p, master, i);
+          x0 = Rule::kS0 ? load<L::S>(s0, i) : M(0);
+          x1 = Rule::kS1 ? load<L::S>(s1, i) : M(0);
+          x2 = Rule::kS2 ? load<L::S>(s2, i) : M(0);
+          Rule::update(pi, load<L::P>(g, i), x0, x1, x2, sc);
         },
-        [&](int64_t i, const M& pi, const M& mi, const M& vi, const M& vmaxi) {
-          store_param<P, MASTER, SR>(p, master, i, pi, key);
-          store<S>(m, i, mi);
-          store<S>(v, i, vi);
-          if (AMSGRAD) store<S>(vmax, i, vmaxi);
-        });
-  });
-}
-
-template <DType P, DType G, DType S, bool MASTER, bool SR, bool HAS_MOMENTUM, bool NESTEROV>
-void sgdw_pass(const StepArgs& a) {
-  using M = math_t<P>;
-  const double gm = grad_mult(a);
-  const uint64_t seed = a.seed;
-  for_each_slice<SGDW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
-                                             int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
-    storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S0);
-    const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t, gm);
-    element_loop<staged<S>() && HAS_MOMENTUM, M>(
-        lo, hi,
-        [&](int64_t i, M& pi, M& bi, M&, M&) {
-          pi = load_param<P, MASTER>(p, master, i);
-          // S0 is 0 without momentum: never touched
-          bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
-          sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
-        },
-        [&](int64_t i, const M& pi, const M& bi, const M&, const M&) {
-          store_param<P, MASTER, SR>(p, master, i, pi, key);
-          if (HAS_MOMENTUM) store<S>(buf, i, bi);
-        });
-  });
-}
-
-template <DType P, DType G, DType S, bool MASTER, bool SR, bool CENTERED, bool HAS_MOMENTUM>
-void rmspropw_pass(const StepArgs& a) {
-  using M = math_t<P>;
-  const double gm = grad_mult(a);
-  const uint64_t seed = a.seed;
-  for_each_slice<RMSPROPW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
-                                                 int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
-    storage_t<S>* __restrict__ sq = column_ptr<storage_t<S>>(row, SEG_S0);
-    storage_t<S>* __restrict__ ga = column_ptr<storage_t<S>>(row, SEG_S1);
-    storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S2);
-    const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t, gm);
-    element_loop<staged<S>(), M>(
-        lo, hi,
-        [&](int64_t i, M& pi, M& sqi, M& gai, M& bi) {
-          pi = load_param<P, MASTER>(p, master, i);
-          sqi = load<S>(sq, i);
-          // S1 / S2 are 0 when not centered / without momentum: never touched
-          gai = CENTERED ? load<S>(ga, i) : M(0);
-          bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
-          rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
-        },
-        [&](int64_t i, const M& pi, const M& sqi, const M& gai, const M& bi) {
-          store_param<P, MASTER, SR>(p, master, i, pi, key);
-          store<S>(sq, i, sqi);
-          if (CENTERED) store<S>(ga, i, gai);
-          if (HAS_MOMENTUM) store<S>(buf, i, bi);
+        [&](int64_t i, const M& pi, const M& x0, const M& x1, const M& x2) {
+          store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+          if (Rule::kS0) store<L::S>(s0, i, x0);
+          if (Rule::kS1) store<L::S>(s1, i, x1);
+          if (Rule::kS2) store<L::S>(s2, i, x2);
         });
   });
 }
@@ -231,262 +172,75 @@ inline void block_range(int64_t b, int64_t n, int64_t& e0, int64_t& e1) {
   e1 = min_i64(e0 + kQuantBlock, n);
 }
 
-template <DType P, bool MASTER, bool SR, bool AMSGRAD>
-void adamw_q8_pass(const StepArgs& a) {
-  using M = math_t<P>;
+// The 8-bit pass of every rule: as pass(), with uint8 codes and their block absmax
+// (SEG_A0..SEG_A2) in place of L::S states; each state's code is signed or not as
+// the rule says (Rule::kSigned0..2).
+template <class L, class Rule>
+void q8_pass(const StepArgs& a) {
+  using M = typename Rule::M;
+  using TP = storage_t<L::P>;
   static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
   const double gm = grad_mult(a);
   const uint64_t seed = a.seed;
-  for_each_slice<ADAMW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
+  for_each_slice<Rule::kHpCols>(a, [gm, seed](const int64_t* row, const double* hp, double t,
                                               int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    const storage_t<P>* __restrict__ g = column_ptr<const storage_t<P>>(row, SEG_G);
+    TP* __restrict__ p = column_ptr<TP>(row, SEG_P);
+    const TP* __restrict__ g = column_ptr<const TP>(row, SEG_G);
     float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    uint8_t* __restrict__ m = column_ptr<uint8_t>(row, SEG_S0);
-    uint8_t* __restrict__ v = column_ptr<uint8_t>(row, SEG_S1);
-    uint8_t* __restrict__ vmax = column_ptr<uint8_t>(row, SEG_S2);
-    float* __restrict__ am = column_ptr<float>(row, SEG_A0);
-    float* __restrict__ av = column_ptr<float>(row, SEG_A1);
-    float* __restrict__ avmax = column_ptr<float>(row, SEG_A2);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const AdamWScalars<M> sc = adamw_scalars<M>(hp, t, gm);
-    alignas(64) float mb[kQuantBlock], vb[kQuantBlock], vmb[kQuantBlock];
+    uint8_t* __restrict__ c0 = column_ptr<uint8_t>(row, SEG_S0);
+    uint8_t* __restrict__ c1 = column_ptr<uint8_t>(row, SEG_S1);
+    uint8_t* __restrict__ c2 = column_ptr<uint8_t>(row, SEG_S2);
+    float* __restrict__ a0 = column_ptr<float>(row, SEG_A0);
+    float* __restrict__ a1 = column_ptr<float>(row, SEG_A1);
+    float* __restrict__ a2 = column_ptr<float>(row, SEG_A2);
+    const uint32_t key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+    const typename Rule::Scalars sc = Rule::scalars(hp, t, gm);
+    alignas(64) float b0[kQuantBlock], b1[kQuantBlock], b2[kQuantBlock];
     for (int64_t b = lo; b < hi; ++b) {
       int64_t e0, e1;
       block_range(b, row[SEG_N], e0, e1);
-      const float am_old = am[b], av_old = av[b], avmax_old = AMSGRAD ? avmax[b] : 0.0f;
+      const float a0_old = Rule::kS0 ? a0[b] : 0.0f;
+      const float a1_old = Rule::kS1 ? a1[b] : 0.0f;
+      const float a2_old = Rule::kS2 ? a2[b] : 0.0f;
 #pragma omp simd
       for (int64_t i = e0; i < e1; ++i) {
-        M pi = load_param<P, MASTER>(p, master, i);
-        M mi = q_decode(m[i], am_old, true);
-        M vi = q_decode(v[i], av_old, false);
-        M vmaxi = AMSGRAD ? q_decode(vmax[i], avmax_old, false) : M(0);
-        adamw_update<AMSGRAD, M>(pi, load<P>(g, i), mi, vi, vmaxi, sc);
-        store_param<P, MASTER, SR>(p, master, i, pi, key);
-        mb[i - e0] = mi;
-        vb[i - e0] = vi;
-        vmb[i - e0] = vmaxi;
+        M pi = load_param<L::P, L::MASTER>(p, master, i);
+        M x0 = Rule::kS0 ? q_decode(c0[i], a0_old, Rule::kSigned0) : M(0);
+        M x1 = Rule::kS1 ? q_decode(c1[i], a1_old, Rule::kSigned1) : M(0);
+        M x2 = Rule::kS2 ? q_decode(c2[i], a2_old, Rule::kSigned2) : M(0);
+        Rule::update(pi, load<L::P>(g, i), x0, x1, x2, sc);
+        store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+        b0[i - e0] = x0;
+        b1[i - e0] = x1;
+        b2[i - e0] = x2;
       }
-      q_encode_block<true>(mb, e1 - e0, m + e0, am + b);
-      q_encode_block<false>(vb, e1 - e0, v + e0, av + b);
-      if (AMSGRAD) q_encode_block<false>(vmb, e1 - e0, vmax + e0, avmax + b);
+      if (Rule::kS0) q_encode_block<Rule::kSigned0>(b0, e1 - e0, c0 + e0, a0 + b);
+      if (Rule::kS1) q_encode_block<Rule::kSigned1>(b1, e1 - e0, c1 + e0, a1 + b);
+      if (Rule::kS2) q_encode_block<Rule::kSigned2>(b2, e1 - e0, c2 + e0, a2 + b);
     }
   });
 }
 
-template <DType P, bool MASTER, bool SR, bool HAS_MOMENTUM, bool NESTEROV>
-void sgdw_q8_pass(const StepArgs& a) {
-  using M = math_t<P>;
-  static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
-  const double gm = grad_mult(a);
-  const uint64_t seed = a.seed;
-  for_each_slice<SGDW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
-                                             int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    const storage_t<P>* __restrict__ g = column_ptr<const storage_t<P>>(row, SEG_G);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    uint8_t* __restrict__ buf = column_ptr<uint8_t>(row, SEG_S0);
-    float* __restrict__ abuf = column_ptr<float>(row, SEG_A0);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t, gm);
-    alignas(64) float bb[kQuantBlock];
-    for (int64_t b = lo; b < hi; ++b) {
-      int64_t e0, e1;
-      block_range(b, row[SEG_N], e0, e1);
-      const float abuf_old = HAS_MOMENTUM ? abuf[b] : 0.0f;
-#pragma omp simd
-      for (int64_t i = e0; i < e1; ++i) {
-        M pi = load_param<P, MASTER>(p, master, i);
-        M bi = HAS_MOMENTUM ? q_decode(buf[i], abuf_old, true) : M(0);
-        sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<P>(g, i), bi, sc);
-        store_param<P, MASTER, SR>(p, master, i, pi, key);
-        bb[i - e0] = bi;
-      }
-      if (HAS_MOMENTUM) q_encode_block<true>(bb, e1 - e0, buf + e0, abuf + b);
-    }
-  });
-}
-
-template <DType P, bool MASTER, bool SR, bool CENTERED, bool HAS_MOMENTUM>
-void rmspropw_q8_pass(const StepArgs& a) {
-  using M = math_t<P>;
-  static_assert(sizeof(M) == 4, "8-bit states compute in fp32");
-  const double gm = grad_mult(a);
-  const uint64_t seed = a.seed;
-  for_each_slice<RMSPROPW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
-                                                 int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    const storage_t<P>* __restrict__ g = column_ptr<const storage_t<P>>(row, SEG_G);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    uint8_t* __restrict__ sq = column_ptr<uint8_t>(row, SEG_S0);
-    uint8_t* __restrict__ ga = column_ptr<uint8_t>(row, SEG_S1);
-    uint8_t* __restrict__ buf = column_ptr<uint8_t>(row, SEG_S2);
-    float* __restrict__ asq = column_ptr<float>(row, SEG_A0);
-    float* __restrict__ aga = column_ptr<float>(row, SEG_A1);
-    float* __restrict__ abuf = column_ptr<float>(row, SEG_A2);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t, gm);
-    alignas(64) float sqb[kQuantBlock], gab[kQuantBlock], bb[kQuantBlock];
-    for (int64_t b = lo; b < hi; ++b) {
-      int64_t e0, e1;
-      block_range(b, row[SEG_N], e0, e1);
-      const float asq_old = asq[b];
-      const float aga_old = CENTERED ? aga[b] : 0.0f;
-      const float abuf_old = HAS_MOMENTUM ? abuf[b] : 0.0f;
-#pragma omp simd
-      for (int64_t i = e0; i < e1; ++i) {
-        M pi = load_param<P, MASTER>(p, master, i);
-        M sqi = q_decode(sq[i], asq_old, false);
-        M gai = CENTERED ? q_decode(ga[i], aga_old, true) : M(0);
-        M bi = HAS_MOMENTUM ? q_decode(buf[i], abuf_old, true) : M(0);
-        rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<P>(g, i), sqi, gai, bi, sc);
-        store_param<P, MASTER, SR>(p, master, i, pi, key);
-        sqb[i - e0] = sqi;
-        gab[i - e0] = gai;
-        bb[i - e0] = bi;
-      }
-      q_encode_block<false>(sqb, e1 - e0, sq + e0, asq + b);
-      if (CENTERED) q_encode_block<true>(gab, e1 - e0, ga + e0, aga + b);
-      if (HAS_MOMENTUM) q_encode_block<true>(bb, e1 - e0, buf + e0, abuf + b);
-    }
-  });
-}
-
-// 8-bit layouts (the bindings validated them): fp32 p; 16-bit p with an fp32
-// master; bf16 p rounded stochastically; 16-bit p rounded to nearest.
-template <template <DType, bool, bool> class Pass>
-void by_q8_layout(const StepArgs& a) {
-  using D = DType;
-  const D p = static_cast<D>(a.dtype);
-  if (p == D::F32) return Pass<D::F32, false, false>::run(a);
-  if (a.master) {
-    if (p == D::BF16) return Pass<D::BF16, true, false>::run(a);
-    return Pass<D::F16, true, false>::run(a);
-  }
-  if (a.stochastic) return Pass<D::BF16, false, true>::run(a);
-  if (p == D::BF16) return Pass<D::BF16, false, false>::run(a);
-  return Pass<D::F16, false, false>::run(a);
-}
-
-// Runtime storage layout -> template; the bindings validated it
-// (fusedwd/_spec.py KERNEL_LAYOUTS lists the same combinations).
-template <template <DType, DType, bool, bool> class Pass>
-void by_layout(const StepArgs& a) {
-  using D = DType;
-  const D p = static_cast<D>(a.dtype);
-  const D s = static_cast<D>(a.state_dtype);
-  if (a.master) {  // 16-bit p, fp32 master, fp32 / bf16 / fp16 states
-    if (p == D::BF16) {
-      if (s == D::F32) return Pass<D::BF16, D::F32, true, false>::run(a);
-      if (s == D::BF16) return Pass<D::BF16, D::BF16, true, false>::run(a);
-      return Pass<D::BF16, D::F16, true, false>::run(a);
-    }
-    if (s == D::F32) return Pass<D::F16, D::F32, true, false>::run(a);
-    if (s == D::BF16) return Pass<D::F16, D::BF16, true, false>::run(a);
-    return Pass<D::F16, D::F16, true, false>::run(a);
-  }
-  if (a.stochastic) {  // bf16 p rounded stochastically, bf16 or fp32 states
-    if (s == D::F32) return Pass<D::BF16, D::F32, false, true>::run(a);
-    return Pass<D::BF16, D::BF16, false, true>::run(a);
-  }
-  if (p == s) {
-    switch (p) {
-      case D::F32: return Pass<D::F32, D::F32, false, false>::run(a);
-      case D::F16: return Pass<D::F16, D::F16, false, false>::run(a);
-      case D::BF16: return Pass<D::BF16, D::BF16, false, false>::run(a);
-      case D::F64: return Pass<D::F64, D::F64, false, false>::run(a);
-    }
-  }
-  if (p == D::F32) {  // fp32 p, 16-bit states
-    if (s == D::BF16) return Pass<D::F32, D::BF16, false, false>::run(a);
-    return Pass<D::F32, D::F16, false, false>::run(a);
-  }
-  // 16-bit p, fp32 states
-  if (p == D::BF16) return Pass<D::BF16, D::F32, false, false>::run(a);
-  return Pass<D::F16, D::F32, false, false>::run(a);
-}
-
-template <bool AMSGRAD>
-struct AdamW {
-  template <DType P, DType S, bool MASTER, bool SR>
-  struct Pass {
-    static void run(const StepArgs& a) { adamw_pass<P, P, S, MASTER, SR, AMSGRAD>(a); }
-  };
-  template <DType P, bool MASTER, bool SR>
-  struct Q8 {
-    static void run(const StepArgs& a) { adamw_q8_pass<P, MASTER, SR, AMSGRAD>(a); }
-  };
-};
-
-template <bool HAS_MOMENTUM, bool NESTEROV>
-struct Sgdw {
-  template <DType P, DType S, bool MASTER, bool SR>
-  struct Pass {
-    static void run(const StepArgs& a) { sgdw_pass<P, P, S, MASTER, SR, HAS_MOMENTUM, NESTEROV>(a); }
-  };
-  template <DType P, bool MASTER, bool SR>
-  struct Q8 {
-    static void run(const StepArgs& a) { sgdw_q8_pass<P, MASTER, SR, HAS_MOMENTUM, NESTEROV>(a); }
-  };
-};
-
-template <bool CENTERED, bool HAS_MOMENTUM>
-struct Rmspropw {
-  template <DType P, DType S, bool MASTER, bool SR>
-  struct Pass {
-    static void run(const StepArgs& a) {
-      rmspropw_pass<P, P, S, MASTER, SR, CENTERED, HAS_MOMENTUM>(a);
-    }
-  };
-  template <DType P, bool MASTER, bool SR>
-  struct Q8 {
-    static void run(const StepArgs& a) { rmspropw_q8_pass<P, MASTER, SR, CENTERED, HAS_MOMENTUM>(a); }
-  };
-};
-
-// A rule's pass for the step's storage: 8-bit states or not.
-template <class Rule>
-void dispatch(const StepArgs& a) {
+// One step of the rule R: its switch bits and the step's storage (validated by the
+// bindings: precision.h check_layout / check_q8_layout) -> the pass instantiated for them.
+template <class R>
+void run(const StepArgs& a, unsigned switches) {
   if (a.quantized) {
-    by_q8_layout<Rule::template Q8>(a);
+    with_q8_layout(a.dtype, a.master, a.stochastic, [&](auto layout) {
+      using L = decltype(layout);
+      R::template with_switches<L::P>(switches, [&](auto rule) { q8_pass<L, decltype(rule)>(a); });
+    });
   } else {
-    by_layout<Rule::template Pass>(a);
+    with_layout(a.dtype, a.state_dtype, a.master, a.stochastic, [&](auto layout) {
+      using L = decltype(layout);
+      R::template with_switches<L::P>(switches, [&](auto rule) { pass<L, decltype(rule)>(a); });
+    });
   }
 }
 
-inline void adamw(const StepArgs& a, bool amsgrad) {
-  if (amsgrad) {
-    dispatch<AdamW<true>>(a);
-  } else {
-    dispatch<AdamW<false>>(a);
-  }
-}
-
-inline void sgdw(const StepArgs& a, bool has_momentum, bool nesterov) {
-  if (!has_momentum) {
-    // nesterov needs momentum (validated in Python): without it d = g either way
-    dispatch<Sgdw<false, false>>(a);
-  } else if (nesterov) {
-    dispatch<Sgdw<true, true>>(a);
-  } else {
-    dispatch<Sgdw<true, false>>(a);
-  }
-}
-
-inline void rmspropw(const StepArgs& a, bool centered, bool has_momentum) {
-  if (centered) {
-    if (has_momentum) {
-      dispatch<Rmspropw<true, true>>(a);
-    } else {
-      dispatch<Rmspropw<true, false>>(a);
-    }
-  } else {
-    if (has_momentum) {
-      dispatch<Rmspropw<false, true>>(a);
-    } else {
-      dispatch<Rmspropw<false, false>>(a);
-    }
-  }
+// The kernel table's entry: one step of the rule with this id (rules.h; the bindings checked it).
+inline void step(int rule, const StepArgs& a, unsigned switches) {
+  with_rule(rule, [&](auto r) { run<decltype(r)>(a, switches); });
 }
 
 // The sum of squares of every gradient of the table (max_grad_norm's one read
@@ -603,7 +357,7 @@ FUSEDWD_NS_END
   namespace cpu {                                                                     \
   extern const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels);                          \
   const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels) = {                              \
-      FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::adamw, &cpu_loops::sgdw,               \
-      &cpu_loops::rmspropw, &cpu_loops::traffic, &cpu_loops::sumsq};                \
+      FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::step, &cpu_loops::traffic,             \
+      &cpu_loops::sumsq};                                                            \
   }                                                                                   \
   }

@@ -87,11 +87,12 @@ struct Precision {
   bool quantized;   // 8-bit blockwise states (quant.h); state_dtype is then ignored
 };
 
-// Runs one rule's launch with the GIL released; a CUDA error becomes RuntimeError.
-template <typename Launch>
-void run_step(const char* name, uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype,
-              uintptr_t arrivals, uintptr_t stream, int64_t blocks, const Precision& pr,
-              Launch launch) {
+// One step of a rule, launched with the GIL released; a CUDA error becomes RuntimeError.
+void step(const std::string& name, uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype,
+          const std::vector<bool>& switches, uintptr_t arrivals, uintptr_t stream, int64_t blocks,
+          const Precision& pr) {
+  const RuleInfo rule = find_rule(name);
+  const unsigned bits = switch_bits(rule, name, switches);
   check_step_args(table, nseg, hyper, dtype, arrivals, blocks);
   const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
   if (pr.quantized) {
@@ -117,9 +118,9 @@ void run_step(const char* name, uintptr_t table, int64_t nseg, uintptr_t hyper, 
                                 reinterpret_cast<unsigned int*>(arrivals),
                                 blocks,
                                 reinterpret_cast<cudaStream_t>(stream)};
-    err = launch(args);
+    err = cuda::step(rule.id, args, bits);
   }
-  check(std::string("fusedwd._C_cuda.") + name, err);
+  check("fusedwd._C_cuda.step(" + name + ")", err);
 }
 
 // The chunks block `block` of `grid` updates, walked exactly as the kernel walks
@@ -208,59 +209,29 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("CUDART_VERSION") = CUDART_VERSION;
 
   m.def(
-      "adamw_step",
-      [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool amsgrad,
-         uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype, bool master,
-         bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
-        run_step("adamw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
-                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
-                 [=](const cuda::LaunchArgs& a) { return cuda::adamw(a, amsgrad); });
+      "step",
+      [](const std::string& rule, uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype,
+         const std::vector<bool>& switches, uintptr_t arrivals, uintptr_t stream, int64_t blocks,
+         int state_dtype, bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed,
+         bool quantized) {
+        step(rule, table, nseg, hyper, dtype, switches, arrivals, stream, blocks,
+             {state_dtype, master, stochastic_rounding, ctl, seed, quantized});
       },
-      py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("amsgrad"),
-      py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0, py::kw_only(),
-      py::arg("state_dtype") = -1, py::arg("master") = false,
-      py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
-      py::arg("quantized") = false,
-      "One AdamW step over nseg segments, queued on `stream` (a cudaStream_t handle).\n"
-      "table, hyper: device addresses of the int64 segment table and the float64 hyper\n"
-      "table; arrivals: device address of one zero uint32 the launch uses and leaves\n"
-      "zero (one per concurrently running launch); blocks: grid size, 0 for the\n"
-      "persistent grid. Advances every segment's step count by one.\n"
-      "state_dtype (-1: dtype), master (fp32 master copies at SEG_MASTER), stochastic_rounding\n"
-      "(bf16 params), ctl (device address of the float32 control block: 1/grad_scale,\n"
-      "found_inf, clip coefficient; a nonzero found_inf skips the step, step counts\n"
-      "included), seed and quantized (8-bit blockwise states: S0..S2 hold uint8 codes,\n"
-      "SEG_A0..SEG_A2 fp32 absmax), as fusedwd._C.adamw_step.");
-  m.def(
-      "sgdw_step",
-      [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool has_momentum,
-         bool nesterov, uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype,
-         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
-        run_step("sgdw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
-                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
-                 [=](const cuda::LaunchArgs& a) { return cuda::sgdw(a, has_momentum, nesterov); });
-      },
-      py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
-      py::arg("has_momentum"), py::arg("nesterov"), py::arg("arrivals"), py::arg("stream"),
-      py::arg("blocks") = 0, py::kw_only(), py::arg("state_dtype") = -1,
-      py::arg("master") = false, py::arg("stochastic_rounding") = false, py::arg("ctl") = 0,
-      py::arg("seed") = 0, py::arg("quantized") = false,
-      "One SGDW step over nseg segments (arguments as adamw_step).");
-  m.def(
-      "rmspropw_step",
-      [](uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype, bool centered,
-         bool has_momentum, uintptr_t arrivals, uintptr_t stream, int64_t blocks, int state_dtype,
-         bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
-        run_step("rmspropw_step", table, nseg, hyper, dtype, arrivals, stream, blocks,
-                 {state_dtype, master, stochastic_rounding, ctl, seed, quantized},
-                 [=](const cuda::LaunchArgs& a) { return cuda::rmspropw(a, centered, has_momentum); });
-      },
-      py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"), py::arg("centered"),
-      py::arg("has_momentum"), py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0,
+      py::arg("rule"), py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
+      py::arg("switches"), py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0,
       py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
       py::arg("quantized") = false,
-      "One RMSpropW step over nseg segments (arguments as adamw_step).");
+      "One step of `rule` (a name of RULES) over nseg segments, queued on `stream` (a\n"
+      "cudaStream_t handle). table, hyper: device addresses of the int64 segment table and the\n"
+      "float64 hyper table; switches: one bool per switch of the rule; arrivals: device address\n"
+      "of one zero uint32 the launch uses and leaves zero (one per concurrently running\n"
+      "launch); blocks: grid size, 0 for the persistent grid. Advances every segment's step\n"
+      "count by one. state_dtype (-1: dtype), master (fp32 master copies at SEG_MASTER),\n"
+      "stochastic_rounding (bf16 params), ctl (device address of the float32 control block:\n"
+      "1/grad_scale, found_inf, clip coefficient; a nonzero found_inf skips the step, step\n"
+      "counts included), seed and quantized (8-bit blockwise states: S0..S2 hold uint8 codes,\n"
+      "SEG_A0..SEG_A2 fp32 absmax), as fusedwd._C.step.");
 
   m.def(
       "device_count", [] { return query_devices().first; },

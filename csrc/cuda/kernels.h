@@ -1,11 +1,13 @@
 // The interface between the pybind11 bindings (compiled by the host compiler)
 // and the CUDA kernels (compiled by nvcc, one translation unit per rule).
-// Plain types only.
+// Plain types only, and one entry point per rule of csrc/include/fusedwd/rules.h.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+
+#include "fusedwd/rules.h"
 
 namespace fusedwd {
 namespace cuda {
@@ -26,12 +28,23 @@ struct LaunchArgs {
   cudaStream_t stream;
 };
 
-// One launch over every segment; returns the launch's error (cudaSuccess when
-// queued). Callers validated the layout (precision.h check_layout, or check_q8_layout
-// for 8-bit states) and the addresses.
-cudaError_t adamw(const LaunchArgs& a, bool amsgrad);
-cudaError_t sgdw(const LaunchArgs& a, bool has_momentum, bool nesterov);
-cudaError_t rmspropw(const LaunchArgs& a, bool centered, bool has_momentum);
+// step_<Rule>: one launch of the rule over every segment, its switches as bits (bit k:
+// switch k); returns the launch's error (cudaSuccess when queued). Callers validated the
+// layout (precision.h check_layout, or check_q8_layout for 8-bit states) and the
+// addresses. Defined by csrc/cuda/<rule>.cu (launch.cuh FUSEDWD_CUDA_RULE).
+#define FUSEDWD_DECLARE_STEP(R) cudaError_t step_##R(const LaunchArgs& a, unsigned switches);
+FUSEDWD_RULES(FUSEDWD_DECLARE_STEP)
+#undef FUSEDWD_DECLARE_STEP
+
+// One launch of the rule with this id (rules.h).
+inline cudaError_t step(int rule, const LaunchArgs& a, unsigned switches) {
+  cudaError_t err = cudaErrorInvalidValue;
+#define FUSEDWD_STEP_CASE(R) \
+  if (rule == static_cast<int>(RuleId::R)) err = step_##R(a, switches);
+  FUSEDWD_RULES(FUSEDWD_STEP_CASE)
+#undef FUSEDWD_STEP_CASE
+  return err;
+}
 
 }  // namespace cuda
 }  // namespace fusedwd

@@ -1,5 +1,6 @@
 // The host side of a launch: grid size, device, error. Included by each
-// rule's translation unit (adamw.cu, sgdw.cu, rmspropw.cu).
+// rule's translation unit (csrc/cuda/<rule>.cu), which instantiates it with
+// FUSEDWD_CUDA_RULE.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -64,21 +65,33 @@ cudaError_t launch(const cuda::LaunchArgs& a) {
   return err;
 }
 
-// Runtime storage layout -> template (precision.h lists the layouts, and
-// q8_layout_supported those of 8-bit states; the bindings validated this one).
-template <template <DType> class RuleOf>
-cudaError_t by_layout(const cuda::LaunchArgs& a) {
+// One step of rule R: the step's storage (precision.h lists the layouts, and
+// q8_layout_supported those of 8-bit states; the bindings validated this one) and
+// the rule's switch bits -> the kernel instantiated for them.
+template <class R>
+cudaError_t launch_rule(const cuda::LaunchArgs& a, unsigned switches) {
   if (a.quantized) {
     return with_q8_layout(a.dtype, a.master, a.stochastic, [&](auto layout) {
       using L = decltype(layout);
-      return launch<L, RuleOf<L::P>, true>(a);
+      return R::template with_switches<L::P>(switches, [&](auto rule) { return launch<L, decltype(rule), true>(a); });
     });
   }
   return with_layout(a.dtype, a.state_dtype, a.master, a.stochastic, [&](auto layout) {
     using L = decltype(layout);
-    return launch<L, RuleOf<L::P>, false>(a);
+    return R::template with_switches<L::P>(switches, [&](auto rule) { return launch<L, decltype(rule), false>(a); });
   });
 }
 
 }  // namespace cuda_kernels
 FUSEDWD_NS_END
+
+// The body of csrc/cuda/<rule>.cu: rule R's kernels (every storage layout and switch
+// combination) and the entry point kernels.h declares for it.
+#define FUSEDWD_CUDA_RULE(R)                                                  \
+  namespace fusedwd {                                                         \
+  namespace cuda {                                                            \
+  cudaError_t step_##R(const LaunchArgs& a, unsigned switches) {              \
+    return cuda_kernels::launch_rule<R>(a, switches);                         \
+  }                                                                           \
+  }                                                                           \
+  }

@@ -1,7 +1,8 @@
 // The CUDA step kernel shared by every rule: one persistent grid-stride launch
 // per bucket per step over the int64 segment table and the float64 hyper table
 // the CPU kernel reads (docs/design.md), the element math from the shared
-// __host__ __device__ helpers of csrc/include/fusedwd/<rule>.h.
+// __host__ __device__ helpers of csrc/include/fusedwd/<rule>.h: Segment<L, Rule>
+// runs any Rule<D, switches...> of csrc/include/fusedwd/rule.h.
 //
 // Geometry (csrc/include/fusedwd/launch.h): the grid is sized from the SM
 // count, not from the work, and each block walks the table in tiles of
@@ -49,15 +50,13 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "fusedwd/adamw.h"
 #include "fusedwd/common.h"
 #include "fusedwd/launch.h"
 #include "fusedwd/layout.h"
 #include "fusedwd/partition.h"
 #include "fusedwd/precision.h"
 #include "fusedwd/quant.h"
-#include "fusedwd/rmspropw.h"
-#include "fusedwd/sgdw.h"
+#include "fusedwd/rules.h"
 
 FUSEDWD_NS_BEGIN
 namespace cuda_kernels {
@@ -68,56 +67,6 @@ constexpr int kWarps = kCudaThreads / 32;
 constexpr int kQ8Blocks = 2;
 constexpr int64_t kQ8Chunk = kQ8Blocks * kQuantBlock;
 static_assert(kQuantBlock == kCudaThreads, "a thread updates one element of each quant block");
-
-// Each rule as the kernel sees it: its hyper width, which of S0, S1, S2 it
-// reads and writes, and its two shared helpers. D is the parameters' dtype,
-// whose math type the rule computes in.
-template <DType D, bool AMSGRAD>
-struct AdamWRule {
-  using M = math_t<D>;
-  using Scalars = AdamWScalars<M>;
-  static constexpr int kHpCols = ADAMW_HP_COLS;
-  static constexpr bool kS0 = true, kS1 = true, kS2 = AMSGRAD;
-  // 8-bit codes: exp_avg signed, exp_avg_sq and max_exp_avg_sq unsigned
-  static constexpr bool kSigned0 = true, kSigned1 = false, kSigned2 = false;
-  __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
-    return adamw_scalars<M>(hp, t, grad_mult);
-  }
-  __device__ static void update(M& p, M g, M& s0, M& s1, M& s2, const Scalars& s) {
-    adamw_update<AMSGRAD>(p, g, s0, s1, s2, s);
-  }
-};
-
-template <DType D, bool HAS_MOMENTUM, bool NESTEROV>
-struct SgdwRule {
-  using M = math_t<D>;
-  using Scalars = SgdwScalars<M>;
-  static constexpr int kHpCols = SGDW_HP_COLS;
-  static constexpr bool kS0 = HAS_MOMENTUM, kS1 = false, kS2 = false;
-  static constexpr bool kSigned0 = true, kSigned1 = true, kSigned2 = true;  // momentum_buffer signed
-  __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
-    return sgdw_scalars<M>(hp, t, grad_mult);
-  }
-  __device__ static void update(M& p, M g, M& s0, M&, M&, const Scalars& s) {
-    sgdw_update<HAS_MOMENTUM, NESTEROV>(p, g, s0, s);
-  }
-};
-
-template <DType D, bool CENTERED, bool HAS_MOMENTUM>
-struct RmspropwRule {
-  using M = math_t<D>;
-  using Scalars = RmspropwScalars<M>;
-  static constexpr int kHpCols = RMSPROPW_HP_COLS;
-  static constexpr bool kS0 = true, kS1 = CENTERED, kS2 = HAS_MOMENTUM;
-  // square_avg unsigned, grad_avg and momentum_buffer signed
-  static constexpr bool kSigned0 = false, kSigned1 = true, kSigned2 = true;
-  __device__ static Scalars scalars(const double* hp, double t, double grad_mult) {
-    return rmspropw_scalars<M>(hp, t, grad_mult);
-  }
-  __device__ static void update(M& p, M g, M& s0, M& s1, M& s2, const Scalars& s) {
-    rmspropw_update<CENTERED, HAS_MOMENTUM>(p, g, s0, s1, s2, s);
-  }
-};
 
 template <typename T>
 __device__ inline T* column(const int64_t* row, int col) {
@@ -530,23 +479,6 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
     }
     if (tid == 0) *arrivals = 0u;
   }
-}
-
-// Runtime 8-bit layout -> f(Layout<P, P, MASTER, SR>{}) (the CPU loops' by_q8_layout), for
-// a layout check_q8_layout accepted: fp32 p; 16-bit p with an fp32 master; bf16 p rounded
-// stochastically; 16-bit p rounded to nearest. S is unused by Q8Segment.
-template <typename F>
-decltype(auto) with_q8_layout(int dtype, bool master, bool stochastic, F&& f) {
-  using D = DType;
-  const D p = static_cast<D>(dtype);
-  if (p == D::F32) return f(Layout<D::F32, D::F32, false, false>{});
-  if (master) {
-    if (p == D::BF16) return f(Layout<D::BF16, D::BF16, true, false>{});
-    return f(Layout<D::F16, D::F16, true, false>{});
-  }
-  if (stochastic) return f(Layout<D::BF16, D::BF16, false, true>{});
-  if (p == D::BF16) return f(Layout<D::BF16, D::BF16, false, false>{});
-  return f(Layout<D::F16, D::F16, false, false>{});
 }
 
 }  // namespace cuda_kernels

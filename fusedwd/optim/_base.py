@@ -555,9 +555,8 @@ class FusedOptimizer(Optimizer):
             precision = self._precision(bucket, ctl, DTYPE_CODES.__getitem__)
             if "ctl" in precision:
                 precision["ctl"] = precision["ctl"].data_ptr()  # a CPU tensor, alive as ctl
-            getattr(_ext.cpu(), self.RULE.name + "_step")(bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
-                                                          DTYPE_CODES[bucket.dtype], *bucket.structure, threads,
-                                                          **precision)
+            _ext.cpu().step(self.RULE.name, bucket.table_out.data_ptr(), n_active, hyper.data_ptr(),
+                            DTYPE_CODES[bucket.dtype], bucket.structure, threads, **precision)
         for p, p_c, _ in staged:
             if p_c is not p:
                 p.copy_(p_c)

@@ -18,8 +18,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <memory>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -84,16 +86,47 @@ void launch(const int64_t* table, int64_t nseg, const double* hyper, unsigned* a
   }
 }
 
-// Two hyper rows per rule: non-default numbers, the second maximizing with coupled L2.
-std::vector<double> hyper_rows(int cols) {
-  if (cols == SGDW_HP_COLS) return {0.05, 0.9, 0.0, 0.9995, 0.0, 1.0, 0.02, 0.8, 0.0, 1.0, 0.03, -1.0};
-  if (cols == ADAMW_HP_COLS) {
-    return {3e-3, 0.8, 0.95, 1e-6, 0.9997, 0.0, 1.0, 1e-2, 0.9, 0.999, 1e-8, 1.0, 0.05, -1.0};
+// "lr, beta1" -> {"lr", "beta1"}
+std::vector<std::string> split_names(const char* names) {
+  std::vector<std::string> out;
+  std::string current;
+  for (const char* c = names; *c != '\0'; ++c) {
+    if (*c == ',') {
+      out.push_back(current);
+      current.clear();
+    } else if (*c != ' ') {
+      current += *c;
+    }
   }
-  return {1e-3, 0.9, 1e-6, 0.5, 0.9999, 0.0, 1.0, 5e-3, 0.99, 1e-8, 0.9, 1.0, 0.02, -1.0};
+  if (!current.empty()) out.push_back(current);
+  return out;
 }
 
-template <DType D, class Rule>
+// Two hyper rows of rule R: non-default numbers by column name, the second maximizing
+// with coupled L2.
+template <class R>
+std::vector<double> hyper_rows() {
+  const std::map<std::string, std::pair<double, double>> values = {
+      {"lr", {3e-3, 1e-2}},         {"beta1", {0.8, 0.9}},        {"beta2", {0.95, 0.999}},
+      {"eps", {1e-6, 1e-8}},        {"decay_mult", {0.9997, 1.0}}, {"l2", {0.0, 0.05}},
+      {"grad_sign", {1.0, -1.0}},   {"momentum", {0.9, 0.8}},      {"dampening", {0.1, 0.0}},
+      {"alpha", {0.9, 0.99}},
+  };
+  const std::vector<std::string> names = split_names(R::Col::names());
+  std::vector<double> rows(2 * names.size());
+  for (size_t c = 0; c < names.size(); ++c) {
+    const auto found = values.find(names[c]);
+    if (found == values.end()) {
+      std::printf("no test value for column '%s' of %s\n", names[c].c_str(), R::kName);
+      std::abort();
+    }
+    rows[c] = found->second.first;
+    rows[names.size() + c] = found->second.second;
+  }
+  return rows;
+}
+
+template <DType D, class R, class Rule>
 int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bool misaligned) {
   using L = Layout<D, D, false, false>;
   using T = storage_t<D>;
@@ -138,7 +171,7 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
     row[SEG_HP] = s % 2;
     row[SEG_INDEX] = s;
   }
-  const std::vector<double> hyper = hyper_rows(Rule::kHpCols);
+  const std::vector<double> hyper = hyper_rows<R>();
   unsigned arrivals = 0;
   int failures = 0;
   for (int step = 0; step < 2; ++step) {
@@ -171,28 +204,17 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
   return failures;
 }
 
-// Runtime rule and switches -> the Rule the .cu files instantiate for them.
-enum RuleCode { ADAMW = 0, SGDW = 1, RMSPROPW = 2 };
-
+// Runtime rule id (csrc/include/fusedwd/rules.h) and switch bits -> the Rule the .cu files
+// instantiate for them (launch.cuh launch_rule).
 template <class L, bool Q8>
-int launch_rule(int rule, bool a, bool b, const int64_t* table, int64_t nseg, const double* hyper,
+int launch_rule(int rule, unsigned switches, const int64_t* table, int64_t nseg, const double* hyper,
                 unsigned* arrivals, unsigned grid, const float* ctl, uint64_t seed) {
-  constexpr DType P = L::P;
-  auto go = [&](auto rule_tag) {
-    launch<L, decltype(rule_tag), Q8>(table, nseg, hyper, arrivals, grid, ctl, seed);
-    return 0;
-  };
-  switch (rule) {
-    case ADAMW:  // a: amsgrad
-      return a ? go(AdamWRule<P, true>{}) : go(AdamWRule<P, false>{});
-    case SGDW:  // a: has_momentum, b: nesterov (which needs momentum)
-      if (!a) return go(SgdwRule<P, false, false>{});
-      return b ? go(SgdwRule<P, true, true>{}) : go(SgdwRule<P, true, false>{});
-    case RMSPROPW:  // a: centered, b: has_momentum
-      if (a) return b ? go(RmspropwRule<P, true, true>{}) : go(RmspropwRule<P, true, false>{});
-      return b ? go(RmspropwRule<P, false, true>{}) : go(RmspropwRule<P, false, false>{});
-  }
-  return -1;
+  const bool known = with_rule(rule, [&](auto r) {
+    decltype(r)::template with_switches<L::P>(switches, [&](auto rule_tag) {
+      launch<L, decltype(rule_tag), Q8>(table, nseg, hyper, arrivals, grid, ctl, seed);
+    });
+  });
+  return known ? 0 : -1;
 }
 
 }  // namespace
@@ -200,7 +222,7 @@ int launch_rule(int rule, bool a, bool b, const int64_t* table, int64_t nseg, co
 // One launch over `table` (host addresses); returns 0, -1 for an unknown rule,
 // -2 for a layout the kernels do not instantiate. quantized: 8-bit states
 // (state_dtype is then ignored).
-extern "C" int fusedwd_emulated_step(int rule, int switch0, int switch1, const int64_t* table,
+extern "C" int fusedwd_emulated_step(int rule, unsigned switches, const int64_t* table,
                                      int64_t nseg, const double* hyper, int dtype,
                                      int state_dtype, int master, int stochastic,
                                      const float* ctl, uint64_t seed, unsigned grid,
@@ -209,21 +231,29 @@ extern "C" int fusedwd_emulated_step(int rule, int switch0, int switch1, const i
                 : !layout_supported(dtype, state_dtype, master, stochastic)) {
     return -2;
   }
-  if (rule < ADAMW || rule > RMSPROPW) return -1;
+  if (rule < 0 || rule >= static_cast<int>(RuleId::kCount)) return -1;
   if (nseg == 0) return 0;
   Block block;
   g_block = &block;
   const int result =
       quantized ? with_q8_layout(dtype, master != 0, stochastic != 0, [&](auto layout) {
-        return launch_rule<decltype(layout), true>(rule, switch0 != 0, switch1 != 0, table, nseg,
-                                                   hyper, arrivals, grid, ctl, seed);
+        return launch_rule<decltype(layout), true>(rule, switches, table, nseg, hyper, arrivals, grid,
+                                                   ctl, seed);
       })
                 : with_layout(dtype, state_dtype, master != 0, stochastic != 0, [&](auto layout) {
-                    return launch_rule<decltype(layout), false>(rule, switch0 != 0, switch1 != 0, table,
-                                                                nseg, hyper, arrivals, grid, ctl, seed);
+                    return launch_rule<decltype(layout), false>(rule, switches, table, nseg, hyper,
+                                                                arrivals, grid, ctl, seed);
                   });
   g_block = nullptr;
   return result;
+}
+
+template <DType D, class R>
+int check_rule(const std::string& name, unsigned bits, const std::vector<int64_t>& sizes, unsigned grid,
+               bool misaligned) {
+  return R::template with_switches<D>(bits, [&](auto rule) {
+    return check<D, R, decltype(rule)>(name.c_str(), sizes, grid, misaligned);
+  });
 }
 
 extern "C" int fusedwd_emulation_self_check() {
@@ -236,19 +266,21 @@ extern "C" int fusedwd_emulation_self_check() {
   int failures = 0;
   for (const auto& [sizes, grid] : cases) {
     for (bool misaligned : {false, true}) {
-      failures += check<DType::F32, AdamWRule<DType::F32, false>>("adamw f32", *sizes, grid, misaligned);
-      failures += check<DType::BF16, AdamWRule<DType::BF16, true>>("adamw amsgrad bf16", *sizes, grid, misaligned);
-      failures += check<DType::F16, SgdwRule<DType::F16, false, false>>("sgdw f16", *sizes, grid, misaligned);
-      failures += check<DType::F64, SgdwRule<DType::F64, true, false>>("sgdw momentum f64", *sizes, grid, misaligned);
-      failures += check<DType::F32, SgdwRule<DType::F32, true, true>>("sgdw nesterov f32", *sizes, grid, misaligned);
-      failures += check<DType::BF16, RmspropwRule<DType::BF16, false, false>>("rmspropw bf16", *sizes, grid,
-                                                                               misaligned);
-      failures += check<DType::F64, RmspropwRule<DType::F64, false, true>>("rmspropw momentum f64", *sizes, grid,
-                                                                            misaligned);
-      failures += check<DType::F16, RmspropwRule<DType::F16, true, false>>("rmspropw centered f16", *sizes, grid,
-                                                                            misaligned);
-      failures += check<DType::F32, RmspropwRule<DType::F32, true, true>>("rmspropw centered mom f32", *sizes, grid,
-                                                                           misaligned);
+      // every rule and switch combination, in a dtype that varies with them
+      for (int id = 0; id < static_cast<int>(RuleId::kCount); ++id) {
+        with_rule(id, [&](auto r) {
+          using R = decltype(r);
+          for (unsigned bits = 0; bits < (1u << split_names(R::kSwitchNames).size()); ++bits) {
+            const std::string name = std::string(R::kName) + " switches " + std::to_string(bits);
+            switch ((id + bits) % 4) {
+              case 0: failures += check_rule<DType::F32, R>(name, bits, *sizes, grid, misaligned); break;
+              case 1: failures += check_rule<DType::BF16, R>(name + " bf16", bits, *sizes, grid, misaligned); break;
+              case 2: failures += check_rule<DType::F16, R>(name + " f16", bits, *sizes, grid, misaligned); break;
+              default: failures += check_rule<DType::F64, R>(name + " f64", bits, *sizes, grid, misaligned);
+            }
+          }
+        });
+      }
     }
   }
   std::printf(failures ? "FAILED\n" : "ALL OK\n");

@@ -1,5 +1,5 @@
-// Column layout of the segment table (int64) and of the hyperparameter tables
-// (float64); docs/design.md is the contract, fusedwd/_buckets.py the writer.
+// Column layout of the segment table (int64) and the control block (float32);
+// docs/design.md is the contract, fusedwd/_buckets.py the writer.
 #pragma once
 
 #include "fusedwd/common.h"
@@ -10,9 +10,9 @@ FUSEDWD_NS_BEGIN
 enum SegCol : int {
   SEG_P = 0,      // address of the parameter's first element
   SEG_G = 1,      // address of the gradient's first element (dtype of p)
-  SEG_S0 = 2,     // state 0: AdamW exp_avg, SGDW momentum_buffer, RMSpropW square_avg
-  SEG_S1 = 3,     // state 1: AdamW exp_avg_sq, RMSpropW grad_avg, or 0
-  SEG_S2 = 4,     // state 2: AdamW max_exp_avg_sq, RMSpropW momentum_buffer, or 0
+  SEG_S0 = 2,     // the rule's state 0 (AdamW exp_avg, SGDW momentum_buffer, ...), or 0
+  SEG_S1 = 3,     // state 1 (AdamW exp_avg_sq, RMSpropW grad_avg, ...), or 0
+  SEG_S2 = 4,     // state 2 (AdamW max_exp_avg_sq, RMSpropW momentum_buffer, ...), or 0
   SEG_STEP = 5,   // address of the float32 step count (read t, use t+1, write t+1)
   SEG_N = 6,      // number of elements
   SEG_HP = 7,     // row index into the hyperparameter table
@@ -45,37 +45,7 @@ FUSEDWD_HD inline double ctl_grad_mult(const float* ctl) {
   return ctl == nullptr ? 1.0 : static_cast<double>(ctl[CTL_INV_SCALE] * ctl[CTL_CLIP]);
 }
 
-// One float64 row per param group, per rule.
-enum AdamWHp : int {
-  ADAMW_LR = 0,
-  ADAMW_BETA1 = 1,
-  ADAMW_BETA2 = 2,
-  ADAMW_EPS = 3,
-  ADAMW_DECAY_MULT = 4,
-  ADAMW_L2 = 5,
-  ADAMW_GRAD_SIGN = 6,
-  ADAMW_HP_COLS = 7,
-};
-
-enum SgdwHp : int {
-  SGDW_LR = 0,
-  SGDW_MOMENTUM = 1,
-  SGDW_DAMPENING = 2,
-  SGDW_DECAY_MULT = 3,
-  SGDW_L2 = 4,
-  SGDW_GRAD_SIGN = 5,
-  SGDW_HP_COLS = 6,
-};
-
-enum RmspropwHp : int {
-  RMSPROPW_LR = 0,
-  RMSPROPW_ALPHA = 1,
-  RMSPROPW_EPS = 2,
-  RMSPROPW_MOMENTUM = 3,
-  RMSPROPW_DECAY_MULT = 4,
-  RMSPROPW_L2 = 5,
-  RMSPROPW_GRAD_SIGN = 6,
-  RMSPROPW_HP_COLS = 7,
-};
+// The hyperparameter table: one float64 row per param group, its columns the
+// rule's (each rule header's Col, in fusedwd/rules/<rule>.py's order).
 
 FUSEDWD_NS_END

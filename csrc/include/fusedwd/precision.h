@@ -1,7 +1,8 @@
 // Storage layouts of a step: how the parameters, their fp32 master copies and
-// the states are stored. One list, for the CPU loops (csrc/cpu/loops.h
-// by_layout), the CUDA kernels (csrc/cuda/launch.cuh) and both bindings, which
-// validate a launch's layout with check_layout before dispatching on it.
+// the states are stored. One list, for the CPU loops (csrc/cpu/loops.h), the
+// CUDA kernels (csrc/cuda/launch.cuh) and both bindings, which validate a
+// launch's layout with check_layout (check_q8_layout) before dispatching on it
+// with with_layout (with_q8_layout).
 #pragma once
 
 #include <stdexcept>
@@ -52,7 +53,7 @@ inline void check_layout(int dtype, int state_dtype, bool master, bool stochasti
   }
 }
 
-// 8-bit blockwise states (quant.h; the CPU loops' by_q8_layout): fp32 p; 16-bit
+// 8-bit blockwise states (quant.h): fp32 p; 16-bit
 // p with an fp32 master; bf16 p rounded stochastically; 16-bit p rounded to nearest.
 FUSEDWD_HD constexpr bool q8_layout_supported(int dtype, bool master, bool stochastic) {
   const int F32 = static_cast<int>(DType::F32), F16 = static_cast<int>(DType::F16);
@@ -107,6 +108,23 @@ decltype(auto) with_layout(int dtype, int state_dtype, bool master, bool stochas
   // 16-bit p, fp32 states
   if (p == D::BF16) return f(Layout<D::BF16, D::F32, false, false>{});
   return f(Layout<D::F16, D::F32, false, false>{});
+}
+
+// Runtime 8-bit layout -> f(Layout<P, P, MASTER, SR>{}), for a layout check_q8_layout
+// accepted: fp32 p; 16-bit p with an fp32 master; bf16 p rounded stochastically; 16-bit p
+// rounded to nearest. The states are uint8 codes; S is unused.
+template <typename F>
+decltype(auto) with_q8_layout(int dtype, bool master, bool stochastic, F&& f) {
+  using D = DType;
+  const D p = static_cast<D>(dtype);
+  if (p == D::F32) return f(Layout<D::F32, D::F32, false, false>{});
+  if (master) {
+    if (p == D::BF16) return f(Layout<D::BF16, D::BF16, true, false>{});
+    return f(Layout<D::F16, D::F16, true, false>{});
+  }
+  if (stochastic) return f(Layout<D::BF16, D::BF16, false, true>{});
+  if (p == D::BF16) return f(Layout<D::BF16, D::BF16, false, false>{});
+  return f(Layout<D::F16, D::F16, false, false>{});
 }
 
 FUSEDWD_NS_END

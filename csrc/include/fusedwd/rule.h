@@ -1,0 +1,36 @@
+// What a rule header (csrc/include/fusedwd/<rule>.h) defines: the contract the
+// CPU loops (csrc/cpu/loops.h) and the CUDA kernel (csrc/cuda/step.cuh) are
+// written against, so that both run every rule through one generic pass.
+//
+// A rule is a struct (the "family") holding
+//
+//   kName           its name, as fusedwd/rules/<rule>.py names it ("adamw")
+//   Col             its hyperparameter columns: FUSEDWD_COLUMNS(...) below, in the
+//                   Python spec's order (Col::lr, Col::beta1, ..., Col::kCount)
+//   kSwitchNames    its structural switches, comma-separated, in the spec's order
+//   Scalars<M>      its per-segment scalars, derived in double and rounded to M
+//   Rule<D, ...>    per parameter dtype D and switch values: what a kernel runs
+//   with_switches   the switch bits (bit k: switch k) -> f(Rule<D, ...>{})
+//
+// and Rule<D, ...> holds
+//
+//   M, Scalars      the math type math_t<D> and Scalars<M>
+//   kHpCols         Col::kCount
+//   kS0, kS1, kS2   whether the rule reads and writes each state column
+//   kSigned0..2     whether each state's 8-bit code is signed (m, momentum) or not (v)
+//   scalars(hp, t, grad_mult)         the segment's Scalars from its hyper row and step t
+//   update(p, g, s0, s1, s2, scalars) one element, in place (unused states untouched)
+//
+// both FUSEDWD_HD: the same helper runs on the host and on the device.
+// csrc/include/fusedwd/rules.h lists every rule; tests/test_layout.py checks
+// each against its Python spec (columns, switches, states and their codes).
+#pragma once
+
+#include "fusedwd/common.h"
+
+// The hyperparameter columns of a rule from one list of names, in order:
+//   struct Col { FUSEDWD_COLUMNS(lr, beta1, ...) };
+// gives Col::lr == 0, Col::beta1 == 1, ..., Col::kCount and Col::names() (for the bindings).
+#define FUSEDWD_COLUMNS(...)                                        \
+  enum : int { __VA_ARGS__, kCount };                               \
+  static const char* names() { return #__VA_ARGS__; }
