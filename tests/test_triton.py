@@ -9,6 +9,7 @@ compiled, on CUDA tensors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -23,6 +24,7 @@ from fusedwd import _buckets, _ext
 from _helpers import assert_close, make_params, random_grads
 from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, SEED, LayoutBucket, assert_same_bits,
                       compare_with_cpu, control)
+import _rules
 from _rules import CONFIGS, OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS
 
 if importlib.util.find_spec("triton") is None:
@@ -40,7 +42,6 @@ DECAYS = ["decoupled", "independent", "l2"]
 # one and several blocks per segment, with a partial last block (BLOCK_SIZE is 1024)
 SHAPES = [(1,), (5, 7), (1030,)]
 
-KERNELS = {fusedwd.AdamW: "_adamw_kernel", fusedwd.SGDW: "_sgdw_kernel", fusedwd.RMSpropW: "_rmspropw_kernel"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -175,8 +176,8 @@ def test_many_tensors_in_one_launch(monkeypatch, triton_kernels):
 
 
 def _count_launches(monkeypatch, triton_kernels, cls) -> list[int]:
-    """Wrap the rule's kernel: the list receives each launch's segment count."""
-    kernel = getattr(triton_kernels._kernels, KERNELS[cls])
+    """Wrap the kernel (one for every rule): the list receives each launch's segment count."""
+    kernel = triton_kernels._kernels._step_kernel
     launches: list[int] = []
     run = kernel.run
 
@@ -227,7 +228,7 @@ def test_step_counts_advance_once_per_segment(triton_kernels):
     lr, beta1, beta2 = 0.1, 0.9, 0.99
     hyper = torch.tensor([[lr, beta1, beta2, 1e-8, 1.0, 0.0, 1.0]], dtype=torch.float64)
     before = steps.cpu().clone()
-    triton_kernels.adamw_step_triton(rows, hyper, DEVICE, torch.float32, False)
+    triton_kernels.step("adamw", rows, hyper, DEVICE, torch.float32, (False,))
     assert torch.equal(steps.cpu(), before + 1)
     # every block used the count before the step: with g = 1, m = 1-beta1 and v = 1-beta2,
     # so p = -lr/(1-beta1^t) * (1-beta1) / (sqrt(1-beta2)/sqrt(1-beta2^t) + eps)
@@ -323,11 +324,10 @@ MISALIGNED = frozenset({4})
 
 
 def _launch_bucket(triton_kernels, bucket):
-    """step(ctl, seed): the rule's launcher over the bucket's table, with its layout."""
-    launcher = getattr(triton_kernels, f"{bucket.rule}_step_triton")
+    """step(ctl, seed): the launcher over the bucket's table, with its rule and layout."""
 
     def step(ctl, seed):
-        launcher(bucket.table(), bucket.hyper, bucket.device, bucket.dtype, *bucket.switches,
+        triton_kernels.step(bucket.rule, bucket.table(), bucket.hyper, bucket.device, bucket.dtype, bucket.switches,
                  state_dtype=bucket.state_dtype, master=bucket.master, stochastic_rounding=bucket.stochastic,
                  ctl=ctl, seed=seed, quantized=bucket.quantized)
 
@@ -442,20 +442,24 @@ def test_optimizer_precision_options_match_the_cpu_backend(dtype, options):
 
 def test_launcher_rejects_bad_precision_options(triton_kernels):
     bucket = LayoutBucket("sgdw", (True, False), (torch.float32, torch.float32, False, False), [3], DEVICE)
-    launch = triton_kernels.sgdw_step_triton
-    args = (bucket.table(), bucket.hyper, DEVICE, torch.float32, True, False)
+    launch = functools.partial(triton_kernels.step, "sgdw")
+    args = (bucket.table(), bucket.hyper, DEVICE, torch.float32, (True, False))
     with pytest.raises(ValueError, match="unsupported storage layout"):
         launch(*args, master=True)  # fp32 parameters are their own master
     with pytest.raises(ValueError, match="unsupported storage layout"):
         launch(*args, stochastic_rounding=True)
     with pytest.raises(ValueError, match="unsupported storage layout"):
-        launch(bucket.table(), bucket.hyper, DEVICE, torch.bfloat16, True, False, state_dtype=torch.float16)
+        launch(bucket.table(), bucket.hyper, DEVICE, torch.bfloat16, (True, False), state_dtype=torch.float16)
     with pytest.raises(ValueError, match="ctl must be"):
         launch(*args, ctl=torch.ones(3, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="seed"):
         launch(*args, seed=-1)
     with pytest.raises(TypeError):
         launch(*args, state_dtype=torch.int8)
+    with pytest.raises(ValueError, match="takes 2 switches, got 1"):
+        launch(bucket.table(), bucket.hyper, DEVICE, torch.float32, (True,))
+    with pytest.raises(ValueError, match="unknown rule"):
+        triton_kernels.step("sgd", *args)
     assert float(bucket.steps[0]) == 0.0, "a rejected launch wrote a step count"
 
 
@@ -538,25 +542,23 @@ def test_q8_optimizer_matches_the_cpu_backend(options):
 
 def test_q8_launcher_rejects_bad_layouts(triton_kernels):
     bucket = _q8_bucket("sgdw", (True, False), Q8_LAYOUTS[0])
-    launch = triton_kernels.sgdw_step_triton
     args = (bucket.table(), bucket.hyper, DEVICE)
     for dtype, kw in ((torch.float64, {}), (torch.float32, dict(master=True)),
                       (torch.float16, dict(stochastic_rounding=True)), (torch.float32, dict(state_dtype=torch.float32))):
         with pytest.raises(ValueError, match="unsupported storage layout: .*8-bit"):
-            launch(*args, dtype, True, False, quantized=True, **kw)
+            triton_kernels.step("sgdw", *args, dtype, (True, False), quantized=True, **kw)
     assert float(bucket.steps[0]) == 0.0, "a rejected launch wrote a step count"
 
 
 # ------------------------------------------------------------------ layout and wiring
-@pytest.mark.parametrize("cls, prefix", [(fusedwd.AdamW, "ADAMW"), (fusedwd.SGDW, "SGDW"),
-                                         (fusedwd.RMSpropW, "RMSPROPW")])
-def test_hyperparameter_columns(cls, prefix, triton_kernels):
-    kernels = triton_kernels._kernels
-    names = cls.RULE.columns
-    columns = {name: getattr(kernels, f"{prefix}_{name.upper()}").value for name in names}
-    assert columns == {name: i for i, name in enumerate(names)}
-    assert getattr(kernels, f"{prefix}_HP_COLS").value == len(names)
-    assert triton_kernels.LAUNCHERS[cls.RULE.name].__name__ == f"{prefix.lower()}_step_triton"
+@pytest.mark.parametrize("name", _rules.NAMES)
+def test_every_rule_has_its_compiled_helper(name, triton_kernels):
+    """Each rule's triton_update, compiled in its module's namespace with its own columns."""
+    rule = fusedwd.rules.get(name)
+    update = triton_kernels._kernels.UPDATES[name]
+    assert update.fn.__code__ is rule.triton_update.__code__
+    columns = update.fn.__globals__["COL"]
+    assert {c: getattr(columns, c).value for c in rule.columns} == {c: i for i, c in enumerate(rule.columns)}
 
 
 def test_backend_resolution(monkeypatch, triton_kernels):
@@ -589,59 +591,64 @@ def test_missing_triton_is_reported_on_use(monkeypatch):
 
 def test_launcher_rejects_malformed_tables(triton_kernels):
     rows = torch.zeros(1, _buckets.SEG_COLS, dtype=torch.int64)
+    cols = len(fusedwd.rules.get("sgdw").columns)
     with pytest.raises(ValueError, match="hyper must be a float64"):
-        triton_kernels.sgdw_step_triton(rows, torch.zeros(1, 7, dtype=torch.float64), DEVICE, torch.float32,
-                                        False, False)
+        triton_kernels.step("sgdw", rows, torch.zeros(1, cols + 1, dtype=torch.float64), DEVICE, torch.float32,
+                            (False, False))
     rows[0, _buckets.SEG_HP] = 3  # a hyperparameter row that does not exist
     with pytest.raises(ValueError, match="hyperparameter row"):
-        triton_kernels.sgdw_step_triton(rows, torch.zeros(1, 6, dtype=torch.float64), DEVICE, torch.float32,
-                                        False, False)
+        triton_kernels.step("sgdw", rows, torch.zeros(1, cols, dtype=torch.float64), DEVICE, torch.float32,
+                            (False, False))
 
 
 # ------------------------------------------------------------------ the GPU compile path
 _COMPILE_EVERY_VARIANT = textwrap.dedent("""
-    import itertools, re
+    import re
     import torch
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from fusedwd import rules
     from fusedwd.triton import _kernels as K, _launch as L
     from _layouts import LAYOUTS, Q8_LAYOUTS
 
-    switches = {K._adamw_kernel: ["AMSGRAD"], K._sgdw_kernel: ["HAS_MOMENTUM", "NESTEROV"],
-                K._rmspropw_kernel: ["CENTERED", "HAS_MOMENTUM"]}
     tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
               "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
-    for kernel, names in switches.items():
+    for name, rule in rules.RULES.items():
         # every switch combination in the single-dtype layouts and 8-bit states of fp32 parameters;
         # in the others, every state in use
         variants = []
+        everything = (True,) * len(rule.switches)
         for (p, s, master, sr), q8 in [(layout, False) for layout in LAYOUTS] + [(layout, True) for layout in Q8_LAYOUTS]:
             if (p == s and not (master or sr)) or (q8 and p == torch.float32):
-                variants += [((p, s, master, sr), q8, v) for v in itertools.product([False, True], repeat=len(names))]
+                variants += [((p, s, master, sr), q8, v) for v in rule.structures()]
             else:
-                variants.append(((p, s, master, sr), q8, (True,) * len(names)))
+                variants.append(((p, s, master, sr), q8, everything))
         for (p, s, master, sr), q8, values in variants:
             math = tl.float64 if p == torch.float64 else tl.float32
+            kept = [slot is not None for slot in rule.slots(values)] + [False] * (3 - len(rule.states))
+            signed = [state.signed for state in rule.states] + [False] * (3 - len(rule.states))
+            sw = values + (False,) * (2 - len(values))
             consts = dict(P=L._STORAGE[p], S=tl.uint8 if q8 else L._STORAGE[s], MATH=math, MASTER=master, SR=sr,
-                          BLOCK_SIZE=L.BLOCK_SIZE, Q8=q8, **dict(zip(names, values)))
-            source = ASTSource(kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
+                          BLOCK_SIZE=L.BLOCK_SIZE, Q8=q8, UPDATE=K.UPDATES[name], HP_COLS=len(rule.columns),
+                          KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2], SIGNED0=signed[0], SIGNED1=signed[1],
+                          SIGNED2=signed[2], NSW=len(values), SW0=sw[0], SW1=sw[1])
+            source = ASTSource(K._step_kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
             compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32),
                                       options=dict(num_warps=L.NUM_WARPS, enable_fp_fusion=False))
             ptx = compiled.asm["ptx"]
+            what = (name, values, p, s, master, sr, q8)
             # IEEE division and sqrt, no contracted multiply-add, and the acq_rel arrival
             bad = re.findall(r"\\b(?:div\\.full|div\\.approx|sqrt\\.approx|rcp\\.approx|fma)\\.\\S+", ptx)
-            assert not bad, (kernel.__name__, consts, sorted(set(bad)))
-            assert "atom.global.gpu.acq_rel.add" in ptx, (kernel.__name__, consts)
+            assert not bad, (what, sorted(set(bad)))
+            assert "atom.global.gpu.acq_rel.add" in ptx, what
             # the rounding bits' hash in uint32: logical shifts, as C++'s
-            assert not sr or "shr.s32" not in ptx, (kernel.__name__, consts)
+            assert not sr or "shr.s32" not in ptx, what
             # the rounding of 8-bit codes by the 2^23 addition, never truncated or contracted away
-            has_states = not (kernel is K._sgdw_kernel and not values[0])  # SGDW without momentum: none
-            assert not (q8 and has_states) or re.search(r"add\.rn\.f32\s+%r\d+, %r\d+, 0f4B000000", ptx), (kernel.__name__, consts)
+            assert not (q8 and any(kept)) or re.search(r"add\.rn\.f32\s+%r\d+, %r\d+, 0f4B000000", ptx), what
             # the full, aligned blocks' path: 128-bit loads and stores
-            assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), \\
-                (kernel.__name__, consts)
-            print(kernel.__name__, consts, "ok")
+            assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), what
+            print(name, values, "ok")
 """)
 
 
@@ -657,8 +664,10 @@ def test_every_variant_compiles_for_a_gpu(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), here, env.get("PYTHONPATH")]))
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, and leave ~/.triton alone
     done = subprocess.run([sys.executable, "-c", _COMPILE_EVERY_VARIANT], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     # 16 layouts: 4 single-dtype ones with every switch, 12 with every state; 8-bit states:
     # fp32 parameters with every switch, the 5 other layouts with every state
-    assert done.stdout.count(" ok") == (2 + 4 + 4) * 4 + 3 * 12 + (2 + 4 + 4) + 3 * 5
+    structures = sum(len(rule.structures()) for rule in fusedwd.rules.RULES.values())
+    rules = len(fusedwd.rules.RULES)
+    assert done.stdout.count(" ok") == structures * 4 + rules * 12 + structures + rules * 5

@@ -545,9 +545,8 @@ class FusedOptimizer(Optimizer):
         if not n_active:
             return
         if bucket.backend == Backend.TRITON:
-            launch = _ext.triton(bucket.device).LAUNCHERS[self.RULE.name]
-            launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure,
-                   **self._precision(bucket, ctl, lambda d: d))
+            _ext.triton(bucket.device).step(self.RULE.name, bucket.table_out[:n_active], hyper, bucket.device,
+                                            bucket.dtype, bucket.structure, **self._precision(bucket, ctl, lambda d: d))
         elif bucket.backend == Backend.CUDA:
             self._run_cuda(bucket, hyper, n_active, self._precision(bucket, ctl, DTYPE_CODES.__getitem__))
         else:

@@ -5,7 +5,7 @@ The C++ copy of the math: csrc/include/fusedwd/adamw.h.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +13,14 @@ from torch import Tensor
 from .._spec import check_bool, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store
 from ._rule import Rule, State, Switch
+
+if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
+    import triton.language as tl
+
+    from ..triton._kernels import div_rn, pow_int, sqrt_rn
+
+    COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
+
 
 def check(group: Mapping[str, Any]) -> None:
     check_common(group)
@@ -87,6 +95,37 @@ def _reference(group, structure, params, grads, states, steps, precision) -> Non
           amsgrad=amsgrad, maximize=group["maximize"], precision=precision)
 
 
+# --------------------------------------------------------------------- Triton
+def triton_update(p, g, m, v, vmax, hp, t, grad_mult, MATH: tl.constexpr, AMSGRAD: tl.constexpr):
+    """One block of elements (fusedwd.triton compiles this: docs/adding-a-rule.md#triton).
+
+    hp: the segment's hyper row; t: its 1-based step (float64); grad_mult: 1/grad_scale times
+    the clip coefficient (float64). Scalars in float64, rounded once to the math type.
+    """
+    # docs/math.md#adamw; reference: fusedwd.reference.adamw; the order of csrc/include/fusedwd/adamw.h
+    beta1 = tl.load(hp + COL.beta1)
+    beta2 = tl.load(hp + COL.beta2)
+    step_size = div_rn(tl.load(hp + COL.lr), 1.0 - pow_int(beta1, t.to(tl.int64))).to(MATH)
+    bc2_sqrt = sqrt_rn(1.0 - pow_int(beta2, t.to(tl.int64))).to(MATH)
+    grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
+    l2 = tl.load(hp + COL.l2).to(MATH)
+    decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
+    eps = tl.load(hp + COL.eps).to(MATH)
+
+    g = grad_sign * g + l2 * p
+    p = p * decay_mult
+    m = beta1.to(MATH) * m + (1.0 - beta1).to(MATH) * g
+    v = beta2.to(MATH) * v + (1.0 - beta2).to(MATH) * (g * g)
+    v_used = v
+    if AMSGRAD:
+        # written so that a NaN in v propagates into vmax
+        vmax = tl.where(vmax >= v, vmax, v)
+        v_used = vmax
+    denom = div_rn(sqrt_rn(v_used), bc2_sqrt) + eps
+    p = p - step_size * div_rn(m, denom)
+    return p, m, v, vmax
+
+
 RULE = Rule(
     name="adamw",
     states=(State("exp_avg", signed=True), State("exp_avg_sq", signed=False),
@@ -97,4 +136,5 @@ RULE = Rule(
     values=values,
     check=check,
     reference=_reference,
+    triton_update=triton_update,
 )

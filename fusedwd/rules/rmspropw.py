@@ -5,7 +5,7 @@ The C++ copy of the math: csrc/include/fusedwd/rmspropw.h.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +13,13 @@ from torch import Tensor
 from .._spec import check_bool, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store
 from ._rule import Rule, State, Switch
+
+if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
+    import triton.language as tl
+
+    from ..triton._kernels import div_rn, sqrt_rn
+
+    COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
 
 def check(group: Mapping[str, Any]) -> None:
@@ -81,6 +88,37 @@ def _reference(group, structure, params, grads, states, steps, precision) -> Non
              decay=group["decay"], lr_max=group_lr_max(group), maximize=group["maximize"], precision=precision)
 
 
+# --------------------------------------------------------------------- Triton
+def triton_update(p, g, sq, ga, buf, hp, t, grad_mult, MATH: tl.constexpr, CENTERED: tl.constexpr,
+                  HAS_MOMENTUM: tl.constexpr):
+    """One block of elements (fusedwd.triton compiles this: docs/adding-a-rule.md#triton)."""
+    # docs/math.md#rmspropw; reference: fusedwd.reference.rmspropw; the order of csrc/include/fusedwd/rmspropw.h
+    grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
+    l2 = tl.load(hp + COL.l2).to(MATH)
+    decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
+    lr = tl.load(hp + COL.lr).to(MATH)
+    alpha = tl.load(hp + COL.alpha)
+    one_minus_alpha = (1.0 - alpha).to(MATH)
+    alpha = alpha.to(MATH)
+    eps = tl.load(hp + COL.eps).to(MATH)
+    momentum = tl.load(hp + COL.momentum).to(MATH)
+
+    g = grad_sign * g + l2 * p
+    p = p * decay_mult
+    sq = alpha * sq + one_minus_alpha * (g * g)
+    if CENTERED:
+        ga = alpha * ga + one_minus_alpha * g
+        avg = sqrt_rn(sq - ga * ga) + eps
+    else:
+        avg = sqrt_rn(sq) + eps
+    if HAS_MOMENTUM:
+        buf = momentum * buf + div_rn(g, avg)
+        p = p - lr * buf
+    else:
+        p = p - lr * div_rn(g, avg)
+    return p, sq, ga, buf
+
+
 RULE = Rule(
     name="rmspropw",
     states=(State("square_avg", signed=False), State("grad_avg", signed=True, when="centered"),
@@ -92,4 +130,5 @@ RULE = Rule(
     values=values,
     check=check,
     reference=_reference,
+    triton_update=triton_update,
 )

@@ -6,7 +6,7 @@ The C++ copy of the math: csrc/include/fusedwd/sgdw.h.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +14,11 @@ from torch import Tensor
 from .._spec import check_bool, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store
 from ._rule import Rule, State, Switch
+
+if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
+    import triton.language as tl
+
+    COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
 
 def check(group: Mapping[str, Any]) -> None:
@@ -75,6 +80,32 @@ def _reference(group, structure, params, grads, states, steps, precision) -> Non
          lr_max=group_lr_max(group), maximize=group["maximize"], precision=precision)
 
 
+# --------------------------------------------------------------------- Triton
+def triton_update(p, g, buf, _s1, _s2, hp, t, grad_mult, MATH: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                  NESTEROV: tl.constexpr):
+    """One block of elements (fusedwd.triton compiles this: docs/adding-a-rule.md#triton)."""
+    # docs/math.md#sgdw; reference: fusedwd.reference.sgdw; the order of csrc/include/fusedwd/sgdw.h
+    grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
+    l2 = tl.load(hp + COL.l2).to(MATH)
+    decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
+    lr = tl.load(hp + COL.lr).to(MATH)
+    momentum = tl.load(hp + COL.momentum).to(MATH)
+    one_minus_dampening = (1.0 - tl.load(hp + COL.dampening)).to(MATH)
+
+    g = grad_sign * g + l2 * p
+    p = p * decay_mult
+    d = g
+    if HAS_MOMENTUM:
+        # t == 1: the buffer starts as a copy of g (torch's clone)
+        buf = tl.where(t == 1.0, g, momentum * buf + one_minus_dampening * g)
+        if NESTEROV:
+            d = g + momentum * buf
+        else:
+            d = buf
+    p = p - lr * d
+    return p, buf, _s1, _s2
+
+
 RULE = Rule(
     name="sgdw",
     states=(State("momentum_buffer", signed=True, when="has_momentum"),),
@@ -85,5 +116,6 @@ RULE = Rule(
     values=values,
     check=check,
     reference=_reference,
+    triton_update=triton_update,
     step_in_state=False,  # torch.optim.SGD keeps only momentum_buffer
 )

@@ -1,6 +1,6 @@
-"""The Triton kernels: one elementwise helper per rule, one kernel per rule.
+"""The Triton kernel every rule runs: one generic kernel and block, the rule's helper a constant.
 
-Every kernel runs one program per block of ``BLOCK_SIZE`` elements of one
+The kernel runs one program per block of ``BLOCK_SIZE`` elements of one
 segment (one tensor) of a bucket, over all of the bucket's segments at once
 (docs/backends.md#the-triton-kernels). A program finds its segment by binary
 search over the first block of each segment, reads the segment's row of the
@@ -9,7 +9,8 @@ of the float64 hyperparameter table, and updates its slice in place. A full
 block whose buffers are all 16-byte aligned (checked at run time: Triton
 cannot know it of addresses read from a table) is updated without a mask, so
 it compiles to 128-bit accesses; other blocks take the masked path. Both call
-the same per-rule block function.
+the same block function, ``_block``, which loads the states the rule keeps,
+calls the rule's helper and stores what it returns.
 
 Parameters and gradients are stored in one dtype (``P``), the states in
 another (``S``, the same or float32 / 16-bit, csrc/cpu/loops.h by_layout);
@@ -24,21 +25,27 @@ states are 8-bit codes with one fp32 absmax per 256-element quant block
 tile of whole quant blocks, decoded before and encoded after the same per-rule
 helpers (``_q8_decode`` / ``_q8_encode``, as csrc/include/fusedwd/quant.h).
 
-The element math lives in ``_adamw_update``, ``_sgdw_update`` and
-``_rmspropw_update``, written in the order of csrc/include/fusedwd/<rule>.h so
-that both backends round alike. Divisions and square roots are the IEEE
+The element math is each rule's ``triton_update`` (fusedwd/rules/<rule>.py),
+written in the order of csrc/include/fusedwd/<rule>.h so that both backends
+round alike, and compiled here by ``compile_rule`` in its module's namespace
+plus ``tl``, the helpers below that rules use (``sqrt_rn``, ``div_rn``,
+``pow_int``) and ``COL``, the rule's hyperparameter columns
+(docs/adding-a-rule.md#triton). Divisions and square roots are the IEEE
 round-to-nearest ones (``tl.div_rn`` and ``tl.sqrt_rn`` in float32, where
-Triton's defaults are approximate on NVIDIA GPUs), and the launchers compile
+Triton's defaults are approximate on NVIDIA GPUs), and the launcher compiles
 with ``enable_fp_fusion=False`` so that no multiply-add is contracted, as the
 C++ kernels are built with ``-ffp-contract=off``.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+
 import triton
 import triton.language as tl
 
-from .. import _buckets, quant
+from .. import _buckets, quant, rules
 
 # Segment-table columns (docs/design.md#segment-table), from the Python writer.
 SEG_P = tl.constexpr(_buckets.SEG_P)
@@ -62,16 +69,6 @@ QUANT_BLOCK = tl.constexpr(quant.BLOCK_SIZE)  # elements per block, one fp32 abs
 SIGNED_LEVELS = tl.constexpr(quant.SIGNED_LEVELS)  # K of the signed code
 UNSIGNED_LEVELS = tl.constexpr(quant.UNSIGNED_LEVELS)  # K of the unsigned code
 SIGNED_ZERO = tl.constexpr(quant.zero_code(True))  # the byte of 0 in the signed code
-
-# Hyperparameter-table columns (docs/design.md#hyperparameter-table), as in
-# csrc/include/fusedwd/layout.h; tests/test_triton.py checks them against each
-# wrapper's _HP_NAMES.
-ADAMW_LR, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, ADAMW_DECAY_MULT, ADAMW_L2, ADAMW_GRAD_SIGN, ADAMW_HP_COLS = (
-    tl.constexpr(i) for i in range(8))
-SGDW_LR, SGDW_MOMENTUM, SGDW_DAMPENING, SGDW_DECAY_MULT, SGDW_L2, SGDW_GRAD_SIGN, SGDW_HP_COLS = (
-    tl.constexpr(i) for i in range(7))
-RMSPROPW_LR, RMSPROPW_ALPHA, RMSPROPW_EPS, RMSPROPW_MOMENTUM, RMSPROPW_DECAY_MULT, RMSPROPW_L2, RMSPROPW_GRAD_SIGN, \
-    RMSPROPW_HP_COLS = (tl.constexpr(i) for i in range(8))
 
 # The tables are read with scalar loads, so their alignment buys nothing:
 # specializing on it would only compile more variants.
@@ -145,7 +142,7 @@ def _take_step(row, arrival_ptr, nblocks):
 
 
 @triton.jit
-def _pow_int(base, exponent):
+def pow_int(base, exponent):
     """base ** exponent for a float64 base and a non-negative integer exponent, by squaring.
 
     libdevice's pow is not available to the interpreter, and one code path for
@@ -301,7 +298,7 @@ def _precision(row, t, ctl_ptr, seed_ptr, SR: tl.constexpr):
 
 
 @triton.jit
-def _sqrt_rn(x):
+def sqrt_rn(x):
     # float32 sqrt and division are approximate on NVIDIA GPUs unless asked for
     # IEEE rounding; float64 ones are always correctly rounded (and the float32
     # intrinsics do not take float64)
@@ -312,7 +309,7 @@ def _sqrt_rn(x):
 
 
 @triton.jit
-def _div_rn(x, y):
+def div_rn(x, y):
     if x.dtype == tl.float32:
         return tl.div_rn(x, y)
     else:
@@ -425,72 +422,82 @@ def _store_state(ptr, absmax_ptr, x, offs, mask, qblocks, qmask, S: tl.constexpr
         _store(ptr, offs, x, mask, S)
 
 
+# ------------------------------------------------------------------ the rules
+def compile_rule(rule: rules.Rule) -> triton.JITFunction:
+    """The rule's ``triton_update``, compiled with ``triton.jit`` in its module's namespace plus the
+    names rule helpers are written against: ``tl``, ``sqrt_rn``, ``div_rn``, ``pow_int`` and ``COL``,
+    the rule's hyperparameter columns (``COL.beta1``: constexpr column indices, as C++'s ``Col``).
 
-# -------------------------------------------------------------------- AdamW
+    The rule module does not import Triton (so neither does ``import fusedwd``): the function is
+    rebuilt here from its code, so Triton reads its source from the rule's file and decides,
+    as for every kernel of this module, whether it is compiled or interpreted.
+    """
+    fn = rule.triton_update
+    columns = types.ModuleType(f"{fn.__module__}.COL")  # a module: Triton lets kernels read its attributes
+    for index, name in enumerate(rule.columns):
+        setattr(columns, name, tl.constexpr(index))
+    scope = dict(vars(sys.modules[fn.__module__]))
+    scope.update(tl=tl, sqrt_rn=sqrt_rn, div_rn=div_rn, pow_int=pow_int, COL=columns)
+    rebuilt = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    rebuilt.__qualname__ = fn.__qualname__
+    return triton.jit(rebuilt)
+
+
+# every rule's compiled helper, by name
+UPDATES = {name: compile_rule(rule) for name, rule in rules.RULES.items()}
+
+
+# ------------------------------------------------------------------ the kernel
 @triton.jit
-def _adamw_update(p, g, m, v, vmax, grad_sign, l2, decay_mult, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                  eps, step_size, bc2_sqrt, AMSGRAD: tl.constexpr):
-    # docs/math.md#adamw; reference: fusedwd.reference.adamw
-    g = grad_sign * g + l2 * p
-    p = p * decay_mult
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
-    v_used = v
-    if AMSGRAD:
-        # written so that a NaN in v propagates into vmax
-        vmax = tl.where(vmax >= v, vmax, v)
-        v_used = vmax
-    denom = _div_rn(_sqrt_rn(v_used), bc2_sqrt) + eps
-    p = p - step_size * _div_rn(m, denom)
-    return p, m, v, vmax
-
-
-@triton.jit
-def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
-                 MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, AMSGRAD: tl.constexpr,
-                 ALIGNED: tl.constexpr, Q8: tl.constexpr):
-    # per-segment scalars in float64 from the segment's own step, then rounded to the math type
-    hp = hp_ptr + tl.load(row + SEG_HP) * ADAMW_HP_COLS
-    beta1 = tl.load(hp + ADAMW_BETA1)
-    beta2 = tl.load(hp + ADAMW_BETA2)
-    step_size = _div_rn(tl.load(hp + ADAMW_LR), 1.0 - _pow_int(beta1, t.to(tl.int64)))
-    bc2_sqrt = _sqrt_rn(1.0 - _pow_int(beta2, t.to(tl.int64)))
-
+def _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+           MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr,
+           UPDATE: tl.constexpr, HP_COLS: tl.constexpr, KEEP0: tl.constexpr, KEEP1: tl.constexpr,
+           KEEP2: tl.constexpr, SIGNED0: tl.constexpr, SIGNED1: tl.constexpr, SIGNED2: tl.constexpr,
+           NSW: tl.constexpr, SW0: tl.constexpr, SW1: tl.constexpr):
+    """One block of one segment: load p, g and the states the rule keeps, run the rule's helper,
+    store the weight (from the unquantized new states) and then each state (re-encoded with Q8)."""
+    hp = hp_ptr + tl.load(row + SEG_HP) * HP_COLS
     p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
     g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    m_ptr, am_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # exp_avg (signed code)
-    v_ptr, av_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)  # exp_avg_sq (unsigned code)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
-    m = _load_state(m_ptr, am_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
-    v = _load_state(v_ptr, av_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
-    vmax = v
-    if AMSGRAD:
-        vmax_ptr, avmax_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # max_exp_avg_sq (unsigned code)
-        vmax = _load_state(vmax_ptr, avmax_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
+    # a state the rule does not keep is passed as g, never read by its helper, never stored
+    x0 = g
+    x1 = g
+    x2 = g
+    if KEEP0:
+        s0_ptr, a0_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)
+        x0 = _load_state(s0_ptr, a0_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, SIGNED0)
+    if KEEP1:
+        s1_ptr, a1_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)
+        x1 = _load_state(s1_ptr, a1_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, SIGNED1)
+    if KEEP2:
+        s2_ptr, a2_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)
+        x2 = _load_state(s2_ptr, a2_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, SIGNED2)
 
-    p, m, v, vmax = _adamw_update(
-        p, g, m, v, vmax,
-        (tl.load(hp + ADAMW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + ADAMW_L2).to(MATH),
-        tl.load(hp + ADAMW_DECAY_MULT).to(MATH),
-        beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH), (1.0 - beta2).to(MATH),
-        tl.load(hp + ADAMW_EPS).to(MATH), step_size.to(MATH), bc2_sqrt.to(MATH), AMSGRAD,
-    )
+    # the rule's switches, as many as it has
+    if NSW == 0:
+        p, x0, x1, x2 = UPDATE(p, g, x0, x1, x2, hp, t, grad_mult, MATH)
+    elif NSW == 1:
+        p, x0, x1, x2 = UPDATE(p, g, x0, x1, x2, hp, t, grad_mult, MATH, SW0)
+    else:
+        p, x0, x1, x2 = UPDATE(p, g, x0, x1, x2, hp, t, grad_mult, MATH, SW0, SW1)
 
-    # the weight from the unquantized new states; then each state (re-encoded with Q8)
     _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
-    _store_state(m_ptr, am_ptr, m, offs, mask, qblocks, qmask, S, Q8, True)
-    _store_state(v_ptr, av_ptr, v, offs, mask, qblocks, qmask, S, Q8, False)
-    if AMSGRAD:
-        _store_state(vmax_ptr, avmax_ptr, vmax, offs, mask, qblocks, qmask, S, Q8, False)
+    if KEEP0:
+        _store_state(s0_ptr, a0_ptr, x0, offs, mask, qblocks, qmask, S, Q8, SIGNED0)
+    if KEEP1:
+        _store_state(s1_ptr, a1_ptr, x1, offs, mask, qblocks, qmask, S, Q8, SIGNED1)
+    if KEEP2:
+        _store_state(s2_ptr, a2_ptr, x2, offs, mask, qblocks, qmask, S, Q8, SIGNED2)
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
-def _adamw_kernel(
+def _step_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
     arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
-    hp_ptr,  # float64 [groups, ADAMW_HP_COLS]: lr, beta1, beta2, eps, decay_mult, l2, grad_sign
+    hp_ptr,  # float64 [groups, HP_COLS]: the rule's hyperparameter rows (fusedwd/rules/<rule>.py columns)
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
     seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
@@ -499,9 +506,19 @@ def _adamw_kernel(
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
     MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
     SR: tl.constexpr,  # bf16 p is rounded stochastically
-    AMSGRAD: tl.constexpr,  # keep and use max_exp_avg_sq (state 2)
     BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
     Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
+    UPDATE: tl.constexpr,  # the rule's helper (UPDATES[rule])
+    HP_COLS: tl.constexpr,  # the rule's hyperparameter columns
+    KEEP0: tl.constexpr,  # the rule keeps state 0 (SEG_S0) under these switches
+    KEEP1: tl.constexpr,  # ... state 1
+    KEEP2: tl.constexpr,  # ... state 2
+    SIGNED0: tl.constexpr,  # state 0's 8-bit code is signed (else unsigned: second moments)
+    SIGNED1: tl.constexpr,  # ... state 1's
+    SIGNED2: tl.constexpr,  # ... state 2's
+    NSW: tl.constexpr,  # the rule's number of switches (0 to 2)
+    SW0: tl.constexpr,  # its first switch (False where it has none)
+    SW1: tl.constexpr,  # its second switch
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
     # (the launcher zeroes the arrival counters of each launch anyway).
@@ -511,177 +528,8 @@ def _adamw_kernel(
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _adamw_block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD,
-                         True, Q8)
+            _block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
+                   UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
         else:
-            _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD,
-                         False, Q8)
-
-
-# --------------------------------------------------------------------- SGDW
-@triton.jit
-def _sgdw_update(p, g, buf, grad_sign, l2, decay_mult, lr, momentum, one_minus_dampening, first_step,
-                 HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
-    # docs/math.md#sgdw; reference: fusedwd.reference.sgdw
-    g = grad_sign * g + l2 * p
-    p = p * decay_mult
-    d = g
-    if HAS_MOMENTUM:
-        # t == 1: the buffer starts as a copy of g (torch's clone)
-        buf = tl.where(first_step, g, momentum * buf + one_minus_dampening * g)
-        if NESTEROV:
-            d = g + momentum * buf
-        else:
-            d = buf
-    p = p - lr * d
-    return p, buf
-
-
-@triton.jit
-def _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
-                MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
-    hp = hp_ptr + tl.load(row + SEG_HP) * SGDW_HP_COLS
-    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
-    g = _load(g_ptr, offs, mask, P, MATH)
-    buf = g
-    if HAS_MOMENTUM:
-        buf_ptr, abuf_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # momentum_buffer (signed code)
-        buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
-
-    p, buf = _sgdw_update(
-        p, g, buf,
-        (tl.load(hp + SGDW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + SGDW_L2).to(MATH),
-        tl.load(hp + SGDW_DECAY_MULT).to(MATH), tl.load(hp + SGDW_LR).to(MATH), tl.load(hp + SGDW_MOMENTUM).to(MATH),
-        (1.0 - tl.load(hp + SGDW_DAMPENING)).to(MATH), t == 1.0, HAS_MOMENTUM, NESTEROV,
-    )
-
-    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
-    if HAS_MOMENTUM:
-        _store_state(buf_ptr, abuf_ptr, buf, offs, mask, qblocks, qmask, S, Q8, True)
-
-
-@triton.jit(do_not_specialize=_TABLE_ARGS)
-def _sgdw_kernel(
-    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
-    block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
-    hp_ptr,  # float64 [groups, SGDW_HP_COLS]: lr, momentum, dampening, decay_mult, l2, grad_sign
-    nseg,  # number of segments
-    ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
-    seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
-    P: tl.constexpr,  # element type of p and g
-    S: tl.constexpr,  # element type of the momentum buffer (tl.uint8: 8-bit codes, with Q8)
-    MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
-    MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
-    SR: tl.constexpr,  # bf16 p is rounded stochastically
-    HAS_MOMENTUM: tl.constexpr,  # momentum != 0: keep momentum_buffer (state 0)
-    NESTEROV: tl.constexpr,  # Nesterov momentum
-    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
-    Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
-):
-    if not _skipped(ctl_ptr):  # as in _adamw_kernel
-        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
-                                                                         Q8)
-        # t == 1 marks the first step, when the momentum buffer starts as a copy of g
-        t = _take_step(row, arrivals_ptr + seg, nblocks)
-        grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
-        if vector:
-            _sgdw_block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
-                        HAS_MOMENTUM, NESTEROV, True, Q8)
-        else:
-            _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
-                        HAS_MOMENTUM, NESTEROV, False, Q8)
-
-
-# ----------------------------------------------------------------- RMSpropW
-@triton.jit
-def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, one_minus_alpha, eps, momentum,
-                     CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
-    # docs/math.md#rmspropw; reference: fusedwd.reference.rmspropw
-    g = grad_sign * g + l2 * p
-    p = p * decay_mult
-    sq = alpha * sq + one_minus_alpha * (g * g)
-    if CENTERED:
-        ga = alpha * ga + one_minus_alpha * g
-        avg = _sqrt_rn(sq - ga * ga) + eps
-    else:
-        avg = _sqrt_rn(sq) + eps
-    if HAS_MOMENTUM:
-        buf = momentum * buf + _div_rn(g, avg)
-        p = p - lr * buf
-    else:
-        p = p - lr * _div_rn(g, avg)
-    return p, sq, ga, buf
-
-
-@triton.jit
-def _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
-                    MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, CENTERED: tl.constexpr,
-                    HAS_MOMENTUM: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
-    hp = hp_ptr + tl.load(row + SEG_HP) * RMSPROPW_HP_COLS
-    alpha = tl.load(hp + RMSPROPW_ALPHA)
-    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    sq_ptr, asq_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # square_avg (unsigned code)
-    p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
-    g = _load(g_ptr, offs, mask, P, MATH)
-    sq = _load_state(sq_ptr, asq_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
-    ga = sq
-    buf = sq
-    if CENTERED:
-        ga_ptr, aga_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)  # grad_avg (signed code)
-        ga = _load_state(ga_ptr, aga_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
-    if HAS_MOMENTUM:
-        buf_ptr, abuf_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # momentum_buffer (signed code)
-        buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
-
-    p, sq, ga, buf = _rmspropw_update(
-        p, g, sq, ga, buf,
-        (tl.load(hp + RMSPROPW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + RMSPROPW_L2).to(MATH),
-        tl.load(hp + RMSPROPW_DECAY_MULT).to(MATH), tl.load(hp + RMSPROPW_LR).to(MATH),
-        alpha.to(MATH), (1.0 - alpha).to(MATH), tl.load(hp + RMSPROPW_EPS).to(MATH),
-        tl.load(hp + RMSPROPW_MOMENTUM).to(MATH), CENTERED, HAS_MOMENTUM,
-    )
-
-    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
-    _store_state(sq_ptr, asq_ptr, sq, offs, mask, qblocks, qmask, S, Q8, False)
-    if CENTERED:
-        _store_state(ga_ptr, aga_ptr, ga, offs, mask, qblocks, qmask, S, Q8, True)
-    if HAS_MOMENTUM:
-        _store_state(buf_ptr, abuf_ptr, buf, offs, mask, qblocks, qmask, S, Q8, True)
-
-
-@triton.jit(do_not_specialize=_TABLE_ARGS)
-def _rmspropw_kernel(
-    seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
-    block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
-    hp_ptr,  # float64 [groups, RMSPROPW_HP_COLS]: lr, alpha, eps, momentum, decay_mult, l2, grad_sign
-    nseg,  # number of segments
-    ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
-    seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
-    P: tl.constexpr,  # element type of p and g
-    S: tl.constexpr,  # element type of every state (tl.uint8: 8-bit codes, with Q8)
-    MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
-    MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
-    SR: tl.constexpr,  # bf16 p is rounded stochastically
-    CENTERED: tl.constexpr,  # keep grad_avg (state 1) and normalize by the variance
-    HAS_MOMENTUM: tl.constexpr,  # momentum > 0: keep momentum_buffer (state 2)
-    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
-    Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
-):
-    if not _skipped(ctl_ptr):  # as in _adamw_kernel
-        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
-                                                                         Q8)
-        # the rule does not use t, but torch counts RMSprop's steps (and t keys the rounding bits)
-        t = _take_step(row, arrivals_ptr + seg, nblocks)
-        grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
-        if vector:
-            _rmspropw_block(row, offs, None, qblocks, None, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED,
-                            HAS_MOMENTUM, True, Q8)
-        else:
-            _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED,
-                            HAS_MOMENTUM, False, Q8)
+            _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
+                   UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)

@@ -1,6 +1,6 @@
-"""Launchers: one Triton launch per bucket per step, over all of its segments.
+"""The launcher: one Triton launch per bucket per step, over all of its segments.
 
-A launcher takes exactly what the C++ kernel takes, the bucket's gathered
+``step(rule, ...)`` takes exactly what the C++ kernel takes, the bucket's gathered
 int64 segment rows and the float64 hyperparameter table, both on the host,
 and the same keyword-only precision options (storage dtype of the states,
 master weights, stochastic rounding, the control block, the seed). It
@@ -12,15 +12,15 @@ transfer, and launches one grid of one program per block.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from .. import quant
+from .. import quant, rules
 from .._buckets import CTL_CLIP, CTL_INV_SCALE, CTL_SIZE, SEG_COLS, SEG_HP, SEG_N
-from ._kernels import ADAMW_HP_COLS, RMSPROPW_HP_COLS, SGDW_HP_COLS, _adamw_kernel, _rmspropw_kernel, _sgdw_kernel
+from ._kernels import UPDATES, _step_kernel
 
 # Elements per program and warps per program, fixed for every rule (no
 # autotuning: the kernels update in place, so a tuner's trial runs would
@@ -37,6 +37,8 @@ _STORAGE = {
 
 
 _HALF = (torch.float16, torch.bfloat16)
+# the kernel's switch arguments (SW0, SW1): a rule has at most this many
+_MAX_SWITCHES = 2
 # int64 words of the packed buffer holding the default control block (CTL_SIZE float32s)
 _CTL_WORDS = (CTL_SIZE + 1) // 2
 
@@ -129,10 +131,45 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device,
                          ctl_part.view(torch.float32), nseg, num_blocks)
 
 
-def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-            state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool, ctl: Optional[Tensor],
-            seed: int, quantized: bool, **switches: bool) -> None:
-    """One launch of ``kernel`` over every segment; ``switches`` are the rule's constexpr structure flags."""
+def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
+         switches: Sequence[bool], *, state_dtype: Optional[torch.dtype] = None, master: bool = False,
+         stochastic_rounding: bool = False, ctl: Optional[Tensor] = None, seed: int = 0,
+         quantized: bool = False) -> None:
+    """One step of ``rule`` over every segment of a bucket, in one launch (docs/math.md#<rule>).
+
+    Args:
+        rule: the rule's name (fusedwd.rules).
+        segments: int64 ``[nseg, SEG_COLS]`` on the host: the bucket's rows for this
+            step (docs/design.md#segment-table); every address points into ``device``.
+        hyper: float64 ``[groups, len(columns)]`` on the host (or on ``device``: capturable=True),
+            one row per param group in the rule's column order.
+        device: where the tensors the rows point to live (CPU only under
+            ``TRITON_INTERPRET=1``).
+        dtype: the storage dtype of every parameter and gradient.
+        switches: the rule's structural switches, one bool each, in its order; the rows carry
+            the states they keep.
+        state_dtype: the storage dtype of every state; None: ``dtype``. fp32 parameters
+            may keep 16-bit states, 16-bit parameters fp32 ones.
+        master: 16-bit parameters have an fp32 master copy at ``SEG_MASTER``: the update
+            reads it, and writes it exactly and the parameter rounded to nearest even.
+        stochastic_rounding: round bf16 parameters (without a master) stochastically,
+            with bits keyed by ``seed``, the segment's ``SEG_SALT`` and its step.
+        ctl: float32 ``[CTL_SIZE]`` on ``device``: 1/grad_scale, found_inf (nonzero: the
+            launch writes nothing, step counts included) and the clip coefficient,
+            read by the kernel; None: no scaling, no clipping.
+        seed: the stochastic-rounding seed, in [0, 2^64).
+        quantized: 8-bit blockwise states (docs/quantization.md): ``SEG_S*`` hold uint8 codes and
+            ``SEG_A*`` each state's fp32 block absmax, blocks of 256 from each tensor's first element;
+            ``state_dtype`` is then None (or torch.uint8). Layouts: fp32 parameters, 16-bit ones with
+            ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
+    """
+    spec = rules.get(rule)
+    switches = tuple(bool(s) for s in switches)
+    if len(switches) != len(spec.switches):
+        raise ValueError(f"rule {rule!r} takes {len(spec.switches)} switches, got {len(switches)}")
+    if len(spec.switches) > _MAX_SWITCHES:
+        raise ValueError(f"the Triton kernel takes at most {_MAX_SWITCHES} switches; rule {rule!r} has "
+                         f"{len(spec.switches)}")
     master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
     if dtype not in _STORAGE:
         raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} parameters, got {dtype}")
@@ -154,84 +191,21 @@ def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch
                          f"{ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
     if segments.shape[0] == 0:
         return
-    tables = _tables(segments, hyper, hp_cols, device, int(seed))
+    tables = _tables(segments, hyper, len(spec.columns), device, int(seed))
     math = tl.float64 if dtype == torch.float64 else tl.float32
-    launch = kernel[(tables.num_blocks,)]
+    launch = _step_kernel[(tables.num_blocks,)]
     args = (tables.segments, tables.block_starts, tables.arrivals, tables.hyper, tables.nseg,
             tables.ctl if ctl is None else ctl, tables.seed)
+    kept = [slot is not None for slot in spec.slots(switches)] + [False] * (3 - len(spec.states))
+    signed = [state.signed for state in spec.states] + [False] * (3 - len(spec.states))
+    sw = switches + (False,) * (_MAX_SWITCHES - len(switches))
     options = dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype], MATH=math, MASTER=master,
-                   SR=stochastic_rounding, BLOCK_SIZE=BLOCK_SIZE, Q8=quantized, num_warps=NUM_WARPS,
-                   enable_fp_fusion=False, **switches)
+                   SR=stochastic_rounding, BLOCK_SIZE=BLOCK_SIZE, Q8=quantized, UPDATE=UPDATES[rule],
+                   HP_COLS=len(spec.columns), KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2], SIGNED0=signed[0],
+                   SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1],
+                   num_warps=NUM_WARPS, enable_fp_fusion=False)
     if device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device
             launch(*args, **options)
     else:
         launch(*args, **options)
-
-
-def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-                      amsgrad: bool, *, state_dtype: Optional[torch.dtype] = None, master: bool = False,
-                      stochastic_rounding: bool = False, ctl: Optional[Tensor] = None, seed: int = 0,
-                      quantized: bool = False) -> None:
-    """One AdamW step over every segment of a bucket, in one launch (docs/math.md#adamw).
-
-    Args:
-        segments: int64 ``[nseg, SEG_COLS]`` on the host: the bucket's rows for this
-            step (docs/design.md#segment-table); every address points into ``device``.
-        hyper: float64 ``[groups, 7]`` on the host (or on ``device``: capturable=True): ``lr, beta1, beta2, eps,
-            decay_mult, l2, grad_sign`` per param group.
-        device: where the tensors the rows point to live (CPU only under
-            ``TRITON_INTERPRET=1``).
-        dtype: the storage dtype of every parameter and gradient.
-        amsgrad: whether the rows carry ``max_exp_avg_sq`` (state 2).
-        state_dtype: the storage dtype of every state; None: ``dtype``. fp32 parameters
-            may keep 16-bit states, 16-bit parameters fp32 ones.
-        master: 16-bit parameters have an fp32 master copy at ``SEG_MASTER``: the update
-            reads it, and writes it exactly and the parameter rounded to nearest even.
-        stochastic_rounding: round bf16 parameters (without a master) stochastically,
-            with bits keyed by ``seed``, the segment's ``SEG_SALT`` and its step.
-        ctl: float32 ``[CTL_SIZE]`` on ``device``: 1/grad_scale, found_inf (nonzero: the
-            launch writes nothing, step counts included) and the clip coefficient,
-            read by the kernel; None: no scaling, no clipping.
-        seed: the stochastic-rounding seed, in [0, 2^64).
-        quantized: 8-bit blockwise states (docs/quantization.md): ``SEG_S*`` hold uint8 codes and
-            ``SEG_A*`` each state's fp32 block absmax, blocks of 256 from each tensor's first element;
-            ``state_dtype`` is then None (or torch.uint8). Layouts: fp32 parameters, 16-bit ones with
-            ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
-    """
-    _launch(_adamw_kernel, ADAMW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, quantized, AMSGRAD=bool(amsgrad))
-
-
-def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-                     has_momentum: bool, nesterov: bool, *, state_dtype: Optional[torch.dtype] = None,
-                     master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
-                     seed: int = 0, quantized: bool = False) -> None:
-    """One SGDW step over every segment of a bucket, in one launch (docs/math.md#sgdw).
-
-    Args:
-        segments, device, dtype: as for :func:`adamw_step_triton`.
-        hyper: float64 ``[groups, 6]``: ``lr, momentum, dampening, decay_mult, l2, grad_sign``.
-        has_momentum: whether the rows carry ``momentum_buffer`` (state 0).
-        nesterov: Nesterov momentum.
-        state_dtype, master, stochastic_rounding, ctl, seed, quantized: as for :func:`adamw_step_triton`.
-    """
-    _launch(_sgdw_kernel, SGDW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, quantized, HAS_MOMENTUM=bool(has_momentum), NESTEROV=bool(nesterov))
-
-
-def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-                         centered: bool, has_momentum: bool, *, state_dtype: Optional[torch.dtype] = None,
-                         master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
-                         seed: int = 0, quantized: bool = False) -> None:
-    """One RMSpropW step over every segment of a bucket, in one launch (docs/math.md#rmspropw).
-
-    Args:
-        segments, device, dtype: as for :func:`adamw_step_triton`.
-        hyper: float64 ``[groups, 7]``: ``lr, alpha, eps, momentum, decay_mult, l2, grad_sign``.
-        centered: whether the rows carry ``grad_avg`` (state 1).
-        has_momentum: whether the rows carry ``momentum_buffer`` (state 2).
-        state_dtype, master, stochastic_rounding, ctl, seed, quantized: as for :func:`adamw_step_triton`.
-    """
-    _launch(_rmspropw_kernel, RMSPROPW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, quantized, CENTERED=bool(centered), HAS_MOMENTUM=bool(has_momentum))
