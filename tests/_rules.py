@@ -80,10 +80,10 @@ def case_id(name: str, structure: tuple) -> str:
 
 
 def state_names(name: str, structure: tuple, step: bool = True) -> list[str]:
-    """The names in optimizer.state[p] after a step: ``step`` (where torch keeps it) and the kept states."""
+    """The names in optimizer.state[p] after a step: the kept states, and ``step`` where torch keeps it."""
     rule = INFOS[name].rule
-    names = ["step"] if step and rule.step_in_state else []
-    return names + [s for s in rule.slots(structure) if s is not None]
+    names = [s for s in rule.slots(structure) if s is not None]
+    return names + (["step"] if step and rule.step_in_state else [])
 
 
 # (rule, structure) of every rule, and the richest structure of each

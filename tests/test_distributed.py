@@ -124,16 +124,34 @@ def test_engine_matches_single_process(engine, backend, tmp_path):
         assert_close(a, b, f"parameter {k}", scale=1.0)
 
 
+def _one_step(opt, model):
+    model(torch.randn(4, 12)).sum().backward()
+    return opt.step()
+
+
 def test_zero_refuses_max_grad_norm(tmp_path):
     # each rank's optimizer holds a shard: its own norm is not the global one, so the
-    # fused clipping would be silently wrong; the user is sent to clip_grad_norm_
+    # fused clipping would be silently wrong; the user is sent to clip_grad_norm_ at the
+    # first step, before anything is written (ZeRO holds the optimizer as zero.optim)
     from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class Holder:  # an object with an `optim` that is not ZeRO: not refused
+        pass
 
     dist.init_process_group("gloo", init_method="file://" + str(tmp_path / "rendezvous"), rank=0, world_size=1)
     try:
+        model = _model()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedwd.AdamW, max_grad_norm=1.0)
+        before = [p.detach().clone() for p in model.parameters()]
         with pytest.raises(ValueError, match="clip_grad_norm_"):
-            ZeroRedundancyOptimizer(_model().parameters(), optimizer_class=fusedwd.AdamW, max_grad_norm=1.0)
-        ZeroRedundancyOptimizer(_model().parameters(), optimizer_class=fusedwd.AdamW, lr=1e-3)
-        fusedwd.AdamW(_model().parameters(), max_grad_norm=1.0)  # outside ZeRO the option stays
+            _one_step(zero, model)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), "a refused step wrote"
+        model = _model()
+        _one_step(ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedwd.AdamW, lr=1e-3), model)
+        model = _model()
+        holder = Holder()
+        holder.optim = fusedwd.AdamW(model.parameters(), max_grad_norm=1.0)  # outside ZeRO the option stays
+        _one_step(holder.optim, model)
+        assert holder.optim.last_grad_norm is not None
     finally:
         dist.destroy_process_group()

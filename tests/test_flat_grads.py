@@ -6,6 +6,7 @@ import torch
 
 import fusedwd
 from fusedwd import _ext
+from fusedwd.optim._checks import Checks
 from _helpers import make_params
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="fusedwd._C is not built")
@@ -35,7 +36,7 @@ def test_same_results_as_gathered_gradients(cls, kw):
     _train(b, opt_b, 8)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q), "the same kernel on the same gradients must agree bit for bit"
-    assert all(bk.grad_views for bk in opt_a._current_plan())
+    assert all(bk.grads is not None and bk.grads.views for bk in opt_a._current_plan())
 
 
 def test_grads_are_views_of_one_buffer_and_zero_grad_keeps_them():
@@ -44,7 +45,7 @@ def test_grads_are_views_of_one_buffer_and_zero_grad_keeps_them():
     _train(model, opt, 1)
     (bucket,) = opt._current_plan()
     views = [p.grad for p in model.parameters()]
-    assert all(g.untyped_storage().data_ptr() == bucket.grad_buffer.untyped_storage().data_ptr() for g in views)
+    assert all(g.untyped_storage().data_ptr() == bucket.grads.buffer.untyped_storage().data_ptr() for g in views)
     opt.zero_grad()  # set_to_none=True by default: the views stay
     assert all(p.grad is v for p, v in zip(model.parameters(), views))
     assert all(torch.count_nonzero(v) == 0 for v in views)
@@ -55,7 +56,7 @@ def test_steady_state_skips_per_parameter_checks(monkeypatch):
     opt = fusedwd.AdamW(model.parameters(), flat_grads=True)
     _train(model, opt, 2)
     calls = []
-    monkeypatch.setattr(type(opt), "_check_param", lambda *a: calls.append(a))
+    monkeypatch.setattr(Checks, "check", lambda *a: calls.append(a))
     _train(model, opt, 3)
     assert calls == [], "with the views in place no parameter needs the Python path"
 
@@ -75,7 +76,7 @@ def test_replaced_gradients_are_copied_in_with_one_warning():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     (bucket,) = opt_a._current_plan()
-    assert all(p.grad is v for p, v in zip(a.parameters(), bucket.grad_views)), "views handed out again"
+    assert all(p.grad is v for p, v in zip(a.parameters(), bucket.grads.views)), "views handed out again"
 
 
 def test_parameter_with_grad_none_is_skipped():

@@ -180,11 +180,13 @@ def test_parameter_subclass_takes_the_generic_path():
 
 def test_small_buckets_run_on_one_thread(monkeypatch):
     # no thread gets fewer than GRAIN_SIZE elements (torch's parallel_for rule)
-    from fusedwd.optim._base import GRAIN_SIZE
+    from fusedwd.optim._runners import GRAIN_SIZE
 
     seen = []
-    real = fusedwd.AdamW._launch
-    monkeypatch.setattr(fusedwd.AdamW, "_launch", lambda self, *a: (seen.append(a[-1]), real(self, *a)))
+    C = _ext.cpu()
+    real = C.step
+    # step(rule, table, nseg, hyper, dtype, switches, num_threads, **precision)
+    monkeypatch.setattr(C, "step", lambda *a, **kw: (seen.append(a[6]), real(*a, **kw)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for numel in (100, GRAIN_SIZE * 4):
         p = torch.nn.Parameter(torch.randn(numel))

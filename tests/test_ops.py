@@ -132,7 +132,7 @@ def test_hyper_rows_match_the_optimizers(decay):
     for cls, build, extra in cases:
         opt = cls([torch.nn.Parameter(torch.ones(2))], **common, **extra)
         opt.param_groups[0]["lr_max"] = 0.1
-        expected = opt._hyper_table(torch.device("cpu"))[0].tolist()
+        expected = cls.RULE.hyper_row(opt.param_groups[0])
         assert build(**common, **extra, lr_max=0.1).tolist() == expected, cls.__name__
 
 

@@ -18,23 +18,30 @@ costs what the option saves.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .._buckets import SEG_G, SEG_P, Bucket
-
-if TYPE_CHECKING:
-    from ._base import FusedOptimizer
+from ._checks import Checks
 
 _warned_replaced = False
 
 
+@dataclass
+class FlatGrads:
+    """A bucket's gradient buffer, laid out like its states, and the views handed out as ``p.grad``."""
+
+    buffer: Tensor
+    views: list[Tensor]
+
+
 def attach(bucket: Bucket) -> None:
     """Allocate the gradient buffer and hand its views out as ``p.grad`` (keeping present values)."""
-    bucket.grad_buffer = torch.zeros(bucket.length, dtype=bucket.dtype, device=bucket.device)
-    bucket.grad_views = bucket.flat_views(bucket.grad_buffer)
-    for p, view in zip(bucket.params, bucket.grad_views):
+    buffer = torch.zeros(bucket.states.length, dtype=bucket.dtype, device=bucket.device)
+    bucket.grads = FlatGrads(buffer, bucket.flat_views(buffer))
+    for p, view in zip(bucket.params, bucket.grads.views):
         if p.grad is not None:
             view.copy_(p.grad)
         p.grad = view
@@ -42,16 +49,16 @@ def attach(bucket: Bucket) -> None:
 
 def zero(bucket: Bucket) -> None:
     """``zero_grad`` for a flat bucket: one fill, and the views handed out again where replaced."""
-    bucket.grad_buffer.zero_()
-    for p, view in zip(bucket.params, bucket.grad_views):
+    bucket.grads.buffer.zero_()
+    for p, view in zip(bucket.params, bucket.grads.views):
         if p.grad is not view:
             p.grad = view
 
 
-def prepare(opt: "FusedOptimizer", bucket: Bucket, ext) -> int:
+def prepare(bucket: Bucket, ext, checks: Checks) -> int:
     """This step's segment table of a flat bucket; returns its row count (validates, writes no state)."""
     global _warned_replaced
-    params, views, table_in = bucket.params, bucket.grad_views, bucket.table_in
+    params, views, table_in = bucket.params, bucket.grads.views, bucket.tables.table_in
     skipped: list[int] = []
     i, n = 0, len(params)
     while True:
@@ -62,7 +69,7 @@ def prepare(opt: "FusedOptimizer", bucket: Bucket, ext) -> int:
         if g is None:
             skipped.append(i)  # set to None by hand and no backward since: skipped, as torch does
         elif g is not view:
-            opt._check_param(bucket, i, p, g)
+            checks.check(bucket, i, p, g)
             if not _warned_replaced:
                 _warned_replaced = True
                 warnings.warn(
@@ -75,25 +82,26 @@ def prepare(opt: "FusedOptimizer", bucket: Bucket, ext) -> int:
             view.copy_(g)
             p.grad = view
         else:
-            opt._check_param(bucket, i, p, g)
+            checks.check(bucket, i, p, g)
             if view.data_ptr() != int(table_in[i, SEG_G]):
                 raise RuntimeError(
-                    f"{type(opt).__name__}: the gradient view of {opt._describe(bucket, i)} was re-pointed "
+                    f"{checks.who}: the gradient view of {checks.describe(bucket, i)} was re-pointed "
                     "(p.grad.data = ... or set_()); with flat_grads=True assign p.grad instead"
                 )
             if not p.is_contiguous():
                 raise RuntimeError(
-                    f"{type(opt).__name__}: {opt._describe(bucket, i)} was replaced by a non-contiguous tensor; "
+                    f"{checks.who}: {checks.describe(bucket, i)} was replaced by a non-contiguous tensor; "
                     "flat_grads=True takes contiguous parameters (build a new optimizer after the change)"
                 )
             table_in[i, SEG_P] = p.data_ptr()  # p.data was replaced by a same-shaped tensor
         i += 1
+    table_out = bucket.tables.table_out
     if not skipped:
-        bucket.table_out[:n] = table_in
+        table_out[:n] = table_in
         return n
     keep = torch.ones(n, dtype=torch.bool)
     keep[skipped] = False
     rows = table_in[keep]
-    bucket.table_out[: len(rows)] = rows
+    table_out[: len(rows)] = rows
     return len(rows)
 
