@@ -14,7 +14,8 @@ TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 # triton: tests/test_triton.py runs the Triton kernels (in Triton's interpreter where there is no GPU)
-DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja triton scikit-learn
+DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja triton scikit-learn \
+	ruff
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
@@ -22,7 +23,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h
 
 help:
 	@echo "make bench   benchmark fusedwd against torch.optim.AdamW (writes bench/results/)"
-	@echo "make test    build and run the test suite"
+	@echo "make test    build, lint (ruff) and run the test suite"
 
 # --system-site-packages keeps a torch the machine already has (a user's CUDA build);
 # only where none imports is the CPU build installed.
@@ -40,6 +41,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 build: $(VENV)/.built
 
 test: build
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 bench: build

@@ -171,7 +171,8 @@ def run(args) -> dict:
     if not judged:
         print("targets: not judged (they are stated for full-size GPT-2 shapes, without --quick)")
     if contention.share is not None and contention.share > 0.05:
-        print(f"WARNING: other processes used {contention.share:.0%} of the CPUs while timing: rerun on a quiet machine")
+        print(f"WARNING: other processes used {contention.share:.0%} of the CPUs while timing: "
+              "rerun on a quiet machine")
     report.ensure_dir(args.out)
     path = os.path.join(args.out, "precision.json")
     report.write_json(result, path)

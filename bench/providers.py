@@ -166,7 +166,8 @@ def make_base(shapes, dtype: torch.dtype, device: torch.device, seed: int = 0):
     return base, grads
 
 
-def build(names: list[str], case, dtype: torch.dtype, device: torch.device, amsgrad: bool) -> tuple[list[Provider], dict[str, str]]:
+def build(names: list[str], case, dtype: torch.dtype, device: torch.device,
+          amsgrad: bool) -> tuple[list[Provider], dict[str, str]]:
     """The named providers for ``case`` and, for those that could not be built, the reason."""
     base, grads = make_base(case.shapes, dtype, device)
     providers: list[Provider] = []

@@ -170,7 +170,8 @@ def plot(results: dict, path: str) -> None:
     ax.set_xticks(range(len(cases)), [f"{c['title']}\n{c['num_tensors']} tensors" for c in cases], fontsize=8)
     ax.set_ylabel("speedup over torch.optim.AdamW(fused=True)")
     m = results["machine"]
-    ax.set_title(f"AdamW {results['config']['dtype']} step on {m['cpu_model']} ({m['torch_threads']} threads); dashed: target", fontsize=9)
+    ax.set_title(f"AdamW {results['config']['dtype']} step on {m['cpu_model']} ({m['torch_threads']} threads); "
+                 "dashed: target", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.min_repeats = min(args.min_repeats, args.repeats)
     known = [providers.FUSEDWD_PREFIX + b for b in providers.FUSEDWD_BACKENDS]
-    known += [providers.FUSEDWD_PREFIX + b + providers.FLAT_SUFFIX for b in providers.FUSEDWD_BACKENDS if b != "reference"]
+    known += [providers.FUSEDWD_PREFIX + b + providers.FLAT_SUFFIX
+              for b in providers.FUSEDWD_BACKENDS if b != "reference"]
     known += [*providers.TORCH_VARIANTS, providers.FLOOR]
     if args.optimizers is not None and not set(args.optimizers) <= set(known):
         ap.error(f"unknown provider(s) {sorted(set(args.optimizers) - set(known))}; choose from {known}")
@@ -273,7 +274,8 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
     short = [f"{c['name']}/{n} n={r['n']}" for c in results["cases"] for n, r in c["providers"].items()
              if r["n"] < args.repeats]
     if short:
-        print(f"fewer than {args.repeats} repeats (time budget {args.budget:g} s per provider and case): {', '.join(short)}")
+        print(f"fewer than {args.repeats} repeats (time budget {args.budget:g} s per provider and case): "
+              f"{', '.join(short)}")
     floors = {r["description"] for c in results["cases"] for n, r in c["providers"].items() if n == providers.FLOOR}
     for d in sorted(floors):
         print(f"floor: {d}")

@@ -9,11 +9,14 @@ from typing import Union
 
 import torch
 
-from . import reference, schedules
+from . import (
+    ops,  # noqa: E402, F401  (registers torch.ops.fusedwd.*, which a compiled step calls)
+    reference,
+    schedules,
+)
 from ._spec import BACKENDS, DECAY_MODES
 from .groups import param_groups
 from .optim import SGDW, AdamW, RMSpropW
-from . import ops  # registers torch.ops.fusedwd.*, which a compiled step calls  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -44,7 +44,9 @@ def _real_number(name: str, value: Any) -> float:
     # A 1-element tensor lr is torch's capturable idiom; read it as a number.
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a number or a 1-element tensor, got a tensor of shape {tuple(value.shape)}"
+            )
         if value.is_complex():
             raise TypeError(f"{name} must be real, got a complex tensor")
         return float(value.detach().reshape(()).item())

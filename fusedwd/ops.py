@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor

@@ -156,7 +156,8 @@ def quantize_blockwise(x: Tensor, signed: bool, *, block_size: int = BLOCK_SIZE,
         codes = k
         if keep_positive:
             codes = torch.where((b64 > 0) & (k == 0) & ok[:, None], torch.ones_like(k), k)
-    stored = torch.where(bad, torch.full_like(absmax, float("nan")), torch.where(tiny, torch.zeros_like(absmax), absmax))
+    stored = torch.where(bad, torch.full_like(absmax, float("nan")),
+                         torch.where(tiny, torch.zeros_like(absmax), absmax))
     return codes.reshape(-1)[:n].to(torch.uint8), stored.to(torch.float32)
 
 

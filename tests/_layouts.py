@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from fusedwd import _buckets as B
+from fusedwd import quant
+
 import _rules
-from fusedwd import _buckets as B, quant
 
 F32, F16, BF16, F64, U8 = torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8
 
@@ -136,7 +138,7 @@ class LayoutBucket:
     def new_grads(self, t: int) -> None:
         """Fresh gradients for step t, the same in every copy."""
         gen = torch.Generator().manual_seed(1000 + t)
-        for i, g in enumerate(self.grads):
+        for g in self.grads:
             g.copy_(torch.randn(g.shape, generator=gen).to(g.dtype))
         if self.tiny_block is not None:
             seg, block = self.tiny_block

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 import fusedwd
-from fusedwd import rules
 from fusedwd import _buckets as B
+from fusedwd import rules
 
 
 @dataclass(frozen=True)

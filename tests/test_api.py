@@ -7,6 +7,7 @@ import torch
 
 import fusedwd
 from fusedwd import _ext
+
 from _helpers import AWKWARD_SHAPES, assert_close, clone_params, compare_optimizers, make_params, random_grads
 
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])
@@ -33,7 +34,7 @@ def test_lr_scheduler_changes_take_effect_at_once(backend):
     theirs = clone_params(ours)
     opt = fusedwd.AdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
-    lam = lambda t: 0.5 + 0.5 * torch.cos(torch.tensor(t * 0.3)).item()  # changes every step
+    lam = lambda t: 0.5 + 0.5 * torch.cos(torch.tensor(t * 0.3)).item()  # noqa: E731 (changes every step)
     sched_ours = torch.optim.lr_scheduler.LambdaLR(opt, lam)
     sched_ref = torch.optim.lr_scheduler.LambdaLR(ref, lam)
 

@@ -18,6 +18,7 @@ import torch._dynamo.utils
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedwd
+
 from _helpers import assert_close
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built: the compiled path runs its ops")

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fusedwd import _cuda_ext
+
 from _helpers import assert_close
 from _layouts import LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, LayoutBucket, compare_with_cpu, dtype_code
 from _rules import OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS
@@ -388,7 +389,8 @@ def emulation(tmp_path_factory):
     emulation = ROOT / "tests" / "cuda_emulation"
     # -ffp-contract=off: the helpers round as in the CPU and CUDA builds
     cmd = [cxx, *flags, "-O1", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", f"-I{emulation}",
-           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", str(emulation / "run.cpp"), "-o", str(lib)]  # fmt: skip
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", str(emulation / "run.cpp"),
+           "-o", str(lib)]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     dll = ctypes.CDLL(str(lib))

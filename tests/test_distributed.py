@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import fusedwd
 from fusedwd.groups import param_groups
+
 from _helpers import assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -5,6 +5,7 @@ import torch
 
 import fusedwd
 from fusedwd import _ext
+
 from _helpers import make_params
 
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])

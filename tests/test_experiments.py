@@ -104,8 +104,19 @@ def test_digits_without_sklearn_says_what_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    with pytest.raises(ImportError, match="install scikit-learn"):
+    with pytest.raises(ImportError, match=r"fusedwd\[experiments\]"):
         _digits.load(0)
+
+
+@pytest.mark.parametrize("module, package", [("matplotlib", "matplotlib"), ("sklearn", "scikit-learn")])
+def test_a_missing_extra_is_named_before_any_experiment_runs(monkeypatch, capsys, module, package):
+    # `pip install fusedwd` does not install them: the CLI says which extra does, not a bare
+    # ModuleNotFoundError from deep inside an experiment
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails, as if not installed
+    with pytest.raises(ModuleNotFoundError, match=rf"needs {package}.*pip install \"fusedwd\[experiments\]\""):
+        cli.main(["propositions", "--quick"])
 
 
 def test_heatmap_trains_no_decay_once_for_both_modes():

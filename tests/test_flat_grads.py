@@ -7,6 +7,7 @@ import torch
 import fusedwd
 from fusedwd import _ext
 from fusedwd.optim._checks import Checks
+
 from _helpers import make_params
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="fusedwd._C is not built")

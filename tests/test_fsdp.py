@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 import fusedwd
 from fusedwd.groups import param_groups
+
 from _helpers import assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -95,7 +96,10 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
         dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
         )
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor, Replicate

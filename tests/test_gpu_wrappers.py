@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fusedwd
+
 from _helpers import AWKWARD_SHAPES, compare_optimizers, random_grads
 from _rules import RICH_CONFIGS
 

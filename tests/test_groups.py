@@ -7,6 +7,7 @@ from torch import nn
 import fusedwd
 from fusedwd import _ext
 from fusedwd.groups import param_groups
+
 from _helpers import assert_close
 
 
@@ -129,7 +130,7 @@ def test_400_param_groups_step_in_one_pass(monkeypatch):
     C = _ext.cpu()
     step = C.step
     monkeypatch.setattr(C, "step", lambda *a, **k: calls.append(1) or step(*a, **k))
-    for t in range(3):
+    for _ in range(3):
         for p, q in zip(params, twins):
             p.grad = torch.randn(7, 5)
             q.grad = p.grad.clone()

@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 
-import _rules
 import fusedwd
 from fusedwd import quant
+
+import _rules
 from _helpers import assert_close, assert_isa_variants_bitwise_equal, make_params, random_grads, results_on_every_isa
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
@@ -68,7 +69,8 @@ def test_cpu_kernel_matches_the_reference(cls, hp, dtype, options):
                     diff = (sa[name].int() - sb[name].int()).abs()
                     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (t, k, name)
                 elif name != "step":
-                    assert_close(sa[name], sb[name], f"step {t} param {k} {name}", scale=max(1.0, sb[name].abs().max().item()))
+                    assert_close(sa[name], sb[name], f"step {t} param {k} {name}",
+                                 scale=max(1.0, sb[name].abs().max().item()))
             # one code apart decodes a few percent apart: start the next step from the same
             # bytes, so each step is compared on its own
             with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 
 import fusedwd
 from fusedwd import _ext
+
 from _helpers import AWKWARD_SHAPES, clone_params, compare_optimizers, make_params, random_grads
 from _rules import CONFIGS
 

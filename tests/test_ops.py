@@ -12,10 +12,11 @@ import re
 import pytest
 import torch
 
-import _rules
 import fusedwd.ops as ops
 from fusedwd import _buckets, reference, rules
 from fusedwd.optim import SGDW, AdamW, RMSpropW
+
+import _rules
 from _helpers import assert_close, max_abs
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built: the ops' CPU kernel is missing")
@@ -72,7 +73,8 @@ class Problem:
         self.op()(*self.op_args(grads, self.hyper() if hyper is None else hyper))
 
     def step_reference(self, grads):
-        states = {state.name: self.states[state.name + "s"] for state in self.spec.states if self.states[state.name + "s"]}
+        states = {state.name: self.states[state.name + "s"] for state in self.spec.states
+                  if self.states[state.name + "s"]}
         self.spec.reference(self.group(), self.switches, self.params, grads, states, self.steps, reference.Precision())
 
     def tensors(self):

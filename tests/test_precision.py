@@ -12,10 +12,17 @@ import copy
 import pytest
 import torch
 
-import _rules
 import fusedwd
-from _helpers import (assert_close, assert_isa_variants_bitwise_equal, compare_optimizers, make_params, random_grads,
-                      results_on_every_isa)
+
+import _rules
+from _helpers import (
+    assert_close,
+    assert_isa_variants_bitwise_equal,
+    compare_optimizers,
+    make_params,
+    random_grads,
+    results_on_every_isa,
+)
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built")
 
@@ -91,7 +98,8 @@ def test_isa_variants_are_bitwise_equal(cls, hp, states, dtype, options, extra):
         opt.grad_scale = torch.tensor(8.0)
         return opt, params
 
-    assert_isa_variants_bitwise_equal(results_on_every_isa(build, steps=5, grad_fn=lambda ps, t: random_grads(ps, t, scale=8.0)))
+    assert_isa_variants_bitwise_equal(
+        results_on_every_isa(build, steps=5, grad_fn=lambda ps, t: random_grads(ps, t, scale=8.0)))
 
 
 # ------------------------------------------------------------------ master weights

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from fusedwd.quant import (BLOCK_SIZE, MIN_ABSMAX, QuantizedState, code_map, dequantize_blockwise,
-                           quantize_blockwise, requantized_step, zero_code)
+from fusedwd.quant import (
+    BLOCK_SIZE,
+    MIN_ABSMAX,
+    QuantizedState,
+    code_map,
+    dequantize_blockwise,
+    quantize_blockwise,
+    requantized_step,
+    zero_code,
+)
 
 SHAPES = [(1,), (255,), (256,), (4097,), (1024, 33), (6, 42, 123)]
 LEVELS = {True: 127, False: 255}
@@ -104,7 +112,7 @@ def _numpy_encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
 def test_encode_is_bitwise_the_ieee_float32_rule(signed):
     """Against an independent float32 implementation, on 2^20 heavy-tailed elements.
     (torch's float32 sqrt on the CPU is not always correctly rounded: through it, one
-    of the 65,536 synthetic moments of bench/quant_codes.py lands on a tie of r*K and
+    of the 65,536 synthetic moments of research/quant_codes.py lands on a tie of r*K and
     gets the neighbouring byte; fusedwd.quant evaluates each op in float64 instead.)"""
     x = _draw((1 << 20,), signed, "heavy", seed=17)
     codes, absmax = quantize_blockwise(x, signed)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import fusedwd
-from fusedwd.schedules import WarmRestarts, WeightDecayScheduler, normalized_weight_decay
 from fusedwd.groups import param_groups
+from fusedwd.schedules import WarmRestarts, WeightDecayScheduler, normalized_weight_decay
+
 from _helpers import assert_close
 
 
@@ -64,7 +65,7 @@ def test_normalized_decay_recomputed_each_period_and_no_decay_group_kept():
     opt = fusedwd.AdamW(param_groups(model, weight_decay=1.0), lr=1e-3, decay="independent")
     sched = WarmRestarts(opt, T_0=2, T_mult=2, steps_per_epoch=5, lambda_norm=0.05, batch_size=32, num_train=160)
     seen = []
-    for step in range(30):  # periods of 2 and 4 epochs: 10 and 20 steps
+    for _ in range(30):  # periods of 2 and 4 epochs: 10 and 20 steps
         seen.append((opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"]))
         opt.step()
         sched.step()

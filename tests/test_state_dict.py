@@ -13,6 +13,7 @@ import torch
 
 import fusedwd
 from fusedwd import _ext
+
 from _helpers import AWKWARD_SHAPES, assign_grads, clone_params, compare_optimizers, make_params, random_grads
 
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])

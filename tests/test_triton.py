@@ -21,10 +21,20 @@ import torch
 
 import fusedwd
 from fusedwd import _buckets, _ext
-from _helpers import assert_close, make_params, random_grads
-from _layouts import (LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, SEED, LayoutBucket, assert_same_bits,
-                      compare_with_cpu, control)
+
 import _rules
+from _helpers import assert_close, make_params, random_grads
+from _layouts import (
+    LAYOUT_IDS,
+    LAYOUTS,
+    Q8_LAYOUT_IDS,
+    Q8_LAYOUTS,
+    SEED,
+    LayoutBucket,
+    assert_same_bits,
+    compare_with_cpu,
+    control,
+)
 from _rules import CONFIGS, OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS
 
 if importlib.util.find_spec("triton") is None:
@@ -544,7 +554,8 @@ def test_q8_launcher_rejects_bad_layouts(triton_kernels):
     bucket = _q8_bucket("sgdw", (True, False), Q8_LAYOUTS[0])
     args = (bucket.table(), bucket.hyper, DEVICE)
     for dtype, kw in ((torch.float64, {}), (torch.float32, dict(master=True)),
-                      (torch.float16, dict(stochastic_rounding=True)), (torch.float32, dict(state_dtype=torch.float32))):
+                      (torch.float16, dict(stochastic_rounding=True)),
+                      (torch.float32, dict(state_dtype=torch.float32))):
         with pytest.raises(ValueError, match="unsupported storage layout: .*8-bit"):
             triton_kernels.step("sgdw", *args, dtype, (True, False), quantized=True, **kw)
     assert float(bucket.steps[0]) == 0.0, "a rejected launch wrote a step count"
@@ -619,7 +630,8 @@ _COMPILE_EVERY_VARIANT = textwrap.dedent("""
         # in the others, every state in use
         variants = []
         everything = (True,) * len(rule.switches)
-        for (p, s, master, sr), q8 in [(layout, False) for layout in LAYOUTS] + [(layout, True) for layout in Q8_LAYOUTS]:
+        layouts = [(layout, False) for layout in LAYOUTS] + [(layout, True) for layout in Q8_LAYOUTS]
+        for (p, s, master, sr), q8 in layouts:
             if (p == s and not (master or sr)) or (q8 and p == torch.float32):
                 variants += [((p, s, master, sr), q8, v) for v in rule.structures()]
             else:
@@ -645,7 +657,7 @@ _COMPILE_EVERY_VARIANT = textwrap.dedent("""
             # the rounding bits' hash in uint32: logical shifts, as C++'s
             assert not sr or "shr.s32" not in ptx, what
             # the rounding of 8-bit codes by the 2^23 addition, never truncated or contracted away
-            assert not (q8 and any(kept)) or re.search(r"add\.rn\.f32\s+%r\d+, %r\d+, 0f4B000000", ptx), what
+            assert not (q8 and any(kept)) or re.search(r"add\\.rn\\.f32\\s+%r\\d+, %r\\d+, 0f4B000000", ptx), what
             # the full, aligned blocks' path: 128-bit loads and stores
             assert re.search(r"ld\\.global\\.v[24]\\.", ptx) and re.search(r"st\\.global\\.v[24]\\.", ptx), what
             print(name, values, "ok")

@@ -85,7 +85,7 @@ def load(seed: int, n_train: int = N_TRAIN, label_noise: float = LABEL_NOISE) ->
     except ImportError as e:
         raise ImportError(
             "the heatmap and schedules experiments train on scikit-learn's digits data set: "
-            "install scikit-learn (pip install scikit-learn; `make test` installs it)"
+            'install it with the experiments extra: pip install "fusedwd[experiments]" (`make test` installs it)'
         ) from e
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)

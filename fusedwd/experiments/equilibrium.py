@@ -81,7 +81,8 @@ def run(quick: bool = False, seed: int = 0) -> dict:
 
 def report(result: dict) -> str:
     head = (f"predicted for AdamW: angle {result['predicted_angle']:.4g} rad/step, "
-            f"norm {result['predicted_norm']:.4g} (C={result['dim']}, lr={result['lr']}, wd={result['weight_decay']})\n")
+            f"norm {result['predicted_norm']:.4g} (C={result['dim']}, lr={result['lr']}, "
+            f"wd={result['weight_decay']})\n")
     return head + table(
         ["decay", "grad scale", "angle", "angle/pred", "norm", "norm/pred"],
         [(r["decay"], r["grad_scale"], r["angle"], r["angle_vs_predicted"], r["norm"], r["norm_vs_predicted"])

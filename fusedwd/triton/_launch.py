@@ -65,7 +65,8 @@ def _check_layout(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, st
         ok = state_dtype == dtype or (dtype == torch.float32 and half_s) or (half_p and state_dtype == torch.float32)
     if not ok:
         raise ValueError(f"unsupported storage layout: params {dtype}, states {state_dtype}"
-                         + (", fp32 master weights" if master else "") + (", stochastic rounding" if stochastic else ""))
+                         + (", fp32 master weights" if master else "")
+                         + (", stochastic rounding" if stochastic else ""))
 
 
 def _check_q8_layout(dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic: bool) -> None:
@@ -80,7 +81,8 @@ def _check_q8_layout(dtype: torch.dtype, state_dtype: Optional[torch.dtype], mas
     if not ok or state_dtype not in (None, torch.uint8):
         raise ValueError(f"unsupported storage layout: params {dtype}, 8-bit states"
                          + (f" (state_dtype {state_dtype})" if state_dtype not in (None, torch.uint8) else "")
-                         + (", fp32 master weights" if master else "") + (", stochastic rounding" if stochastic else ""))
+                         + (", fp32 master weights" if master else "")
+                         + (", stochastic rounding" if stochastic else ""))
 
 
 def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device, seed: int) -> _LaunchTables:

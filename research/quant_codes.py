@@ -1,8 +1,8 @@
 """Choosing the 8-bit code of the blockwise optimizer states (issue 6), by measurement.
 
-    python -m bench.quant_codes                      # every section (about 10 minutes on 2 cores)
-    python -m bench.quant_codes --only speed         # one section: errors,zeros,drift,train,speed
-    python -m bench.quant_codes --quick              # a smoke run, not a measurement
+    python -m research.quant_codes                      # every section (about 10 minutes on 2 cores)
+    python -m research.quant_codes --only speed         # one section: errors,zeros,drift,train,speed
+    python -m research.quant_codes --quick              # a smoke run, not a measurement
 
 Writes /tmp/quant_codes.json (--out); docs/quantization.md quotes the tables.
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -427,7 +426,7 @@ def section_errors(quick: bool) -> dict:
     # m alone (v exact), v alone (m exact), then both with the pairings we consider
     for code in signed_codes():
         errs, dir_err, dir_max = [], [], []
-        for name, m, v, t in snaps:
+        for _name, m, v, _t in snaps:
             qm, am = quantize(m, code)
             m_hat = dequantize(qm, am, code, m.shape)
             errs.append(block_rel_l2(m, m_hat))
@@ -441,7 +440,7 @@ def section_errors(quick: bool) -> dict:
                                "direction_rel_l2_max": max(dir_err), "direction_abs_max": max(dir_max)}
     for opt in v_options():
         errs, dir_err, dir_max, zeros = [], [], [], []
-        for name, m, v, t in snaps:
+        for _name, m, v, _t in snaps:
             v_hat = opt.roundtrip(v)
             errs.append(block_rel_l2(v.sqrt(), v_hat.sqrt()))  # the step uses sqrt(v)
             u, u_hat = direction(m, v, t), direction(m, v_hat, t)
@@ -456,7 +455,7 @@ def section_errors(quick: bool) -> dict:
                               "v_to_zero_max": max(zeros)}
     for m_code, v_opt in pairings():
         dir_err, dir_max = [], []
-        for name, m, v, t in snaps:
+        for _name, m, v, _t in snaps:
             qm, am = quantize(m, m_code)
             m_hat = dequantize(qm, am, m_code, m.shape)
             u, u_hat = direction(m, v, t), direction(m_hat, v_opt.roundtrip(v), t)
@@ -495,7 +494,7 @@ def section_zeros(quick: bool) -> dict:
         res = {"fp32": {"over_bound": sum(o for *_, o in ref.stats)}}
         for v_opt in v_options():
             m_code = {"bnb": s["bnb"], "pow2": s["pow4"], "pow4": s["pow4"]}.get(v_opt.code.name, s["e4m3"])
-            _, opt = train_sim(task, steps, lambda ps: SimAdamW(ps, m_code, v_opt))
+            _, opt = train_sim(task, steps, lambda ps, m_code=m_code, v_opt=v_opt: SimAdamW(ps, m_code, v_opt))
             rates = [z / p for p, z, _ in opt.stats if p]
             res[v_opt.name] = {"m_code": m_code.name, "v_to_zero_mean": statistics.fmean(rates),
                                "v_to_zero_max": max(rates),
@@ -523,7 +522,7 @@ def section_drift(quick: bool) -> dict:
                                                                        weight_decay=WD))
         res = {"fusedwd_vs_sim_fp32": float((_params(fw_model) - ref).norm() / ref.norm())}
         runs = [("bf16 states", lambda ps: SimAdamW(ps, bf16=True))]
-        runs += [(f"{m.name} | {v.name}", (lambda m, v: lambda ps: SimAdamW(ps, m, v))(m, v)) for m, v in pairings()]
+        runs += [(f"{m.name} | {v.name}", lambda ps, m=m, v=v: SimAdamW(ps, m, v)) for m, v in pairings()]
         for name, factory in runs:
             model, _ = train_sim(task, steps, factory)
             p = _params(model)
@@ -538,7 +537,7 @@ def section_train(quick: bool) -> dict:
     seeds = [0] if quick else [0, 1, 2]
     epochs = 3 if quick else 40
     runs = [("fp32", lambda ps: SimAdamW(ps))]
-    runs += [(f"{m.name} | {v.name}", (lambda m, v: lambda ps: SimAdamW(ps, m, v))(m, v)) for m, v in pairings()]
+    runs += [(f"{m.name} | {v.name}", lambda ps, m=m, v=v: SimAdamW(ps, m, v)) for m, v in pairings()]
     out = {}
     for name, factory in runs:
         losses, accs = [], []
