@@ -1,6 +1,7 @@
 """fusedwd: fused optimizer kernels for PyTorch, built around decoupled weight decay.
 
-Public API: the optimizers, the reference update rules, and backend discovery.
+Public API: the optimizers (every one of fusedwd.optim), the reference update
+rules, the rule registry (fusedwd.rules), and backend discovery.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from typing import Union
 import torch
 
 from . import (
-    ops,  # noqa: E402, F401  (registers torch.ops.fusedwd.*, which a compiled step calls)
+    ops,  # noqa: F401  (registers torch.ops.fusedwd.*, which a compiled step calls)
+    optim,
     reference,
+    rules,
     schedules,
 )
 from ._spec import BACKENDS, DECAY_MODES
 from .groups import param_groups
-from .optim import SGDW, AdamW, RMSpropW
+from .optim import *  # noqa: F403  (every optimizer: fusedwd.optim.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW", "SGDW", "RMSpropW", "param_groups", "schedules", "reference", "available_backends",
+    *optim.__all__, "param_groups", "schedules", "reference", "rules", "available_backends",
     "DECAY_MODES", "BACKENDS", "__version__",
 ]
 
