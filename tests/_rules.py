@@ -41,6 +41,7 @@ INFOS = {
     "rmspropw": RuleInfo(fusedwd.RMSpropW, dict(lr=1e-3, alpha=0.9, eps=1e-5, weight_decay=0.1),
                          switch_on={"centered": dict(centered=True), "has_momentum": dict(momentum=0.6)},
                          small=("grad_avg",)),
+    "lion": RuleInfo(fusedwd.Lion, dict(lr=3e-3, betas=(0.85, 0.98), weight_decay=0.3)),
 }
 assert set(INFOS) == set(rules.RULES), "every rule of fusedwd.rules needs its entry in tests/_rules.py"
 NAMES = list(INFOS)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "fusedwd/adamw.h"
+#include "fusedwd/lion.h"
 #include "fusedwd/rmspropw.h"
 #include "fusedwd/sgdw.h"
 
@@ -11,7 +12,8 @@
 #define FUSEDWD_RULES(X) \
   X(AdamW)               \
   X(Sgdw)                \
-  X(Rmspropw)
+  X(Rmspropw)            \
+  X(Lion)
 
 FUSEDWD_NS_BEGIN
 
