@@ -19,17 +19,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedwd
 
+import _rules
 from _helpers import assert_close
 
 pytest.importorskip("fusedwd._C", reason="fusedwd._C is not built: the compiled path runs its ops")
 
-RULES = [
-    (fusedwd.AdamW, dict(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)),
-    (fusedwd.AdamW, dict(weight_decay=0.1, amsgrad=True, decay="independent")),
-    (fusedwd.SGDW, dict(momentum=0.9, weight_decay=0.01, nesterov=True)),
-    (fusedwd.RMSpropW, dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.1, decay="l2")),
-]
-RULE_IDS = ["adamw", "adamw-amsgrad-independent", "sgdw-nesterov", "rmspropw-centered-l2"]
+# every rule in its richest structure (tests/_rules.py), the decay modes in turn; lr is the test's
+RULES = [(cls, {k: v for k, v in dict(kw, decay=["decoupled", "independent", "l2"][i % 3]).items() if k != "lr"})
+         for i, (cls, kw, _) in enumerate(_rules.RICH_CONFIGS.values())]
+RULE_IDS = list(_rules.RICH_CONFIGS)
 
 
 def _model(dtype=torch.float32):

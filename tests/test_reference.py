@@ -139,3 +139,66 @@ def test_independent_decay_follows_the_schedule_multiplier():
         opt.step()
         sched.step()
     assert_close(p.detach(), p0 * expected, "decayed parameter")
+
+
+# ---------------------------------------------------------------- Lion
+def _lion_by_hand(params, grads_per_step, exp_avgs, *, lr, beta1, beta2, weight_decay, decay, lr_max, maximize):
+    """Lion written again from the paper (Chen et al. 2023, Program 1) in the form the common
+    implementations take (lucidrains' lion-pytorch: decay, then the sign update, then the
+    momentum; optimi's decouple_lr: the decay scaled by lr/max_lr), in float64, for a
+    list of steps of gradients. Independent of fusedwd: plain tensor arithmetic."""
+    for grads in grads_per_step:
+        for p, g, m in zip(params, grads, exp_avgs):
+            g = -g if maximize else g
+            if decay == "l2":
+                g = g + weight_decay * p
+            elif decay == "decoupled":
+                p.mul_(1.0 - lr * weight_decay)
+            else:  # "independent"
+                p.mul_(1.0 - (lr / lr_max) * weight_decay)
+            update = m * beta1 + g * (1.0 - beta1)
+            p.sub_(lr * torch.sign(update))  # torch.sign(0) == 0
+            m.mul_(beta2).add_(g * (1.0 - beta2))
+
+
+@pytest.mark.parametrize("decay", ["decoupled", "independent", "l2"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_lion_reference_matches_an_independent_formula(decay, maximize):
+    ours = make_params(AWKWARD_SHAPES, torch.float64)
+    theirs = [p.detach().clone() for p in ours]
+    exp_avgs = [torch.zeros_like(p) for p in theirs]
+    kw = dict(lr=3e-3, betas=(0.85, 0.97), weight_decay=0.4)
+    opt = fusedwd.Lion(ours, **kw, decay=decay, maximize=maximize, backend="reference")
+    grads = [random_grads(ours, t) for t in range(STEPS)]
+    for t in range(STEPS):
+        for p, g in zip(ours, grads[t]):
+            p.grad = g.clone()
+        opt.step()
+    _lion_by_hand(theirs, grads, exp_avgs, lr=kw["lr"], beta1=0.85, beta2=0.97, weight_decay=0.4, decay=decay,
+                  lr_max=kw["lr"], maximize=maximize)
+    for k, (p, q, m) in enumerate(zip(ours, theirs, exp_avgs)):
+        # the same IEEE float64 operations in the same order: equal
+        assert torch.equal(p.detach(), q), f"parameter {k}"
+        assert torch.equal(opt.state[p]["exp_avg"], m), f"exp_avg {k}"
+        assert float(opt.state[p]["step"]) == STEPS
+
+
+def test_lion_every_element_moves_by_exactly_lr():
+    # the sign update: without decay every element with a nonzero direction moves by lr, no more
+    params = [torch.nn.Parameter(torch.randint(-64, 64, (5000,)).double() / 64)]
+    before = params[0].detach().clone()
+    opt = fusedwd.Lion(params, lr=2.0**-10, backend="reference")
+    params[0].grad = torch.randn(5000, dtype=torch.float64)
+    opt.step()
+    moved = (params[0].detach() - before).abs()
+    assert torch.equal(moved, torch.full_like(moved, 2.0**-10))
+
+
+def test_lion_sign_of_zero_is_zero_and_a_nan_propagates():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+    opt = fusedwd.Lion([p], lr=0.1, backend="reference")
+    p.grad = torch.tensor([0.0, -0.0, float("nan"), 1.0])
+    opt.step()
+    assert p[0].item() == 1.0 and p[1].item() == -2.0, "sign(0) = 0: no step"
+    assert p[2].isnan(), "a NaN gradient makes a NaN parameter, as for every rule"
+    assert p[3].item() == pytest.approx(0.4)

@@ -14,6 +14,7 @@ import torch
 import fusedwd
 from fusedwd import _ext
 
+import _rules
 from _helpers import AWKWARD_SHAPES, assign_grads, clone_params, compare_optimizers, make_params, random_grads
 
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])
@@ -78,14 +79,17 @@ def test_fusedwd_checkpoint_into_torch(name, backend):
     compare_optimizers(opt_t, theirs, opt_f, ours, states, 10, lambda t: random_grads(ours, 100 + t))
 
 
+@pytest.mark.parametrize("name", list(_rules.RICH_CONFIGS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fusedwd_roundtrip_is_exact(backend):
+def test_fusedwd_roundtrip_is_exact(backend, name):
+    cls, kw, states = _rules.RICH_CONFIGS[name]
     ours = make_params(AWKWARD_SHAPES)
-    opt = fusedwd.AdamW(ours, lr=1e-2, amsgrad=True, decay="independent", backend=backend)
+    opt = cls(ours, **kw, decay="independent", backend=backend)
     _train(opt, ours, 4)
     saved = _roundtrip(opt.state_dict())
+    assert set(saved["state"][0]) == set(states), "torch's (or the common implementations') state names"
     again = clone_params(ours)
-    opt2 = fusedwd.AdamW(again, lr=1e-2, amsgrad=True, decay="independent", backend=backend)
+    opt2 = cls(again, **kw, decay="independent", backend=backend)
     opt2.load_state_dict(saved)
     assert opt2.param_groups[0]["decay"] == "independent"
     for t in range(5):
@@ -158,3 +162,25 @@ def test_copies_are_independent(how):
     _train(opt, ours, 3, offset=2)
     for p, q in zip(ours, ours2):
         assert torch.equal(p, q)
+
+
+def test_a_lion_pytorch_checkpoint_continues():
+    # lion-pytorch and optimi keep one state per parameter, exp_avg, and no step: such a
+    # checkpoint loads into fusedwd.Lion, whose next step starts from that momentum
+    params = make_params(AWKWARD_SHAPES, torch.float64)
+    exp_avgs = [torch.randn(p.shape, dtype=torch.float64) for p in params]
+    lr, betas, wd = 1e-3, (0.9, 0.99), 0.2
+    saved = {"state": {k: {"exp_avg": m.clone()} for k, m in enumerate(exp_avgs)},
+             "param_groups": [dict(lr=lr, betas=betas, weight_decay=wd, params=list(range(len(params))))]}
+    opt = fusedwd.Lion(params, lr=lr, betas=betas, weight_decay=wd, backend="reference")
+    opt.load_state_dict(saved)
+    grads = random_grads(params, 0)
+    expected = []
+    for p, g, m in zip(params, grads, exp_avgs):
+        c = m * betas[0] + g * (1 - betas[0])
+        expected.append((p.detach() * (1 - lr * wd) - lr * torch.sign(c), m * betas[1] + g * (1 - betas[1])))
+        p.grad = g
+    opt.step()
+    for k, (p, (p_expected, m_expected)) in enumerate(zip(params, expected)):
+        assert torch.equal(p.detach(), p_expected), f"parameter {k}"
+        assert torch.equal(opt.state[p]["exp_avg"], m_expected), f"exp_avg {k}"
