@@ -15,7 +15,9 @@ parameter), interleaved with torch's fused fp32 AdamW, in one run:
   with bf16 parameters + fp32 master (18 B/param), and their state memory;
 - fp32: ``clip_grad_norm_`` + torch's fused step against fusedwd's
   ``max_grad_norm`` (one read of the gradients for the norm, the clip folded
-  into the step).
+  into the step);
+- fusedwd's Lion in fp32 beside the floor of its own bytes: one state, so
+  20 B/param (p, g, m read; p, m written) against AdamW's 28.
 
 Targets (issue 5): the master-weight layout within 10% of its floor; clip +
 step at least 1.25x faster than clip_grad_norm_ + torch fused. (Issue 6): fp32
@@ -47,6 +49,7 @@ TRAFFIC = {
     "fp32-int8": (5, 3),  # read p4 g4 m1 v1; write p4 m1 v1 (+ 8 B of absmax per 256)
     "master-int8": (5, 4),  # read p2 g2 master4 m1 v1; write p2 master4 m1 v1
     "fp32": (8, 6),  # read p g m v; write p m v, all 4 B
+    "lion-fp32": (6, 4),  # Lion: read p g m; write p m, all 4 B (20 B/param)
 }
 
 
@@ -108,6 +111,8 @@ def build(case, quick: bool):
     add("torch-clip+fused", clip_then_step, "fp32", "clip_grad_norm_ + torch fused fp32")
     add("fusedwd-clip", fusedwd.AdamW(_params(base, grads, torch.float32), max_grad_norm=MAX_NORM,
                                       **HYPERPARAMETERS).step, "fp32", "fusedwd max_grad_norm, fp32")
+    add("fusedwd-lion", fusedwd.Lion(_params(base, grads, torch.float32), lr=1e-4, weight_decay=0.1).step,
+        "lion-fp32", "fusedwd Lion, fp32 p/g/m")
     floors = {"floor-" + layout: _floor(case.num_params, layout, keep) for layout in TRAFFIC}
     return steps, floors, keep, int8
 
@@ -168,6 +173,9 @@ def run(args) -> dict:
     print(f"8-bit states: bf16 + fp32 master + 8-bit states {int8_speedup:.2f}x torch fused fp32 (target >= 1.6x); "
           f"fp32 params + 8-bit states {med['torch-fused'] / med['fusedwd-fp32-int8']:.2f}x; state memory "
           f"{100 * int8_memory:.1f}% of fp32 states (target <= 26%)")
+    lion = by["fusedwd-lion"]
+    print(f"Lion: {lion['median_ms']:.1f} ms, {lion['pct_of_floor']:.0f}% of the floor of its 20 B/param "
+          f"({lion['vs_torch_fused_fp32']:.2f}x torch fused fp32 AdamW's 28 B/param step)")
     if not judged:
         print("targets: not judged (they are stated for full-size GPT-2 shapes, without --quick)")
     if contention.share is not None and contention.share > 0.05:
