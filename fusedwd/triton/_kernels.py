@@ -426,22 +426,50 @@ def _store_state(ptr, absmax_ptr, x, offs, mask, qblocks, qmask, S: tl.constexpr
 
 
 
+# --------------------------------------------------- shared pieces of the rules
+# csrc/include/fusedwd/common.h's: they decide how Inf and NaN spread (docs/math.md#non-finite-values).
+@triton.jit
+def _decayed_grad(g, p, grad_sign, l2, has_l2):
+    """grad_sign*g, plus l2*p only where there is L2 decay (torch's rule: 0*Inf would be NaN)."""
+    g = grad_sign * g
+    return tl.where(has_l2, g + l2 * p, g)
+
+
+@triton.jit
+def _lerp_weight(w, MATH: tl.constexpr):
+    """common.h lerp_weight: torch's lerp weight w (float64) as (coeff, small) in the math type."""
+    wm = w.to(MATH)
+    small = tl.abs(wm) < 0.5
+    return tl.where(small, wm, wm - 1.0), small
+
+
+@triton.jit
+def _lerp(a, b, coeff, small):
+    """torch's lerp(a, b, w): a + w*(b - a) for |w| < 0.5, else b + (w - 1)*(b - a) (common.h lerp_m)."""
+    return tl.where(small, a, b) + coeff * (b - a)
+
+
+@triton.jit
+def _maximum(a, b):
+    """torch.maximum: NaN if either is NaN."""
+    return tl.where((b > a) | (b != b), b, a)
+
+
 # -------------------------------------------------------------------- AdamW
 @triton.jit
-def _adamw_update(p, g, m, v, vmax, grad_sign, l2, decay_mult, beta1, one_minus_beta1, beta2, one_minus_beta2,
+def _adamw_update(p, g, m, v, vmax, grad_sign, l2, has_l2, decay_mult, m_coeff, m_small, beta2, one_minus_beta2,
                   eps, step_size, bc2_sqrt, AMSGRAD: tl.constexpr):
     # docs/math.md#adamw; reference: fusedwd.reference.adamw
-    g = grad_sign * g + l2 * p
+    g = _decayed_grad(g, p, grad_sign, l2, has_l2)
     p = p * decay_mult
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
+    m = _lerp(m, g, m_coeff, m_small)
+    v = beta2 * v + (one_minus_beta2 * g) * g
     v_used = v
     if AMSGRAD:
-        # written so that a NaN in v propagates into vmax
-        vmax = tl.where(vmax >= v, vmax, v)
+        vmax = _maximum(vmax, v)
         v_used = vmax
     denom = _div_rn(_sqrt_rn(v_used), bc2_sqrt) + eps
-    p = p - step_size * _div_rn(m, denom)
+    p = p - _div_rn(step_size * m, denom)
     return p, m, v, vmax
 
 
@@ -469,11 +497,13 @@ def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: 
         vmax_ptr, avmax_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # max_exp_avg_sq (unsigned code)
         vmax = _load_state(vmax_ptr, avmax_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
 
+    m_coeff, m_small = _lerp_weight(1.0 - beta1, MATH)
+    l2 = tl.load(hp + ADAMW_L2)
     p, m, v, vmax = _adamw_update(
         p, g, m, v, vmax,
-        (tl.load(hp + ADAMW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + ADAMW_L2).to(MATH),
+        (tl.load(hp + ADAMW_GRAD_SIGN) * grad_mult).to(MATH), l2.to(MATH), l2 != 0.0,
         tl.load(hp + ADAMW_DECAY_MULT).to(MATH),
-        beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH), (1.0 - beta2).to(MATH),
+        m_coeff, m_small, beta2.to(MATH), (1.0 - beta2).to(MATH),
         tl.load(hp + ADAMW_EPS).to(MATH), step_size.to(MATH), bc2_sqrt.to(MATH), AMSGRAD,
     )
 
@@ -520,10 +550,10 @@ def _adamw_kernel(
 
 # --------------------------------------------------------------------- SGDW
 @triton.jit
-def _sgdw_update(p, g, buf, grad_sign, l2, decay_mult, lr, momentum, one_minus_dampening, first_step,
+def _sgdw_update(p, g, buf, grad_sign, l2, has_l2, decay_mult, lr, momentum, one_minus_dampening, first_step,
                  HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     # docs/math.md#sgdw; reference: fusedwd.reference.sgdw
-    g = grad_sign * g + l2 * p
+    g = _decayed_grad(g, p, grad_sign, l2, has_l2)
     p = p * decay_mult
     d = g
     if HAS_MOMENTUM:
@@ -551,9 +581,10 @@ def _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: t
         buf_ptr, abuf_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # momentum_buffer (signed code)
         buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
 
+    l2 = tl.load(hp + SGDW_L2)
     p, buf = _sgdw_update(
         p, g, buf,
-        (tl.load(hp + SGDW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + SGDW_L2).to(MATH),
+        (tl.load(hp + SGDW_GRAD_SIGN) * grad_mult).to(MATH), l2.to(MATH), l2 != 0.0,
         tl.load(hp + SGDW_DECAY_MULT).to(MATH), tl.load(hp + SGDW_LR).to(MATH), tl.load(hp + SGDW_MOMENTUM).to(MATH),
         (1.0 - tl.load(hp + SGDW_DAMPENING)).to(MATH), t == 1.0, HAS_MOMENTUM, NESTEROV,
     )
@@ -598,14 +629,14 @@ def _sgdw_kernel(
 
 # ----------------------------------------------------------------- RMSpropW
 @triton.jit
-def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, one_minus_alpha, eps, momentum,
-                     CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, has_l2, decay_mult, lr, alpha, one_minus_alpha, ga_coeff,
+                     ga_small, eps, momentum, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
     # docs/math.md#rmspropw; reference: fusedwd.reference.rmspropw
-    g = grad_sign * g + l2 * p
+    g = _decayed_grad(g, p, grad_sign, l2, has_l2)
     p = p * decay_mult
-    sq = alpha * sq + one_minus_alpha * (g * g)
+    sq = alpha * sq + (one_minus_alpha * g) * g
     if CENTERED:
-        ga = alpha * ga + one_minus_alpha * g
+        ga = _lerp(ga, g, ga_coeff, ga_small)
         avg = _sqrt_rn(sq - ga * ga) + eps
     else:
         avg = _sqrt_rn(sq) + eps
@@ -613,7 +644,7 @@ def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, on
         buf = momentum * buf + _div_rn(g, avg)
         p = p - lr * buf
     else:
-        p = p - lr * _div_rn(g, avg)
+        p = p - _div_rn(lr * g, avg)
     return p, sq, ga, buf
 
 
@@ -638,11 +669,13 @@ def _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P: 
         buf_ptr, abuf_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # momentum_buffer (signed code)
         buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
 
+    ga_coeff, ga_small = _lerp_weight(1.0 - alpha, MATH)
+    l2 = tl.load(hp + RMSPROPW_L2)
     p, sq, ga, buf = _rmspropw_update(
         p, g, sq, ga, buf,
-        (tl.load(hp + RMSPROPW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + RMSPROPW_L2).to(MATH),
+        (tl.load(hp + RMSPROPW_GRAD_SIGN) * grad_mult).to(MATH), l2.to(MATH), l2 != 0.0,
         tl.load(hp + RMSPROPW_DECAY_MULT).to(MATH), tl.load(hp + RMSPROPW_LR).to(MATH),
-        alpha.to(MATH), (1.0 - alpha).to(MATH), tl.load(hp + RMSPROPW_EPS).to(MATH),
+        alpha.to(MATH), (1.0 - alpha).to(MATH), ga_coeff, ga_small, tl.load(hp + RMSPROPW_EPS).to(MATH),
         tl.load(hp + RMSPROPW_MOMENTUM).to(MATH), CENTERED, HAS_MOMENTUM,
     )
 
