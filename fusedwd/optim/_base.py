@@ -46,6 +46,13 @@ def _built_by_zero() -> bool:
     return False
 
 
+def _unique(params: list[Tensor]) -> list[Tensor]:
+    """A group's parameters, each once: a parameter listed twice in a group (torch warns) has one
+    state and is stepped once per step (docs/design.md#duplicated-parameters)."""
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
+
+
 # The states whose 8-bit code is unsigned (second moments); every other state is signed.
 UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
@@ -235,7 +242,7 @@ class FusedOptimizer(Optimizer):
         for row, group in enumerate(self.param_groups):
             structure = self._structure(group)
             slots = self._state_slots(structure)
-            for p in group["params"]:
+            for p in _unique(group["params"]):
                 layout = storage_layout(p.dtype, group, p.numel())
                 backend = self._resolve_backend(group["backend"], p)
                 _dtensor.check_flat_grads(type(self).__name__, group, p)
@@ -715,7 +722,7 @@ class FusedOptimizer(Optimizer):
         plan = self._current_plan()
         where = {id(p): (b, i) for b in plan for i, p in enumerate(b.params)}
         columns = (s0, s1, s2)
-        for p in group["params"]:
+        for p in _unique(group["params"]):
             if p.grad is None:
                 continue
             bucket, i = where[id(p)]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._spec import check_adamw, decay_row, group_lr_max
+from .._spec import DECOUPLED_KEY, check_adamw, decay_from_torch_key, decay_row, group_lr_max, torch_decoupled_key
 from ._base import FusedOptimizer
 
 
@@ -118,7 +118,19 @@ class AdamW(FusedOptimizer):
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            decay_from_torch_key(param_group)  # a torch-style group: before the defaults fill `decay`
+        super().add_param_group(param_group)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        decay_from_torch_key(group)  # a group of a torch checkpoint has no `decay`
+        super()._complete_group(group)
+
     def _check_group(self, group: dict[str, Any]) -> None:
+        # torch.optim.Adam's key, written for a torch optimizer that loads this group
+        # (docs/design.md#decay-modes-in-checkpoints)
+        group.setdefault(DECOUPLED_KEY, torch_decoupled_key(group["decay"]))
         check_adamw(group)
 
     def _structure(self, group: dict[str, Any]) -> tuple:
