@@ -103,13 +103,18 @@ def _check_torch_flags(group: Mapping[str, Any]) -> None:
             raise RuntimeError("`fused` does not support `differentiable` (torch.optim's rule)")
         if group.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (torch.optim's rule)")
+
+
+def _check_adam_tensor_flags(group: Mapping[str, Any]) -> None:
+    """torch.optim.Adam's rule (not SGD's or RMSprop's): a Tensor lr or betas needs capturable
+    under foreach=True. fusedwd ignores foreach; the error keeps code portable to torch."""
     if group.get("foreach") and not group.get("capturable", False):
-        tensors = [("lr", group["lr"])] + [(f"betas[{i}]", b) for i, b in enumerate(group.get("betas", ()))]
+        tensors = [("lr", group["lr"])] + [(f"betas[{i}]", b) for i, b in enumerate(group["betas"])]
         for name, value in tensors:
             if isinstance(value, torch.Tensor):
                 raise ValueError(
-                    f"{name} as a Tensor is not supported for capturable=False and foreach=True (torch.optim's "
-                    "rule); fusedwd ignores foreach: leave it None, or pass a float"
+                    f"{name} as a Tensor is not supported for capturable=False and foreach=True (torch.optim."
+                    "Adam's rule); fusedwd ignores foreach: leave it None"
                 )
 
 
@@ -154,6 +159,7 @@ def check_adamw(group: Mapping[str, Any]) -> None:
     if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
         # torch.optim.Adam's rule (it also rejects ints; fusedwd takes any real number)
         raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
+    _check_adam_tensor_flags(group)
     _check_bool("amsgrad", group["amsgrad"])
     if DECOUPLED_KEY in group:
         _check_decoupled_key(group)

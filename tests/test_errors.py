@@ -100,7 +100,8 @@ def test_torchs_flag_rules(cls, kwargs, error, match):
 def test_torchs_flag_rules_allow_what_torch_allows():
     fusedwd.AdamW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=True, capturable=True)
     fusedwd.AdamW(make_params([(3,)]), lr=torch.tensor(1e-3), fused=True)
-    fusedwd.SGDW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=False)
+    fusedwd.SGDW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=True)  # Adam's rule only
+    fusedwd.RMSpropW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=True)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
