@@ -267,3 +267,23 @@ def test_independent_decay_continues_in_torch_with_wd_over_lr_max(backend):
     compare_optimizers(opt_t, theirs, opt_f, ours, ["step", "exp_avg", "exp_avg_sq"], 6,
                        lambda t: random_grads(ours, 100 + t), before_step=both_schedulers)
     assert opt_f.param_groups[0]["lr"] < lr_max / 2, "the lr moved, so lr*wd and (lr/lr_max)*wd were both tried"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_keeps_max_grad_norm(backend):
+    """torch's load_state_dict calls __setstate__ with state and param_groups only: max_grad_norm
+    (an option, not a group key) was reset to None there, so a resumed run stopped clipping
+    (found resuming a Lightning run, docs/recipes.md)."""
+    ours = make_params(AWKWARD_SHAPES)
+    opt = fusedwd.AdamW(ours, lr=1e-2, max_grad_norm=0.5, backend=backend)
+    _train(opt, ours, 3)
+    again = clone_params(ours)
+    opt2 = fusedwd.AdamW(again, lr=1e-2, max_grad_norm=0.5, backend=backend)
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    assert opt2.max_grad_norm == 0.5
+    for t in range(3):
+        assign_grads([ours, again], random_grads(ours, 50 + t))
+        opt.step()
+        opt2.step()
+        assert opt2.last_grad_norm is not None and float(opt2.last_grad_norm) > 0.5, "the test must clip"
+        assert all(torch.equal(p, q) for p, q in zip(ours, again)), "a reloaded optimizer must continue bit for bit"

@@ -158,7 +158,9 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.max_grad_norm = state.get("max_grad_norm")
+        # unpickling brings max_grad_norm; torch's load_state_dict calls this too, with only state and
+        # param_groups: the option it was built with stays (it was dropped, and clipping with it)
+        self.max_grad_norm = state.get("max_grad_norm", getattr(self, "max_grad_norm", None))
         self.last_grad_norm = None
         for group in self.param_groups:
             # fusedwd never differentiates through a step; a torch checkpoint saved
