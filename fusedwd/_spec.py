@@ -265,7 +265,8 @@ def _check_decoupled_key(group: Mapping[str, Any]) -> None:
 def decay_factors(decay: str, lr: Any, weight_decay: float, lr_max: float) -> tuple[Any, float]:
     """Resolve a decay mode into ``(decay_mult, l2)`` (docs/math.md#weight-decay-modes).
 
-    Every rule then starts with ``g <- grad_sign*g + l2*p; p <- decay_mult*p``.
+    Every rule then starts with ``g <- grad_sign*g + l2*p; p <- decay_mult*p``, the L2 term
+    only where ``l2 != 0`` (docs/math.md#non-finite-values).
     ``lr`` may be a float64 0-dim tensor (the capturable and compiled paths): the
     same operations then run on the device and ``decay_mult`` is a tensor.
     """

@@ -27,7 +27,8 @@ class AdamW(FusedOptimizer):
 
     with :math:`(\delta, \ell_2)` = ``(1 - lr*wd, 0)`` for ``decay="decoupled"``,
     ``(1 - (lr/lr_max)*wd, 0)`` for ``"independent"`` and ``(1, wd)`` for ``"l2"``
-    (docs/math.md#adamw).
+    (docs/math.md#adamw). The L2 term is added only where it is nonzero, and
+    Inf and NaN spread exactly as in torch.optim (docs/math.md#non-finite-values).
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
@@ -43,7 +44,10 @@ class AdamW(FusedOptimizer):
         differentiable: must be False (a fused in-place step is not differentiable).
         decay: ``"decoupled"`` (torch.optim.AdamW), ``"independent"`` (the paper's
             fully decoupled decay, scaled by ``lr/lr_max`` only) or ``"l2"``
-            (torch.optim.Adam's coupled L2).
+            (torch.optim.Adam's coupled L2). Each group also carries torch.optim.Adam's
+            ``decoupled_weight_decay`` (True for the decoupled modes); a group without
+            ``decay`` (a torch checkpoint) takes its mode from that key
+            (docs/design.md#decay-modes-in-checkpoints).
         backend: ``"auto"`` (the compiled kernel for the parameters' device, else the
             reference), ``"cpu"`` or ``"reference"``.
         flat_grads: re-home every ``p.grad`` into one flat buffer per bucket (views that
