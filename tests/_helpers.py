@@ -162,15 +162,15 @@ def interpreted_triton():
         importlib.reload(module._launch)
         importlib.reload(module)
 
+    # set while the block runs too: Triton also reads it at launch (tests/test_triton.py keeps it so)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         module = _ext._load_triton()
         if module is not None and not module.INTERPRETED:
             define(module)
-    try:
-        yield _ext.triton_unusable(torch.device("cpu"))
-    finally:
-        if module is not None and torch.cuda.is_available():
-            with pytest.MonkeyPatch.context() as mp:
+        try:
+            yield _ext.triton_unusable(torch.device("cpu"))
+        finally:
+            if module is not None and torch.cuda.is_available():
                 mp.delenv("TRITON_INTERPRET", raising=False)
                 define(module)
