@@ -14,8 +14,11 @@ TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 # triton: tests/test_triton.py runs the Triton kernels (in Triton's interpreter where there is no GPU)
+# expecttest: torch.testing._internal, whose optimizer registry tests/test_torch_registry.py runs
+# transformers, accelerate, lightning: the Hugging Face Trainer and Lightning recipes (tests/test_recipes.py)
+# ruff: `make test` lints first (its config is in pyproject.toml)
 DEV_DEPS := pytest pytest-timeout numpy tqdm matplotlib pytest-benchmark pybind11 setuptools wheel ninja triton scikit-learn \
-	ruff
+	expecttest transformers accelerate lightning ruff
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
@@ -26,11 +29,12 @@ help:
 	@echo "make test    build, lint (ruff) and run the test suite"
 
 # --system-site-packages keeps a torch the machine already has (a user's CUDA build);
-# only where none imports is the CPU build installed.
+# only where none imports is the CPU build installed. That torch stays: it is pinned
+# while the dev deps (lightning, accelerate) resolve.
 $(VENV)/.deps:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet $(DEV_DEPS)
+	$(PY) -m pip install --quiet $(DEV_DEPS) "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

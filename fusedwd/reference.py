@@ -10,8 +10,8 @@ The functional signature follows ``torch.optim``'s functional API: lists of
 tensors for one param group, hyperparameters as keywords. Each rule's function
 lives with its rule spec (fusedwd/rules/<rule>.py) and is found here by name:
 ``fusedwd.reference.adamw`` is ``fusedwd.rules.adamw.adamw``. This module holds
-what they share: the decay prologue, rounding, master weights and stochastic
-rounding.
+what they share: the decay prologue, torch's lerp, rounding, master weights and
+stochastic rounding.
 """
 
 from __future__ import annotations
@@ -32,10 +32,26 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def prologue(p: Tensor, g: Tensor, *, grad_sign: float, l2: float, decay_mult: float) -> tuple[Tensor, Tensor]:
-    # docs/math.md#weight-decay-modes: g <- grad_sign*g + l2*p (old p); p <- decay_mult*p
-    g = g * grad_sign + l2 * p
+    # docs/math.md#weight-decay-modes: g <- grad_sign*g + l2*p (old p); p <- decay_mult*p.
+    # The L2 term only where there is L2 decay, as torch: 0*Inf would be NaN.
+    g = g * grad_sign
+    if l2 != 0:
+        g = g + l2 * p
     p = p * decay_mult
     return p, g
+
+
+def lerp(a: Tensor, b: Tensor, weight: float) -> Tensor:
+    """torch's lerp(a, b, weight) formula (aten/src/ATen/native/Lerp.h) without its FMA.
+
+    a + w*(b - a) for |w| < 0.5, else b + (w - 1)*(b - a) (torch's b - (b - a)*(1 - w), the
+    same bits), w rounded to a's dtype: NaN where a and b are the same infinity
+    (docs/math.md#non-finite-values).
+    """
+    w = torch.tensor(weight, dtype=a.dtype)
+    small = bool(w.abs() < 0.5)
+    coeff = w if small else w - 1
+    return (a if small else b) + coeff * (b - a)
 
 
 def store(dst: Tensor, value: Tensor) -> None:

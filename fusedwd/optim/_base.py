@@ -80,6 +80,10 @@ class FusedOptimizer(CompiledStep, Optimizer):
         if "lr_max" not in group:
             # docs/math.md: lr_max is the group's initial lr; a scheduler records it as initial_lr
             group["lr_max"] = group_lr_max(group)
+        self._validate(group)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        """The rule's checks of a group, at every step (schedulers and users edit groups between steps)."""
         self.RULE.check(group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -88,7 +92,9 @@ class FusedOptimizer(CompiledStep, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.max_grad_norm = state.get("max_grad_norm")
+        # unpickling brings max_grad_norm; torch's load_state_dict calls this too, with only state and
+        # param_groups: the option it was built with stays (it was dropped, and clipping with it)
+        self.max_grad_norm = state.get("max_grad_norm", getattr(self, "max_grad_norm", None))
         self.last_grad_norm = None
         self._zero_checked = False
         for group in self.param_groups:
@@ -171,7 +177,7 @@ class FusedOptimizer(CompiledStep, Optimizer):
             self._traced_step()
             return loss
         for group in self.param_groups:
-            self.RULE.check(group)  # schedulers and users edit groups between steps
+            self._validate(group)
         self._refuse_zero_clipping()
         plan = self._current_plan()
         step = Step(self.RULE, self.param_groups, self._checks())

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._spec import Backend, hyper_tensor
-from . import _state
+from . import _plan, _state
 
 
 class CompiledStep:
@@ -27,13 +27,13 @@ class CompiledStep:
                     s1: list[Tensor], s2: list[Tensor], steps: list[Tensor]) -> None:
         """Fill the lists a fused op steps for one group: its parameters with a gradient,
         their gradients, state views (columns S0..S2) and step counts."""
-        self.RULE.check(group)
+        self._validate(group)
         checks = self._checks()
         plan = self._current_plan()
         where = {id(p): (b, i) for b in plan for i, p in enumerate(b.params)}
         columns = (s0, s1, s2)
         who = checks.who
-        for p in group["params"]:
+        for p in _plan.unique(group["params"]):
             if p.grad is None:
                 continue
             bucket, i = where[id(p)]

@@ -9,6 +9,7 @@ Example, References.
 from __future__ import annotations
 
 import textwrap
+from typing import Optional
 
 # (name, description) of every option the wrappers share, in the order of the Args section
 SHARED_ARGS = {
@@ -65,25 +66,33 @@ SHARED_ARGS = {
 _INDENT = "    "
 
 
-def _args(rule_args: dict[str, str]) -> str:
+def _args(rule_args: dict[str, str], notes: dict[str, str]) -> str:
     lines = []
     for name, text in {"params": "parameters or param groups, as for any torch optimizer.", **rule_args,
                        **SHARED_ARGS}.items():
+        if name in notes:
+            text = f"{text} {notes[name]}"
         wrapped = textwrap.wrap(f"{name}: {text}", width=100, subsequent_indent=_INDENT)
         lines += [_INDENT + line for line in wrapped]
     return "\n".join(lines)
 
 
-def docstring(summary: str, math: str, args: dict[str, str], example: str, references: str) -> str:
+# what every rule's math section ends with (the prologue every rule shares)
+NON_FINITE = ("The L2 term is added only where it is nonzero, and Inf and NaN spread as in torch.optim "
+              "(docs/math.md#non-finite-values).")
+
+
+def docstring(summary: str, math: str, args: dict[str, str], example: str, references: str,
+              arg_notes: Optional[dict[str, str]] = None) -> str:
     """A wrapper's docstring: its rule's parts around the options every wrapper shares.
 
     ``args`` holds the rule's own hyperparameters (name -> description, the order of the
-    signature); the shared options follow them.
+    signature); the shared options follow them, ``arg_notes`` appended to the shared ones named.
     """
     sections = [
         textwrap.dedent(summary).strip(),
-        textwrap.dedent(math).strip(),
-        "Args:\n" + _args(args),
+        textwrap.dedent(math).strip() + "\n" + NON_FINITE,
+        "Args:\n" + _args(args, arg_notes or {}),
         "Returns:\n" + _INDENT + "``step()`` returns the closure's loss, or None.",
         "Example:\n" + textwrap.indent(textwrap.dedent(example).strip(), _INDENT),
         "References:\n" + textwrap.indent(textwrap.dedent(references).strip(), _INDENT),

@@ -54,6 +54,13 @@ def resolve_backend(requested: str, p: Tensor) -> str:
     return Backend.REFERENCE.value
 
 
+def unique(params: Sequence[Tensor]) -> list[Tensor]:
+    """A group's parameters, each once: a parameter listed twice in a group (torch warns) has one
+    state and is stepped once per step (docs/design.md#duplicated-parameters)."""
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
+
+
 def plan_key(rule: Rule, param_groups: Sequence[Mapping[str, Any]]) -> tuple:
     """What a plan depends on: a new key means a new plan (a group added, a structure switched...)."""
     return tuple((id(g["params"]), len(g["params"]), rule.structure(g), g["backend"], g.get("flat_grads"),
@@ -68,7 +75,7 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
     salt = 0  # each parameter's index in the optimizer: its stochastic-rounding salt
     for row, group in enumerate(param_groups):
         structure = rule.structure(group)
-        for p in group["params"]:
+        for p in unique(group["params"]):
             layout = storage_layout(p.dtype, group, p.numel())
             backend = resolve_backend(group["backend"], p)
             _dtensor.check_flat_grads(who, group, p)

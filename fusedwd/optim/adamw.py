@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .._spec import DECOUPLED_KEY, decay_from_torch_key, torch_decoupled_key
 from ..rules import adamw
 from . import _docs
 from ._base import FusedOptimizer
@@ -38,6 +39,11 @@ class AdamW(FusedOptimizer):
             "eps": "added to the denominator.",
             "weight_decay": "decay coefficient; its meaning depends on ``decay``.",
             "amsgrad": "use the maximum of past squared-gradient averages.",
+        },
+        arg_notes={
+            "decay": "Each group also carries torch.optim.Adam's ``decoupled_weight_decay`` (True for the "
+                     "decoupled modes); a group without ``decay`` (a torch checkpoint) takes its mode from that "
+                     "key (docs/design.md#decay-modes-in-checkpoints).",
         },
         example="""
         >>> model = torch.nn.Linear(4, 2)
@@ -84,3 +90,18 @@ class AdamW(FusedOptimizer):
             min_8bit_numel=min_8bit_numel,
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            decay_from_torch_key(param_group)  # a torch-style group: before the defaults fill `decay`
+        super().add_param_group(param_group)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        decay_from_torch_key(group)  # a group of a torch checkpoint has no `decay`
+        super()._complete_group(group)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        # torch.optim.Adam's key, written for a torch optimizer that loads this group
+        # (docs/design.md#decay-modes-in-checkpoints)
+        group.setdefault(DECOUPLED_KEY, torch_decoupled_key(group["decay"]))
+        super()._validate(group)

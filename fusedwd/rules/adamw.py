@@ -10,14 +10,24 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._spec import check_bool, check_common, check_range, decay_factors, group_lr_max
+from .._spec import (
+    DECOUPLED_KEY,
+    check_adam_tensor_flags,
+    check_bool,
+    check_common,
+    check_decoupled_key,
+    check_range,
+    decay_factors,
+    group_lr_max,
+)
 from ..reference import Precision, math_dtype, prologue, store
+from ..reference import lerp as lerp_tensor  # (the Triton helper below uses the Triton lerp)
 from ._rule import Rule, State, Switch
 
 if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
     import triton.language as tl
 
-    from ..triton._kernels import div_rn, pow_int, sqrt_rn
+    from ..triton._kernels import decayed_grad, div_rn, lerp, lerp_weight, maximum, pow_int, sqrt_rn
 
     COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
@@ -30,7 +40,13 @@ def check(group: Mapping[str, Any]) -> None:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     check_range("betas[0]", betas[0], 0.0, 1.0)
     check_range("betas[1]", betas[1], 0.0, 1.0)
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+        # torch.optim.Adam's rule (it also rejects ints; fusedwd takes any real number)
+        raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
+    check_adam_tensor_flags(group)
     check_bool("amsgrad", group["amsgrad"])
+    if DECOUPLED_KEY in group:
+        check_decoupled_key(group)
 
 
 def values(group: Mapping[str, Any]) -> dict[str, float]:
@@ -71,8 +87,8 @@ def adamw(
         mt = math_dtype(param.dtype)
         p, g = prologue(precision.load(params, i, mt), grads[i].to(mt), grad_sign=grad_sign, l2=l2,
                         decay_mult=decay_mult)
-        m = exp_avgs[i].to(mt) * beta1 + g * (1.0 - beta1)
-        v = exp_avg_sqs[i].to(mt) * beta2 + g * g * (1.0 - beta2)
+        m = lerp_tensor(exp_avgs[i].to(mt), g, 1.0 - beta1)
+        v = exp_avg_sqs[i].to(mt) * beta2 + (1.0 - beta2) * g * g
         v_hat = v
         if amsgrad:
             v_hat = torch.maximum(max_exp_avg_sqs[i].to(mt), v)
@@ -108,21 +124,22 @@ def triton_update(p, g, m, v, vmax, hp, t, grad_mult, MATH: tl.constexpr, AMSGRA
     step_size = div_rn(tl.load(hp + COL.lr), 1.0 - pow_int(beta1, t.to(tl.int64))).to(MATH)
     bc2_sqrt = sqrt_rn(1.0 - pow_int(beta2, t.to(tl.int64))).to(MATH)
     grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
-    l2 = tl.load(hp + COL.l2).to(MATH)
+    l2 = tl.load(hp + COL.l2)
     decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
+    m_coeff, m_small = lerp_weight(1.0 - beta1, MATH)
     eps = tl.load(hp + COL.eps).to(MATH)
 
-    g = grad_sign * g + l2 * p
+    # the operations and their order are torch's (docs/math.md#non-finite-values)
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
     p = p * decay_mult
-    m = beta1.to(MATH) * m + (1.0 - beta1).to(MATH) * g
-    v = beta2.to(MATH) * v + (1.0 - beta2).to(MATH) * (g * g)
+    m = lerp(m, g, m_coeff, m_small)
+    v = beta2.to(MATH) * v + ((1.0 - beta2).to(MATH) * g) * g
     v_used = v
     if AMSGRAD:
-        # written so that a NaN in v propagates into vmax
-        vmax = tl.where(vmax >= v, vmax, v)
+        vmax = maximum(vmax, v)
         v_used = vmax
     denom = div_rn(sqrt_rn(v_used), bc2_sqrt) + eps
-    p = p - step_size * div_rn(m, denom)
+    p = p - div_rn(step_size * m, denom)
     return p, m, v, vmax
 
 

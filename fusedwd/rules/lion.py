@@ -18,6 +18,8 @@ from ._rule import Rule, State
 if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
     import triton.language as tl
 
+    from ..triton._kernels import decayed_grad
+
     COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
 
@@ -86,13 +88,13 @@ def triton_update(p, g, m, _s1, _s2, hp, t, grad_mult, MATH: tl.constexpr):
     """One block of elements (fusedwd.triton compiles this: docs/adding-a-rule.md#triton)."""
     # docs/math.md#lion; reference: fusedwd.reference.lion; the order of csrc/include/fusedwd/lion.h
     grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
-    l2 = tl.load(hp + COL.l2).to(MATH)
+    l2 = tl.load(hp + COL.l2)
     decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
     lr = tl.load(hp + COL.lr).to(MATH)
     beta1 = tl.load(hp + COL.beta1)
     beta2 = tl.load(hp + COL.beta2)
 
-    g = grad_sign * g + l2 * p
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
     p = p * decay_mult
     c = beta1.to(MATH) * m + (1.0 - beta1).to(MATH) * g
     p = p - lr * tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, c))

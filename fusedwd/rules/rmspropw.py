@@ -12,12 +12,13 @@ from torch import Tensor
 
 from .._spec import check_bool, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store
+from ..reference import lerp as lerp_tensor  # (the Triton helper below uses the Triton lerp)
 from ._rule import Rule, State, Switch
 
 if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
     import triton.language as tl
 
-    from ..triton._kernels import div_rn, sqrt_rn
+    from ..triton._kernels import decayed_grad, div_rn, lerp, lerp_weight, sqrt_rn
 
     COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
@@ -62,9 +63,9 @@ def rmspropw(
         mt = math_dtype(param.dtype)
         p, g = prologue(precision.load(params, i, mt), grads[i].to(mt), grad_sign=grad_sign, l2=l2,
                         decay_mult=decay_mult)
-        sq = square_avgs[i].to(mt) * alpha + g * g * (1.0 - alpha)
+        sq = square_avgs[i].to(mt) * alpha + (1.0 - alpha) * g * g
         if centered:
-            ga = grad_avgs[i].to(mt) * alpha + g * (1.0 - alpha)
+            ga = lerp_tensor(grad_avgs[i].to(mt), g, 1.0 - alpha)
             avg = (sq - ga * ga).sqrt() + eps
             store(grad_avgs[i], ga)
         else:
@@ -94,20 +95,22 @@ def triton_update(p, g, sq, ga, buf, hp, t, grad_mult, MATH: tl.constexpr, CENTE
     """One block of elements (fusedwd.triton compiles this: docs/adding-a-rule.md#triton)."""
     # docs/math.md#rmspropw; reference: fusedwd.reference.rmspropw; the order of csrc/include/fusedwd/rmspropw.h
     grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
-    l2 = tl.load(hp + COL.l2).to(MATH)
+    l2 = tl.load(hp + COL.l2)
     decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
     lr = tl.load(hp + COL.lr).to(MATH)
     alpha = tl.load(hp + COL.alpha)
     one_minus_alpha = (1.0 - alpha).to(MATH)
+    ga_coeff, ga_small = lerp_weight(1.0 - alpha, MATH)
     alpha = alpha.to(MATH)
     eps = tl.load(hp + COL.eps).to(MATH)
     momentum = tl.load(hp + COL.momentum).to(MATH)
 
-    g = grad_sign * g + l2 * p
+    # the operations and their order are torch's (docs/math.md#non-finite-values)
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
     p = p * decay_mult
-    sq = alpha * sq + one_minus_alpha * (g * g)
+    sq = alpha * sq + (one_minus_alpha * g) * g
     if CENTERED:
-        ga = alpha * ga + one_minus_alpha * g
+        ga = lerp(ga, g, ga_coeff, ga_small)
         avg = sqrt_rn(sq - ga * ga) + eps
     else:
         avg = sqrt_rn(sq) + eps
@@ -115,7 +118,7 @@ def triton_update(p, g, sq, ga, buf, hp, t, grad_mult, MATH: tl.constexpr, CENTE
         buf = momentum * buf + div_rn(g, avg)
         p = p - lr * buf
     else:
-        p = p - lr * div_rn(g, avg)
+        p = p - div_rn(lr * g, avg)
     return p, sq, ga, buf
 
 

@@ -18,6 +18,8 @@ from ._rule import Rule, State, Switch
 if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
     import triton.language as tl
 
+    from ..triton._kernels import decayed_grad
+
     COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
 
@@ -86,13 +88,13 @@ def triton_update(p, g, buf, _s1, _s2, hp, t, grad_mult, MATH: tl.constexpr, HAS
     """One block of elements (fusedwd.triton compiles this: docs/adding-a-rule.md#triton)."""
     # docs/math.md#sgdw; reference: fusedwd.reference.sgdw; the order of csrc/include/fusedwd/sgdw.h
     grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
-    l2 = tl.load(hp + COL.l2).to(MATH)
+    l2 = tl.load(hp + COL.l2)
     decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
     lr = tl.load(hp + COL.lr).to(MATH)
     momentum = tl.load(hp + COL.momentum).to(MATH)
     one_minus_dampening = (1.0 - tl.load(hp + COL.dampening)).to(MATH)
 
-    g = grad_sign * g + l2 * p
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
     p = p * decay_mult
     d = g
     if HAS_MOMENTUM:

@@ -28,8 +28,9 @@ helpers (``_q8_decode`` / ``_q8_encode``, as csrc/include/fusedwd/quant.h).
 The element math is each rule's ``triton_update`` (fusedwd/rules/<rule>.py),
 written in the order of csrc/include/fusedwd/<rule>.h so that both backends
 round alike, and compiled here by ``compile_rule`` in its module's namespace
-plus ``tl``, the helpers below that rules use (``sqrt_rn``, ``div_rn``,
-``pow_int``) and ``COL``, the rule's hyperparameter columns
+plus ``tl``, the helpers below that rules use (``RULE_HELPERS``: IEEE square
+root and division, ``beta**t``, and torch's L2 term, lerp and maximum, which
+decide how Inf and NaN spread) and ``COL``, the rule's hyperparameter columns
 (docs/adding-a-rule.md#triton). Divisions and square roots are the IEEE
 round-to-nearest ones (``tl.div_rn`` and ``tl.sqrt_rn`` in float32, where
 Triton's defaults are approximate on NVIDIA GPUs), and the launcher compiles
@@ -127,17 +128,21 @@ def _take_step(row, arrival_ptr, nblocks):
     """The 1-based step t this launch takes for the segment (float64); advances the stored count once.
 
     Every block of the segment reads the float32 count t0 before it arrives
-    (an acq_rel atomic on the segment's arrival counter, zeroed by the launcher
-    for each launch); the last block to arrive writes t0 + 1. The barrier
-    orders every thread's read of t0 before the single-thread atomic, and the
-    atomic's release/acquire orders those reads before the last block's write,
-    so no block can read the advanced count.
+    (an acq_rel atomic on the segment's arrival counter, zero at launch); the
+    last block to arrive writes t0 + 1 and resets the counter to zero, so the
+    counters can stay on the device from one launch to the next (a CUDA graph
+    replays them). The barrier orders every thread's read of t0 before the
+    single-thread atomic, and the atomic's release/acquire orders those reads
+    before the last block's write, so no block can read the advanced count.
     """
     step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
     t0 = tl.load(step_ptr)
     tl.debug_barrier()
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
-    tl.store(step_ptr, t0 + 1.0, mask=arrived == nblocks - 1)
+    last = arrived == nblocks - 1
+    tl.store(step_ptr, t0 + 1.0, mask=last)
+    # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
+    tl.store(arrival_ptr, tl.full((), 0, tl.int64), mask=last)
     return t0.to(tl.float64) + 1.0
 
 
@@ -422,10 +427,45 @@ def _store_state(ptr, absmax_ptr, x, offs, mask, qblocks, qmask, S: tl.constexpr
         _store(ptr, offs, x, mask, S)
 
 
+# --------------------------------------------------- shared pieces of the rules
+# csrc/include/fusedwd/common.h's: they decide how Inf and NaN spread (docs/math.md#non-finite-values).
+# With sqrt_rn, div_rn and pow_int above, the names rule helpers are written against (compile_rule).
+@triton.jit
+def decayed_grad(g, p, grad_sign, l2, has_l2):
+    """grad_sign*g, plus l2*p only where there is L2 decay (torch's rule: 0*Inf would be NaN)."""
+    g = grad_sign * g
+    return tl.where(has_l2, g + l2 * p, g)
+
+
+@triton.jit
+def lerp_weight(w, MATH: tl.constexpr):
+    """common.h lerp_weight: torch's lerp weight w (float64) as (coeff, small) in the math type."""
+    wm = w.to(MATH)
+    small = tl.abs(wm) < 0.5
+    return tl.where(small, wm, wm - 1.0), small
+
+
+@triton.jit
+def lerp(a, b, coeff, small):
+    """torch's lerp(a, b, w): a + w*(b - a) for |w| < 0.5, else b + (w - 1)*(b - a) (common.h lerp_m)."""
+    return tl.where(small, a, b) + coeff * (b - a)
+
+
+@triton.jit
+def maximum(a, b):
+    """torch.maximum: NaN if either is NaN."""
+    return tl.where((b > a) | (b != b), b, a)
+
+
 # ------------------------------------------------------------------ the rules
+# the shared helpers a rule's triton_update may call (and import under TYPE_CHECKING)
+RULE_HELPERS = (sqrt_rn, div_rn, pow_int, decayed_grad, lerp_weight, lerp, maximum)
+
+
 def compile_rule(rule: rules.Rule) -> triton.JITFunction:
     """The rule's ``triton_update``, compiled with ``triton.jit`` in its module's namespace plus the
-    names rule helpers are written against: ``tl``, ``sqrt_rn``, ``div_rn``, ``pow_int`` and ``COL``,
+    names rule helpers are written against: ``tl``, the shared helpers (``sqrt_rn``, ``div_rn``,
+    ``pow_int``, ``decayed_grad``, ``lerp_weight``, ``lerp``, ``maximum``) and ``COL``,
     the rule's hyperparameter columns (``COL.beta1``: constexpr column indices, as C++'s ``Col``).
 
     The rule module does not import Triton (so neither does ``import fusedwd``): the function is
@@ -437,7 +477,7 @@ def compile_rule(rule: rules.Rule) -> triton.JITFunction:
     for index, name in enumerate(rule.columns):
         setattr(columns, name, tl.constexpr(index))
     scope = dict(vars(sys.modules[fn.__module__]))
-    scope.update(tl=tl, sqrt_rn=sqrt_rn, div_rn=div_rn, pow_int=pow_int, COL=columns)
+    scope.update(tl=tl, COL=columns, **{helper.__name__: helper for helper in RULE_HELPERS})
     rebuilt = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     rebuilt.__qualname__ = fn.__qualname__
     return triton.jit(rebuilt)
@@ -496,7 +536,7 @@ def _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.con
 def _step_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, HP_COLS]: the rule's hyperparameter rows (fusedwd/rules/<rule>.py columns)
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient

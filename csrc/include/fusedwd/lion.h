@@ -19,6 +19,7 @@ struct Lion {
   struct Scalars {
     M grad_sign;   // -1 under maximize, times 1/grad_scale and the clip coefficient
     M l2;          // coupled L2 coefficient (0 for decoupled decay)
+    bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule for every rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
     M beta1, one_minus_beta1;
@@ -40,6 +41,7 @@ struct Lion {
       // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
       s.grad_sign = static_cast<M>(hp[Col::grad_sign] * grad_mult);
       s.l2 = static_cast<M>(hp[Col::l2]);
+      s.has_l2 = hp[Col::l2] != 0.0;
       s.decay_mult = static_cast<M>(hp[Col::decay_mult]);
       s.lr = static_cast<M>(hp[Col::lr]);
       s.beta1 = static_cast<M>(hp[Col::beta1]);
@@ -52,7 +54,7 @@ struct Lion {
     // One element: the momentum m in S0.
     FUSEDWD_HD static void update(M& p, M g, M& m, M&, M&, const Scalars& s) {
       // docs/math.md#lion; reference: fusedwd.reference.lion
-      g = s.grad_sign * g + s.l2 * p;
+      g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
       p = p * s.decay_mult;
       const M c = s.beta1 * m + s.one_minus_beta1 * g;
       // sign(c): +-1, and c itself where it is +-0 (no step) or NaN (propagated); selects only

@@ -19,9 +19,11 @@ struct Rmspropw {
   struct Scalars {
     M grad_sign;   // -1 under maximize, times 1/grad_scale and the clip coefficient
     M l2;          // coupled L2 coefficient (0 for decoupled decay)
+    bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
     M alpha, one_minus_alpha;
+    LerpWeight<M> ga_weight;  // grad_avg <- lerp(grad_avg, g, 1 - alpha)
     M eps;
     M momentum;
   };
@@ -42,10 +44,12 @@ struct Rmspropw {
       // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
       s.grad_sign = static_cast<M>(hp[Col::grad_sign] * grad_mult);
       s.l2 = static_cast<M>(hp[Col::l2]);
+      s.has_l2 = hp[Col::l2] != 0.0;
       s.decay_mult = static_cast<M>(hp[Col::decay_mult]);
       s.lr = static_cast<M>(hp[Col::lr]);
       s.alpha = static_cast<M>(hp[Col::alpha]);
       s.one_minus_alpha = static_cast<M>(1.0 - hp[Col::alpha]);
+      s.ga_weight = lerp_weight<M>(1.0 - hp[Col::alpha]);
       s.eps = static_cast<M>(hp[Col::eps]);
       s.momentum = static_cast<M>(hp[Col::momentum]);
       return s;
@@ -54,12 +58,13 @@ struct Rmspropw {
     // One element. ga (grad_avg) is used only when CENTERED, buf only when HAS_MOMENTUM.
     FUSEDWD_HD static void update(M& p, M g, M& sq, M& ga, M& buf, const Scalars& s) {
       // docs/math.md#rmspropw; reference: fusedwd.reference.rmspropw
-      g = s.grad_sign * g + s.l2 * p;
+      // the operations and their order are torch's (docs/math.md#non-finite-values)
+      g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
       p = p * s.decay_mult;
-      sq = s.alpha * sq + s.one_minus_alpha * (g * g);
+      sq = s.alpha * sq + (s.one_minus_alpha * g) * g;
       M avg;
       if constexpr (CENTERED) {
-        ga = s.alpha * ga + s.one_minus_alpha * g;
+        ga = lerp_m(ga, g, s.ga_weight);
         avg = sqrt_m(sq - ga * ga) + s.eps;
       } else {
         avg = sqrt_m(sq) + s.eps;
@@ -68,7 +73,7 @@ struct Rmspropw {
         buf = s.momentum * buf + g / avg;
         p = p - s.lr * buf;
       } else {
-        p = p - s.lr * (g / avg);
+        p = p - (s.lr * g) / avg;
       }
     }
   };

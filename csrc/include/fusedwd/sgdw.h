@@ -19,6 +19,7 @@ struct Sgdw {
   struct Scalars {
     M grad_sign;   // -1 under maximize, times 1/grad_scale and the clip coefficient
     M l2;          // coupled L2 coefficient (0 for decoupled decay)
+    bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
     M momentum;
@@ -40,6 +41,7 @@ struct Sgdw {
       // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
       s.grad_sign = static_cast<M>(hp[Col::grad_sign] * grad_mult);
       s.l2 = static_cast<M>(hp[Col::l2]);
+      s.has_l2 = hp[Col::l2] != 0.0;
       s.decay_mult = static_cast<M>(hp[Col::decay_mult]);
       s.lr = static_cast<M>(hp[Col::lr]);
       s.momentum = static_cast<M>(hp[Col::momentum]);
@@ -51,7 +53,7 @@ struct Sgdw {
     // One element: the momentum buffer in S0 (read and written only when HAS_MOMENTUM).
     FUSEDWD_HD static void update(M& p, M g, M& buf, M&, M&, const Scalars& s) {
       // docs/math.md#sgdw; reference: fusedwd.reference.sgdw
-      g = s.grad_sign * g + s.l2 * p;
+      g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
       p = p * s.decay_mult;
       M d = g;
       if constexpr (HAS_MOMENTUM) {
