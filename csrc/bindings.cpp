@@ -45,6 +45,8 @@ struct Precision {
   uintptr_t ctl;     // address of the float32 control block (layout.h Ctl), or 0
   uint64_t seed;     // stochastic rounding seed
   bool quantized;    // 8-bit blockwise states (quant.h); state_dtype is then ignored
+  uintptr_t sums;    // two-phase rules: address of float64 [nseg, sums], or 0 (scratch)
+  int phases;        // two-phase rules: 3 both phases, 1 phase 1 only, 2 phase 2 only
 };
 
 // One step of a rule over the bucket, with the GIL released.
@@ -59,15 +61,42 @@ void step(const std::string& name, uintptr_t table, int64_t nseg, uintptr_t hype
   } else {
     check_layout(dtype, state_dtype, pr.master, pr.stochastic);
   }
+  if (rule.sums > 0) {
+    if (pr.quantized) {
+      throw py::value_error("rule '" + name + "' does not take 8-bit states (quantized=True): its per-tensor "
+                            "sums are not implemented on decoded codes");
+    }
+    if (pr.phases < 1 || pr.phases > 3) throw py::value_error("phases must be 1, 2 or 3, got " + std::to_string(pr.phases));
+    if (pr.phases != 3 && pr.sums == 0) {
+      throw py::value_error("phases=" + std::to_string(pr.phases) + " takes the sums buffer (sums=address)");
+    }
+  } else if (pr.sums != 0 || pr.phases != 3) {
+    throw py::value_error("rule '" + name + "' is elementwise: it takes no sums and no phases");
+  }
   if (nseg == 0) return;
   py::gil_scoped_release release;
   // the tables are int64 / float64 tensors owned by the caller, passed by address
   const int64_t* rows = reinterpret_cast<const int64_t*>(table);
   // 8-bit states split the work between threads by whole blocks
   const std::vector<int64_t> offs = cpu::segment_offsets(rows, nseg, pr.quantized ? kQuantBlock : 1);
-  const cpu::StepArgs args{rows, nseg, reinterpret_cast<const double*>(hyper), offs.data(),
-                           dtype, num_threads, state_dtype, pr.master, pr.stochastic,
-                           reinterpret_cast<const float*>(pr.ctl), pr.seed, pr.quantized};
+  cpu::StepArgs args{rows, nseg, reinterpret_cast<const double*>(hyper), offs.data(),
+                     dtype, num_threads, state_dtype, pr.master, pr.stochastic,
+                     reinterpret_cast<const float*>(pr.ctl), pr.seed, pr.quantized};
+  std::vector<int64_t> chunk_offs;
+  std::vector<double> own_sums;
+  if (rule.sums > 0) {
+    // the chunks' sums: scratch kept by the calling thread, so a step allocates nothing
+    // once the largest bucket has been stepped
+    thread_local std::vector<double> partials;
+    chunk_offs = cpu::segment_offsets(rows, nseg, cpu::kSumChunk);
+    const size_t need = static_cast<size_t>(chunk_offs.back()) * rule.sums;
+    if (partials.size() < need) partials.resize(need);
+    if (pr.sums == 0) own_sums.resize(static_cast<size_t>(nseg) * rule.sums);
+    args.phases = pr.phases;
+    args.sums = pr.sums != 0 ? reinterpret_cast<double*>(pr.sums) : own_sums.data();
+    args.partials = partials.data();
+    args.chunk_offs = chunk_offs.data();
+  }
   cpu::active().step(rule.id, args, bits);
 }
 
@@ -143,14 +172,14 @@ PYBIND11_MODULE(_C, m) {
       "step",
       [](const std::string& rule, uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype,
          const std::vector<bool>& switches, int num_threads, int state_dtype, bool master,
-         bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized) {
+         bool stochastic_rounding, uintptr_t ctl, uint64_t seed, bool quantized, uintptr_t sums, int phases) {
         step(rule, table, nseg, hyper, dtype, switches, num_threads,
-             {state_dtype, master, stochastic_rounding, ctl, seed, quantized});
+             {state_dtype, master, stochastic_rounding, ctl, seed, quantized, sums, phases});
       },
       py::arg("rule"), py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
       py::arg("switches"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1,
       py::arg("master") = false, py::arg("stochastic_rounding") = false, py::arg("ctl") = 0,
-      py::arg("seed") = 0, py::arg("quantized") = false,
+      py::arg("seed") = 0, py::arg("quantized") = false, py::arg("sums") = 0, py::arg("phases") = 3,
       "One step of `rule` (a name of RULES) over nseg segments: addresses of the int64 segment\n"
       "table and the float64 hyper table (the rule's columns), the dtype code of p and g, the\n"
       "rule's switches (one bool each, RULES[rule]['switches']) and the thread count; advances\n"
@@ -158,7 +187,10 @@ PYBIND11_MODULE(_C, m) {
       "at SEG_MASTER), stochastic_rounding (bf16 params), ctl (address of the float32 control\n"
       "block: 1/grad_scale, found_inf, clip coefficient; a nonzero found_inf skips the step,\n"
       "step counts included), seed, and quantized (8-bit blockwise states: S0..S2 hold uint8\n"
-      "codes, SEG_A0..SEG_A2 fp32 absmax).");
+      "codes, SEG_A0..SEG_A2 fp32 absmax). A two-phase rule (RULES[rule]['sums'] > 0) also takes\n"
+      "sums (address of a float64 [nseg, sums] buffer: each segment's sums, written by phase 1 and\n"
+      "read by phase 2; 0: scratch) and phases (3: both, in one parallel region; 1: phase 1\n"
+      "only, the step counts unchanged; 2: phase 2 only, from the sums buffer).");
 
   m.def(
       "isa", [] { return std::string(cpu::active().name); },

@@ -38,18 +38,19 @@ struct RuleInfo {
   int id;
   int hp_cols;
   int switches;
+  int sums;  // a two-phase rule's per-segment sums (rule.h kSums), 0 for an elementwise rule
 };
 
 // The rule named `name` ("adamw"), or a ValueError naming the known ones.
 inline RuleInfo find_rule(const std::string& name) {
-  RuleInfo found{-1, 0, 0};
+  RuleInfo found{-1, 0, 0, 0};
   std::string known;
   for (int id = 0; id < static_cast<int>(RuleId::kCount); ++id) {
     with_rule(id, [&](auto rule) {
       using R = decltype(rule);
       known += (known.empty() ? "" : ", ") + std::string(R::kName);
       if (name == R::kName) {
-        found = {id, R::Col::kCount, static_cast<int>(split_names(R::kSwitchNames).size())};
+        found = {id, R::Col::kCount, static_cast<int>(split_names(R::kSwitchNames).size()), kSumsOf<R>};
       }
     });
   }
@@ -70,7 +71,8 @@ inline unsigned switch_bits(const RuleInfo& rule, const std::string& name, const
 
 // RULES[name] = {"id": its position in rules.h, "columns": (...), "switches": (...), "signed": (s0, s1, s2),
 // "states": {switch values: (S0 used, S1 used, S2 used)}, "kernels": the number of distinct
-// Rule types its switches select}: what the kernels compile.
+// Rule types its switches select, "sums": a two-phase rule's per-segment sums (else 0)}:
+// what the kernels compile.
 inline void export_rules(pybind11::module_& m) {
   namespace py = pybind11;
   py::dict rules;
@@ -97,6 +99,7 @@ inline void export_rules(pybind11::module_& m) {
       info["signed"] = signs;
       info["states"] = states;
       info["kernels"] = kernels.size();
+      info["sums"] = kSumsOf<R>;
       rules[R::kName] = info;
     });
   }

@@ -42,9 +42,16 @@ INFOS = {
                          switch_on={"centered": dict(centered=True), "has_momentum": dict(momentum=0.6)},
                          small=("grad_avg",)),
     "lion": RuleInfo(fusedwd.Lion, dict(lr=3e-3, betas=(0.85, 0.98), weight_decay=0.3)),
+    "lamb": RuleInfo(fusedwd.LAMB, dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
+                                        max_trust_ratio=5.0)),
+    "stableadamw": RuleInfo(fusedwd.StableAdamW, dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)),
 }
 assert set(INFOS) == set(rules.RULES), "every rule of fusedwd.rules needs its entry in tests/_rules.py"
-NAMES = list(INFOS)
+# The matrices below are the elementwise rules'. The two-phase rules (LAMB, StableAdamW: per-tensor
+# sums) run on the CPU kernel and the reference only, without 8-bit states: their suite is
+# tests/test_reductions.py.
+TWO_PHASE = [n for n, info in INFOS.items() if info.rule.reduces]
+NAMES = [n for n in INFOS if n not in TWO_PHASE]
 
 
 def kwargs(name: str, structure: tuple, maximize: bool = False) -> dict[str, Any]:

@@ -626,6 +626,8 @@ _COMPILE_EVERY_VARIANT = textwrap.dedent("""
     tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
               "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
     for name, rule in rules.RULES.items():
+        if rule.reduces:  # no Triton kernel for a two-phase rule yet
+            continue
         # every switch combination in the single-dtype layouts and 8-bit states of fp32 parameters;
         # in the others, every state in use
         variants = []
@@ -680,6 +682,7 @@ def test_every_variant_compiles_for_a_gpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # 16 layouts: 4 single-dtype ones with every switch, 12 with every state; 8-bit states:
     # fp32 parameters with every switch, the 5 other layouts with every state
-    structures = sum(len(rule.structures()) for rule in fusedwd.rules.RULES.values())
-    rules = len(fusedwd.rules.RULES)
+    kernel_rules = [rule for rule in fusedwd.rules.RULES.values() if not rule.reduces]  # no two-phase kernel yet
+    structures = sum(len(rule.structures()) for rule in kernel_rules)
+    rules = len(kernel_rules)
     assert done.stdout.count(" ok") == structures * 4 + rules * 12 + structures + rules * 5

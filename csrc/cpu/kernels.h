@@ -24,7 +24,17 @@ struct StepArgs {
   const float* ctl;      // the control block (layout.h Ctl), or nullptr: no AMP, no clipping
   uint64_t seed;         // stochastic rounding seed
   bool quantized;        // 8-bit blockwise states (quant.h): offs and slices count blocks
+  // two-phase rules (rule.h kSums > 0) only:
+  int phases = 3;                     // bit 0: phase 1 (fills sums), bit 1: phase 2 (reads them)
+  double* sums = nullptr;             // nseg rows of kSums: each segment's sums
+  double* partials = nullptr;         // scratch: kSums per chunk of kSumChunk elements
+  const int64_t* chunk_offs = nullptr;  // prefix sums of the segments' chunk counts, nseg + 1
 };
+
+// Two-phase rules sum each segment by chunks of this many elements, a chunk's
+// terms in a fixed order and the chunks in segment order: the partition between
+// threads (partition.h) never splits a chunk, so the sums do not depend on it.
+constexpr int64_t kSumChunk = 64;
 
 // traffic_pass takes at most this many read and this many write buffers.
 constexpr int kMaxTrafficBuffers = 8;

@@ -221,11 +221,148 @@ void q8_pass(const StepArgs& a) {
   });
 }
 
+// ------------------------------------------------------------ two-phase rules
+// docs/design.md#per-tensor-reductions. One parallel region over the same
+// partition as pass(): phase 1 updates the states and writes each 64-element
+// chunk's sums (cpu::kSumChunk); after a barrier each segment's chunk sums are
+// added in chunk order (segments split between threads by index); after a
+// second barrier phase 2 reads its segment's sums and updates p. A chunk lies in
+// one thread's range (the partition's boundaries are multiples of 64 elements
+// from a segment's start) and its terms are added in one fixed order, so the sums,
+// and the step, are the same bits for every thread count, every ISA variant and
+// every grouping of tensors into buckets.
+static_assert(cpu::kSumChunk == kPartitionQuantum, "a sum chunk must never straddle two threads");
+
+// The sum of a chunk's terms (zero-padded to kSumChunk): 16 lanes of 4 sequential
+// adds, then a tree. Each lane is a sequential sum, so vectorizing changes nothing.
+inline double chunk_sum(const double* x) {
+  constexpr int kLanes = 16;
+  static_assert(cpu::kSumChunk % kLanes == 0, "whole lanes");
+  double lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = x[l];
+  for (int q = 1; q < cpu::kSumChunk / kLanes; ++q) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += x[q * kLanes + l];
+  }
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  }
+  return lane[0];
+}
+
+template <class L, class Rule>
+void two_phase_pass(const StepArgs& a) {
+  using M = typename Rule::M;
+  using TP = storage_t<L::P>;
+  using TS = storage_t<L::S>;
+  constexpr int K = Rule::kSums;
+  constexpr int64_t C = cpu::kSumChunk;
+  if (skipped(a)) return;
+  const double gm = grad_mult(a);
+  const int64_t* offs = a.offs;
+#pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t k = omp_get_thread_num();
+    const int64_t begin = worker_begin(offs, a.nseg, k, nt);
+    const int64_t end = worker_begin(offs, a.nseg, k + 1, nt);
+    const int64_t s_lo = begin < end ? segment_of(offs, a.nseg, begin) : a.nseg;
+    if (a.phases & 1) {
+      for (int64_t s = s_lo; s < a.nseg && offs[s] < end; ++s) {
+        const int64_t lo = max_i64(begin, offs[s]) - offs[s];
+        const int64_t hi = min_i64(end, offs[s + 1]) - offs[s];
+        if (lo >= hi) continue;
+        const int64_t* row = a.table + s * SEG_COLS;
+        const double t = static_cast<double>(*column_ptr<const float>(row, SEG_STEP)) + 1.0;
+        const typename Rule::Scalars sc = Rule::scalars(a.hyper + row[SEG_HP] * Rule::kHpCols, t, gm);
+        const TP* __restrict__ p = column_ptr<const TP>(row, SEG_P);
+        const float* __restrict__ master = column_ptr<const float>(row, SEG_MASTER);
+        const TP* __restrict__ g = column_ptr<const TP>(row, SEG_G);
+        TS* __restrict__ s0 = column_ptr<TS>(row, SEG_S0);
+        TS* __restrict__ s1 = column_ptr<TS>(row, SEG_S1);
+        TS* __restrict__ s2 = column_ptr<TS>(row, SEG_S2);
+        double* __restrict__ part = a.partials + a.chunk_offs[s] * K;
+        alignas(64) double terms[K][C];
+        for (int64_t c0 = lo; c0 < hi; c0 += C) {  // lo is a multiple of C: chunks from the segment's start
+          const int64_t c1 = min_i64(c0 + C, hi);
+#pragma omp simd
+          for (int64_t i = c0; i < c1; ++i) {
+            M pi = load_param<L::P, L::MASTER>(p, master, i);
+            M gi = load<L::P>(g, i);
+            M x0 = Rule::kS0 ? load<L::S>(s0, i) : M(0);
+            M x1 = Rule::kS1 ? load<L::S>(s1, i) : M(0);
+            M x2 = Rule::kS2 ? load<L::S>(s2, i) : M(0);
+            Rule::moments(pi, gi, x0, x1, x2, sc);
+            if (Rule::kS0) store<L::S>(s0, i, x0);
+            if (Rule::kS1) store<L::S>(s1, i, x1);
+            if (Rule::kS2) store<L::S>(s2, i, x2);
+            double out[K];
+            // the sums see the states as phase 2 will read them
+            Rule::terms(pi, gi, as_stored<L::S>(x0), as_stored<L::S>(x1), as_stored<L::S>(x2), sc, out);
+            for (int j = 0; j < K; ++j) terms[j][i - c0] = out[j];
+          }
+          for (int j = 0; j < K; ++j) {
+            for (int64_t i = c1 - c0; i < C; ++i) terms[j][i] = 0.0;
+            part[(c0 / C) * K + j] = chunk_sum(terms[j]);
+          }
+        }
+      }
+#pragma omp barrier
+      // each segment's sums: its chunks in order
+      for (int64_t s = a.nseg * k / nt; s < a.nseg * (k + 1) / nt; ++s) {
+        const double* part = a.partials + a.chunk_offs[s] * K;
+        const int64_t chunks = a.chunk_offs[s + 1] - a.chunk_offs[s];
+        for (int j = 0; j < K; ++j) {
+          double total = 0.0;
+          for (int64_t c = 0; c < chunks; ++c) total += part[c * K + j];
+          a.sums[s * K + j] = total;
+        }
+      }
+    }
+    if (a.phases & 2) {
+#pragma omp barrier
+      const uint64_t seed = a.seed;
+      for (int64_t s = s_lo; s < a.nseg && offs[s] < end; ++s) {
+        const int64_t lo = max_i64(begin, offs[s]) - offs[s];
+        const int64_t hi = min_i64(end, offs[s + 1]) - offs[s];
+        if (lo >= hi) continue;
+        const int64_t* row = a.table + s * SEG_COLS;
+        const double t = static_cast<double>(*column_ptr<const float>(row, SEG_STEP)) + 1.0;
+        const typename Rule::Apply ap =
+            Rule::apply_scalars(a.hyper + row[SEG_HP] * Rule::kHpCols, t, gm, a.sums + s * K, row[SEG_N]);
+        TP* __restrict__ p = column_ptr<TP>(row, SEG_P);
+        float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+        const TS* __restrict__ s0 = column_ptr<const TS>(row, SEG_S0);
+        const TS* __restrict__ s1 = column_ptr<const TS>(row, SEG_S1);
+        const TS* __restrict__ s2 = column_ptr<const TS>(row, SEG_S2);
+        const uint32_t key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) {
+          M pi = load_param<L::P, L::MASTER>(p, master, i);
+          Rule::apply(pi, Rule::kS0 ? load<L::S>(s0, i) : M(0), Rule::kS1 ? load<L::S>(s1, i) : M(0),
+                      Rule::kS2 ? load<L::S>(s2, i) : M(0), ap);
+          store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+        }
+      }
+      // every thread has read its segments' step counts: advance each once
+#pragma omp barrier
+      for (int64_t s = a.nseg * k / nt; s < a.nseg * (k + 1) / nt; ++s) {
+        float* step = column_ptr<float>(a.table + s * SEG_COLS, SEG_STEP);
+        *step = *step + 1.0f;
+      }
+    }
+  }
+}
+
 // One step of the rule R: its switch bits and the step's storage (validated by the
 // bindings: precision.h check_layout / check_q8_layout) -> the pass instantiated for them.
 template <class R>
 void run(const StepArgs& a, unsigned switches) {
-  if (a.quantized) {
+  if constexpr (kSumsOf<R> > 0) {  // two-phase: no 8-bit states (the bindings refuse them)
+    with_layout(a.dtype, a.state_dtype, a.master, a.stochastic, [&](auto layout) {
+      using L = decltype(layout);
+      R::template with_switches<L::P>(switches, [&](auto rule) { two_phase_pass<L, decltype(rule)>(a); });
+    });
+  } else if (a.quantized) {
     with_q8_layout(a.dtype, a.master, a.stochastic, [&](auto layout) {
       using L = decltype(layout);
       R::template with_switches<L::P>(switches, [&](auto rule) { q8_pass<L, decltype(rule)>(a); });

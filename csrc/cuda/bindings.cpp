@@ -93,6 +93,10 @@ void step(const std::string& name, uintptr_t table, int64_t nseg, uintptr_t hype
           const Precision& pr) {
   const RuleInfo rule = find_rule(name);
   const unsigned bits = switch_bits(rule, name, switches);
+  if (rule.sums > 0) {
+    throw py::value_error("rule '" + name + "' has no CUDA kernel yet (a two-phase rule: its per-tensor "
+                          "reductions run on the CPU kernel)");
+  }
   check_step_args(table, nseg, hyper, dtype, arrivals, blocks);
   const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
   if (pr.quantized) {

@@ -9,7 +9,7 @@ read each segment's numbers from its group's hyperparameter row.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from torch import Tensor
 
@@ -21,9 +21,18 @@ from . import _dtensor, _flat, _state
 from ._checks import Checks
 
 
-def resolve_backend(requested: str, p: Tensor) -> str:
+def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> str:
     """The backend that steps ``p`` for a group's ``backend=`` (or a RuntimeError saying why it cannot)."""
     if requested == Backend.REFERENCE:
+        return Backend.REFERENCE.value
+    if rule is not None and rule.reduces and (requested in (Backend.TRITON, Backend.CUDA) or p.device.type != "cpu"):
+        # a two-phase rule runs on the CPU kernel only (docs/backends.md)
+        if requested in (Backend.TRITON, Backend.CUDA):
+            raise RuntimeError(f"backend={requested!r}: rule {rule.name!r} has no {requested} kernel yet (its "
+                               "per-tensor reductions run on the CPU kernel); use backend='cpu' or 'reference'")
+        if requested == Backend.CPU:
+            raise RuntimeError(f"backend='cpu' runs on CPU tensors, but a parameter is on {p.device}; "
+                               "use backend='auto' or 'reference'")
         return Backend.REFERENCE.value
     if requested == Backend.TRITON:
         _ext.triton(p.device)  # raises with the reason when Triton cannot step this device
@@ -77,7 +86,7 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
         structure = rule.structure(group)
         for p in unique(group["params"]):
             layout = storage_layout(p.dtype, group, p.numel())
-            backend = resolve_backend(group["backend"], p)
+            backend = resolve_backend(group["backend"], p, rule)
             _dtensor.check_flat_grads(who, group, p)
             dtensor = _dtensor.is_dtensor(p)
             # flat_grads: contiguous parameters of a compiled backend (check_views is in fusedwd._C)
@@ -87,6 +96,15 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
             bucket = buckets.get(key)
             if bucket is None:
                 storage = Storage(*layout)
+                if storage.quantized and rule.reduces:
+                    raise ValueError(f"{who}: state_dtype='int8' is not supported by {rule.name} yet: its per-tensor "
+                                     "sums would read the 8-bit codes; use state_dtype=None, torch.float32 or "
+                                     "torch.bfloat16")
+                if dtensor and rule.reduces:
+                    # each rank holds a shard: its sums are partial, and a step on them would silently differ
+                    raise ValueError(f"{who}: DTensor parameters (FSDP2) are not supported by {rule.name} yet: its "
+                                     "per-tensor norms would be each shard's own (the cross-rank reduction is "
+                                     "not implemented)")
                 if storage.quantized and dtensor:
                     raise ValueError(f"{who}: state_dtype='int8' does not take DTensor parameters (FSDP2) yet: "
                                      "their shards would cut the 256-element blocks")

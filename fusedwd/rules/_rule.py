@@ -47,8 +47,15 @@ class Rule:
     group's tensors with fusedwd.reference's semantics (``states``: name -> tensors, only
     the states the structure keeps). ``values(group)`` gives the rule's own columns of the
     hyperparameter row; the shared ones (lr, decay_mult, l2, grad_sign) come from the
-    decay mode. ``triton_scalars`` and ``triton_update`` are the rule's Triton helpers,
-    plain functions that fusedwd.triton compiles (docs/adding-a-rule.md#triton).
+    decay mode; a rule may override one of them (LAMB's decoupled decay lives inside its
+    trust ratio, so its ``decay_mult`` is 1). ``triton_scalars`` and ``triton_update`` are
+    the rule's Triton helpers, plain functions that fusedwd.triton compiles
+    (docs/adding-a-rule.md#triton); a rule without them has no Triton kernel.
+
+    ``sums`` names the per-tensor sums of a two-phase rule (LAMB, StableAdamW;
+    docs/design.md#per-tensor-reductions): its first phase updates the states and sums
+    these over each tensor, its second applies an update scaled by what they give.
+    An elementwise rule has none.
     """
 
     name: str
@@ -62,6 +69,7 @@ class Rule:
     step_in_state: bool = True  # torch keeps `step` in the state (AdamW, RMSprop; not SGD)
     triton_scalars: Optional[Callable] = None
     triton_update: Optional[Callable] = None
+    sums: tuple[str, ...] = ()
     _switch_index: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,7 +110,7 @@ class Rule:
         it are float64 0-dim tensors on ``device`` (see _spec.decay_row).
         """
         lr, decay_mult, l2, grad_sign = decay_row(group, device)
-        values = dict(self.values(group), lr=lr, decay_mult=decay_mult, l2=l2, grad_sign=grad_sign)
+        values = dict(dict(lr=lr, decay_mult=decay_mult, l2=l2, grad_sign=grad_sign), **self.values(group))
         return [values[c] for c in self.columns]
 
     def group(self, **hyperparameters: Any) -> dict[str, Any]:
@@ -123,6 +131,11 @@ class Rule:
         saved = any(state.get(s.name) is not None or state.get(s.name + "_codes") is not None
                     for s in self.states)
         return 1.0 if saved else None
+
+    @property
+    def reduces(self) -> bool:
+        """A two-phase rule: its update needs sums over each whole tensor (``sums``)."""
+        return bool(self.sums)
 
     @property
     def unsigned_states(self) -> frozenset[str]:

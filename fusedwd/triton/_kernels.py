@@ -483,8 +483,8 @@ def compile_rule(rule: rules.Rule) -> triton.JITFunction:
     return triton.jit(rebuilt)
 
 
-# every rule's compiled helper, by name
-UPDATES = {name: compile_rule(rule) for name, rule in rules.RULES.items()}
+# every rule's compiled helper, by name (a two-phase rule has none yet: docs/backends.md)
+UPDATES = {name: compile_rule(rule) for name, rule in rules.RULES.items() if rule.triton_update is not None}
 
 
 # ------------------------------------------------------------------ the kernel

@@ -166,6 +166,9 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
             ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
     """
     spec = rules.get(rule)
+    if rule not in UPDATES:
+        raise NotImplementedError(f"rule {rule!r} has no Triton kernel yet (a two-phase rule: docs/backends.md); "
+                                  "use backend='cpu' or 'reference'")
     switches = tuple(bool(s) for s in switches)
     if len(switches) != len(spec.switches):
         raise ValueError(f"rule {rule!r} takes {len(spec.switches)} switches, got {len(switches)}")

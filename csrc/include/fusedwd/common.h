@@ -175,6 +175,18 @@ FUSEDWD_HD inline void store(storage_t<D>* ptr, int64_t i, math_t<D> x) {
   }
 }
 
+// x as it reads back once stored in D (rounded to nearest even for 16-bit storage).
+template <DType D>
+FUSEDWD_HD inline math_t<D> as_stored(math_t<D> x) {
+  if constexpr (D == DType::F16) {
+    return f16_to_float(float_to_f16(x));
+  } else if constexpr (D == DType::BF16) {
+    return bf16_to_float(float_to_bf16(x));
+  } else {
+    return x;
+  }
+}
+
 // ---------------------------------------------------------------- stochastic rounding
 // docs/math.md#stochastic-rounding; reference: fusedwd.reference.stochastic_round_bf16.
 // The random bits of an element are a hash of (seed, parameter salt, step, element

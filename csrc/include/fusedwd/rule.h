@@ -22,6 +22,19 @@
 //   update(p, g, s0, s1, s2, scalars) one element, in place (unused states untouched)
 //
 // both FUSEDWD_HD: the same helper runs on the host and on the device.
+//
+// A two-phase rule (LAMB, StableAdamW: its update needs sums over each whole
+// tensor; docs/design.md#per-tensor-reductions) has kSums > 0 in the family and
+// in Rule<D, ...>, and in place of update():
+//
+//   moments(p, g, s0, s1, s2, scalars)       phase 1, one element: the states updated
+//                                           (p and g as the rule's prologue leaves them)
+//   terms(p, g, s0, s1, s2, scalars, out)    phase 1, one element: its term of each sum
+//                                           (double), the states as stored
+//   apply_scalars(hp, t, grad_mult, sums, n) per segment of n elements, from its kSums sums:
+//                                           Rule::Apply, phase 2's scalars
+//   apply(p, s0, s1, s2, apply)              phase 2, one element: p from p and the states
+//                                           as phase 1 stored them
 // csrc/include/fusedwd/rules.h lists every rule; tests/test_layout.py checks
 // each against its Python spec (columns, switches, states and their codes).
 #pragma once
@@ -34,3 +47,19 @@
 #define FUSEDWD_COLUMNS(...)                                        \
   enum : int { __VA_ARGS__, kCount };                               \
   static const char* names() { return #__VA_ARGS__; }
+
+FUSEDWD_NS_BEGIN
+
+// A rule family's kSums: 0 for an elementwise rule (which does not declare it).
+template <class R, class = void>
+struct SumsOf {
+  static constexpr int value = 0;
+};
+template <class R>
+struct SumsOf<R, decltype(void(R::kSums))> {
+  static constexpr int value = R::kSums;
+};
+template <class R>
+constexpr int kSumsOf = SumsOf<R>::value;
+
+FUSEDWD_NS_END

@@ -4,16 +4,20 @@
 #pragma once
 
 #include "fusedwd/adamw.h"
+#include "fusedwd/lamb.h"
 #include "fusedwd/lion.h"
 #include "fusedwd/rmspropw.h"
 #include "fusedwd/sgdw.h"
+#include "fusedwd/stableadamw.h"
 
 // X(Rule) for every rule struct (csrc/include/fusedwd/rule.h describes one).
 #define FUSEDWD_RULES(X) \
   X(AdamW)               \
   X(Sgdw)                \
   X(Rmspropw)            \
-  X(Lion)
+  X(Lion)                \
+  X(Lamb)                \
+  X(StableAdamW)
 
 FUSEDWD_NS_BEGIN
 
