@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["math_dtype", "Precision", "stochastic_round_bf16"]  # and every rule's function (below)
+__all__ = ["math_dtype", "Precision", "stochastic_round_bf16", "tensor_sum"]  # and every rule's function (below)
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,6 +52,21 @@ def lerp(a: Tensor, b: Tensor, weight: float) -> Tensor:
     small = bool(w.abs() < 0.5)
     coeff = w if small else w - 1
     return (a if small else b) + coeff * (b - a)
+
+
+def tensor_sum(terms: Tensor) -> float:
+    """The sum of a tensor's terms (float64) in the CPU kernel's fixed order
+    (docs/design.md#per-tensor-reductions), so the two-phase rules' sums are the kernel's bits:
+    chunks of 64 zero-padded terms, each 16 lanes of 4 sequential adds then a tree; the chunks'
+    sums added in order (a sequential cumsum)."""
+    x = terms.reshape(-1).double()
+    if x.numel() == 0:
+        return 0.0
+    x = torch.cat([x, x.new_zeros((-x.numel()) % 64)]).view(-1, 4, 16)
+    lanes = ((x[:, 0] + x[:, 1]) + x[:, 2]) + x[:, 3]
+    for width in (8, 4, 2, 1):
+        lanes = lanes[:, :width] + lanes[:, width : 2 * width]
+    return float(torch.cumsum(lanes[:, 0], 0)[-1])
 
 
 def store(dst: Tensor, value: Tensor) -> None:

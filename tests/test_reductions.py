@@ -189,8 +189,12 @@ def test_cpu_kernel_matches_reference(name, layout, decay):
     kw = _kwargs(name, decay=decay, maximize=decay == "l2", **options)
     opt = INFOS[name].cls(params, backend="cpu", **kw)
     ref = INFOS[name].cls(ref_params, backend="reference", **kw)
+    for o in (opt, ref):  # the same stochastic-rounding bits
+        for group in o.param_groups:
+            group["sr_seed"] = 1234
     state_dtype = options.get("state_dtype")
-    compare_optimizers(opt, params, ref, ref_params, STATES, 12, _grads()(params),
+    states = STATES + (["master_param"] if options.get("master_weights") else [])
+    compare_optimizers(opt, params, ref, ref_params, states, 12, _grads()(params),
                        dtype=state_dtype if state_dtype is not None else None)
 
 
@@ -288,7 +292,10 @@ def test_phases_apart_equal_phases_together(name):
 
 
 def test_lamb_sums_are_the_norms():
-    """The sums buffer holds ||p||^2 and ||u||^2 of each tensor (here the first step's)."""
+    """The sums buffer holds ||p||^2 and ||u||^2 of each tensor (here the first step's): near the
+    formula's, and the bits of fusedwd.reference.tensor_sum, the kernel's order written in torch."""
+    from fusedwd.reference import tensor_sum
+
     from fusedwd import _buckets as B
     from fusedwd.optim._runners import RUNNERS, Step
 
@@ -309,6 +316,7 @@ def test_lamb_sums_are_the_norms():
         u = (m / 0.1) / ((v / 0.001).sqrt() + 1e-6) + 0.1 * p0.double()
         torch.testing.assert_close(sums[k, 0].item(), p0.double().square().sum().item(), rtol=1e-12, atol=0)
         torch.testing.assert_close(sums[k, 1].item(), u.square().sum().item(), rtol=1e-5, atol=0)
+        assert sums[k, 0].item() == tensor_sum(p0.double().square())
 
 
 # ------------------------------------------------------------ StableAdamW and AdamW

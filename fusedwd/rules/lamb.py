@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._spec import Decay, check_bool, check_common, check_range, decay_factors, group_lr_max
-from ..reference import Precision, math_dtype, prologue, store
+from ..reference import Precision, math_dtype, prologue, store, tensor_sum
 from ..reference import lerp as lerp_tensor
 from ._rule import Rule, State
 
@@ -73,8 +73,8 @@ def trust_ratio(param_sq: float, update_sq: float, adapt: bool, max_trust: float
 
 
 def sum_sq(x: Tensor) -> float:
-    """The sum of squares of x in float64 (each square exact for fp32 x)."""
-    return float(x.double().square().sum())
+    """The sum of squares of x in float64 (each square exact for fp32 x), in the kernel's order."""
+    return tensor_sum(x.double().square())
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._spec import Decay, check_common, check_range, decay_factors, group_lr_max
-from ..reference import Precision, math_dtype, prologue, store
+from ..reference import Precision, math_dtype, prologue, store, tensor_sum
 from ..reference import lerp as lerp_tensor
 from ._rule import Rule, State
 
@@ -89,7 +89,7 @@ def stableadamw(
         m, v = exp_avgs[i].to(mt), exp_avg_sqs[i].to(mt)
         bc2 = 1.0 - beta2**t
         eps_sq = torch.tensor(eps * eps, dtype=mt)
-        ratio_sum = float(((g * g) / torch.maximum(v / bc2, eps_sq)).double().sum())
+        ratio_sum = tensor_sum((g * g) / torch.maximum(v / bc2, eps_sq))
         # phase 2: AdamW's step and decay with lr_t = lr / max(1, RMS)
         lr_t = clipped_lr(lr, ratio_sum, p.numel())
         decay_mult, _ = decay_factors(decay, lr_t, weight_decay, lr_max)

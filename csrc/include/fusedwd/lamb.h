@@ -89,6 +89,9 @@ struct Lamb {
       return s;
     }
 
+    // Phase 1 reads p: its norm is one of the sums.
+    FUSEDWD_HD static bool moments_read_p(const Scalars&) { return true; }
+
     // Phase 1, one element: the moments, as AdamW's; p decayed as phase 2 will decay it.
     FUSEDWD_HD static void moments(M& p, M& g, M& m, M& v, M&, const Scalars& s) {
       // docs/math.md#lamb; reference: fusedwd.reference.lamb

@@ -27,6 +27,7 @@
 // tensor; docs/design.md#per-tensor-reductions) has kSums > 0 in the family and
 // in Rule<D, ...>, and in place of update():
 //
+//   moments_read_p(scalars)                  whether phase 1 reads p for this segment (if not, p is 0)
 //   moments(p, g, s0, s1, s2, scalars)       phase 1, one element: the states updated
 //                                           (p and g as the rule's prologue leaves them)
 //   terms(p, g, s0, s1, s2, scalars, out)    phase 1, one element: its term of each sum

@@ -62,6 +62,9 @@ struct StableAdamW {
       return s;
     }
 
+    // Phase 1 reads p only for the L2 term (p is decayed in phase 2).
+    FUSEDWD_HD static bool moments_read_p(const Scalars& s) { return s.has_l2; }
+
     // Phase 1, one element: AdamW's moments (p is decayed in phase 2, with the clipped lr).
     FUSEDWD_HD static void moments(M& p, M& g, M& m, M& v, M&, const Scalars& s) {
       // docs/math.md#stableadamw; reference: fusedwd.reference.stableadamw
