@@ -10,6 +10,7 @@ max_grad_norm, param groups, state_dict); and the combinations refused with a me
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -357,7 +358,7 @@ def test_stableadamw_checkpoint_loads_into_torch_adamw():
         opt.step()
     torch_params = clone_params(params)
     torch_opt = torch.optim.AdamW(torch_params, **kw)
-    torch_opt.load_state_dict(opt.state_dict())
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() holds the live buffers
     for t in range(3, 6):
         grads = _quiet_grads(params, t)
         for p, q, g in zip(params, torch_params, grads):
@@ -424,21 +425,21 @@ def test_many_param_groups_in_one_pass(name):
 def test_state_dict_resumes_bit_for_bit(name):
     params = make_params(SHAPES, seed=18)
     straight = INFOS[name].cls(params, backend="cpu", **_kwargs(name))
-    copy = clone_params(params)
+    resumed_params = clone_params(params)
     for t in range(6):
         for p, g in zip(params, random_grads(params, t)):
             p.grad = g
         straight.step()
         if t == 2:
-            saved = straight.state_dict()
-            copy = clone_params(params)
-    resumed = INFOS[name].cls(copy, backend="cpu", **_kwargs(name))
+            saved = copy.deepcopy(straight.state_dict())  # state_dict() holds the live buffers
+            resumed_params = clone_params(params)
+    resumed = INFOS[name].cls(resumed_params, backend="cpu", **_kwargs(name))
     resumed.load_state_dict(saved)
     for t in range(3, 6):
-        for p, g in zip(copy, random_grads(copy, t)):
+        for p, g in zip(resumed_params, random_grads(resumed_params, t)):
             p.grad = g
         resumed.step()
-    for p, q in zip(params, copy):
+    for p, q in zip(params, resumed_params):
         assert bitwise_equal(p, q)
         for s in STATES:
             assert bitwise_equal(straight.state[p][s], resumed.state[q][s])
