@@ -53,7 +53,7 @@ def test_cpu_kernel_matches_reference(name, decay, dtype, isa):
     compare_optimizers(opt_a, a, opt_b, b, states, STEPS, lambda t: random_grads(a, t))
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgdw-momentum", "rmspropw-centered-momentum"])
+@pytest.mark.parametrize("name", ["adamw", "sgdw-has_momentum", "rmspropw-centered-has_momentum", "lion"])
 def test_many_tensors_one_bucket(name):
     # 300 tensors of assorted sizes (0 included) in one pass, with per-segment rows
     sizes = [(n,) for n in ([0, 1, 2, 3, 63, 64, 65, 127, 129] * 30 + [1000] * 30)]

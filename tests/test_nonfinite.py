@@ -39,7 +39,50 @@ STATES = {
     "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     "sgd": ("momentum_buffer",),
     "rmsprop": ("square_avg", "grad_avg", "momentum_buffer"),
+    "lion": ("exp_avg",),
 }
+
+
+def _sign_keeping_nan(c):
+    """torch.sign, except that a NaN stays NaN: torch.sign(NaN) is 0, so optimi's and lion-pytorch's
+    Lion leaves a parameter unchanged where the direction is NaN (and freezes it from then on, its
+    exp_avg NaN); fusedwd's Lion spreads the NaN into the parameter, as every other rule does
+    (docs/math.md#lion). The one place the two differ."""
+    return torch.where(c.isnan(), c, torch.sign(c))
+
+
+class TorchLion(torch.optim.Optimizer):
+    """Lion as optimi and lion-pytorch write it with torch's operations (torch has no Lion):
+    the L2 term only for a nonzero weight_decay, torch.lerp for the direction and the momentum,
+    then the sign (_sign_keeping_nan). Decoupled decay (p *= 1 - lr*wd) unless DECAY is "l2"."""
+
+    DECAY = "decoupled"
+
+    def __init__(self, params, lr, betas, weight_decay=0.0, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                g = -p.grad if group["maximize"] else p.grad
+                if wd != 0 and self.DECAY == "l2":
+                    g = g.add(p, alpha=wd)
+                elif wd != 0:
+                    p.mul_(1 - lr * wd)
+                p.add_(_sign_keeping_nan(torch.lerp(m, g, 1 - beta1)), alpha=-lr)
+                m.lerp_(g, 1 - beta2)
+
+
+class TorchLionL2(TorchLion):
+    DECAY = "l2"
 
 
 def _case(rule, torch_cls, kw, decay="l2"):
@@ -70,7 +113,16 @@ for wd in (0.0, 0.1):
 CASES.append(_case("rmsprop", torch.optim.RMSprop, dict(lr=0.01, alpha=0.3, weight_decay=0.1, centered=True,
                                                         momentum=0.5, maximize=True)))
 
-FUSEDWD = {"adam": fusedwd.AdamW, "sgd": fusedwd.SGDW, "rmsprop": fusedwd.RMSpropW}
+# Lion: against TorchLion; betas (0.3, 0.4) take lerp's other branch for both interpolations
+for wd in (0.0, 0.1):
+    for maximize in (False, True):
+        kw = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=wd, maximize=maximize)
+        CASES.append(_case("lion", TorchLion, kw, decay="decoupled"))
+        CASES.append(_case("lion", TorchLionL2, kw))
+CASES.append(_case("lion", TorchLion, dict(lr=0.05, betas=(0.3, 0.4), weight_decay=0.1), decay="decoupled"))
+CASES.append(_case("lion", TorchLionL2, dict(lr=0.05, betas=(0.3, 0.4), weight_decay=0.1)))
+
+FUSEDWD = {"adam": fusedwd.AdamW, "sgd": fusedwd.SGDW, "rmsprop": fusedwd.RMSpropW, "lion": fusedwd.Lion}
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_cpu() else [])
 
 
@@ -82,7 +134,15 @@ def triton_cpu():
         yield
 
 
+def test_torch_sign_of_nan_is_zero():
+    """What _sign_keeping_nan says of torch: if this starts failing, torch.sign changed, and so
+    did optimi's and lion-pytorch's Lion under a NaN gradient."""
+    assert torch.sign(torch.tensor([NAN]))[0].item() == 0.0
+
+
 def _torch_impls(torch_cls):
+    if issubclass(torch_cls, TorchLion):
+        return {"forloop": {}}
     impls = {"forloop": dict(foreach=False), "foreach": dict(foreach=True)}
     if torch_cls is not torch.optim.RMSprop:  # torch has no fused RMSprop
         impls["fused"] = dict(fused=True)

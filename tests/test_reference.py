@@ -145,8 +145,10 @@ def test_independent_decay_follows_the_schedule_multiplier():
 def _lion_by_hand(params, grads_per_step, exp_avgs, *, lr, beta1, beta2, weight_decay, decay, lr_max, maximize):
     """Lion written again from the paper (Chen et al. 2023, Program 1) in the form the common
     implementations take (lucidrains' lion-pytorch: decay, then the sign update, then the
-    momentum; optimi's decouple_lr: the decay scaled by lr/max_lr), in float64, for a
-    list of steps of gradients. Independent of fusedwd: plain tensor arithmetic."""
+    momentum, both interpolations with torch.lerp, as optimi; optimi's decouple_lr: the
+    decay scaled by lr/max_lr), in float64, for a list of steps of gradients. Independent
+    of fusedwd: plain tensor arithmetic, torch.lerp(m, g, w) written as its formula for a
+    weight w below 0.5, m + w*(g - m) (torch's own kernel may fuse it into one FMA)."""
     for grads in grads_per_step:
         for p, g, m in zip(params, grads, exp_avgs):
             g = -g if maximize else g
@@ -156,9 +158,10 @@ def _lion_by_hand(params, grads_per_step, exp_avgs, *, lr, beta1, beta2, weight_
                 p.mul_(1.0 - lr * weight_decay)
             else:  # "independent"
                 p.mul_(1.0 - (lr / lr_max) * weight_decay)
-            update = m * beta1 + g * (1.0 - beta1)
+            assert 1.0 - beta1 < 0.5 and 1.0 - beta2 < 0.5, "the formula below is lerp's for such weights"
+            update = m + (1.0 - beta1) * (g - m)
             p.sub_(lr * torch.sign(update))  # torch.sign(0) == 0
-            m.mul_(beta2).add_(g * (1.0 - beta2))
+            m.add_((1.0 - beta2) * (g - m))
 
 
 @pytest.mark.parametrize("decay", ["decoupled", "independent", "l2"])

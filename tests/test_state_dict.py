@@ -177,8 +177,9 @@ def test_a_lion_pytorch_checkpoint_continues():
     grads = random_grads(params, 0)
     expected = []
     for p, g, m in zip(params, grads, exp_avgs):
-        c = m * betas[0] + g * (1 - betas[0])
-        expected.append((p.detach() * (1 - lr * wd) - lr * torch.sign(c), m * betas[1] + g * (1 - betas[1])))
+        # torch.lerp(m, g, w)'s formula for a weight w below 0.5, as optimi and lion-pytorch step
+        c = m + (1 - betas[0]) * (g - m)
+        expected.append((p.detach() * (1 - lr * wd) - lr * torch.sign(c), m + (1 - betas[1]) * (g - m)))
         p.grad = g
     opt.step()
     for k, (p, (p_expected, m_expected)) in enumerate(zip(params, expected)):

@@ -13,12 +13,13 @@ from torch import Tensor
 
 from .._spec import check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store
+from ..reference import lerp as lerp_tensor  # (the Triton helper below uses the Triton lerp)
 from ._rule import Rule, State
 
 if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/adding-a-rule.md#triton)
     import triton.language as tl
 
-    from ..triton._kernels import decayed_grad
+    from ..triton._kernels import decayed_grad, lerp, lerp_weight
 
     COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
@@ -70,9 +71,10 @@ def lion(
         p, g = prologue(precision.load(params, i, mt), grads[i].to(mt), grad_sign=grad_sign, l2=l2,
                         decay_mult=decay_mult)
         m = exp_avgs[i].to(mt)
-        c = m * beta1 + g * (1.0 - beta1)  # the update's direction: interpolated with beta1
+        # torch's lerp, as optimi and lion-pytorch write Lion (docs/math.md#non-finite-values)
+        c = lerp_tensor(m, g, 1.0 - beta1)  # the update's direction: interpolated with beta1
         p = p - lr * sign(c)
-        store(exp_avgs[i], m * beta2 + g * (1.0 - beta2))  # the momentum kept: with beta2
+        store(exp_avgs[i], lerp_tensor(m, g, 1.0 - beta2))  # the momentum kept: with beta2
         precision.store(params, i, p, float(steps[i]))
 
 
@@ -91,14 +93,15 @@ def triton_update(p, g, m, _s1, _s2, hp, t, grad_mult, MATH: tl.constexpr):
     l2 = tl.load(hp + COL.l2)
     decay_mult = tl.load(hp + COL.decay_mult).to(MATH)
     lr = tl.load(hp + COL.lr).to(MATH)
-    beta1 = tl.load(hp + COL.beta1)
-    beta2 = tl.load(hp + COL.beta2)
+    c_coeff, c_small = lerp_weight(1.0 - tl.load(hp + COL.beta1), MATH)
+    m_coeff, m_small = lerp_weight(1.0 - tl.load(hp + COL.beta2), MATH)
 
+    # the operations and their order are torch's (docs/math.md#non-finite-values)
     g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
     p = p * decay_mult
-    c = beta1.to(MATH) * m + (1.0 - beta1).to(MATH) * g
+    c = lerp(m, g, c_coeff, c_small)
     p = p - lr * tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, c))
-    m = beta2.to(MATH) * m + (1.0 - beta2).to(MATH) * g
+    m = lerp(m, g, m_coeff, m_small)
     return p, m, _s1, _s2
 
 

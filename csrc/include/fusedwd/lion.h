@@ -22,8 +22,8 @@ struct Lion {
     bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule for every rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
-    M beta1, one_minus_beta1;
-    M beta2, one_minus_beta2;
+    LerpWeight<M> c_weight;  // the direction c = lerp(exp_avg, g, 1 - beta1)
+    LerpWeight<M> m_weight;  // exp_avg <- lerp(exp_avg, g, 1 - beta2)
   };
 
   // S0 holds exp_avg (signed 8-bit code); no switches.
@@ -44,23 +44,22 @@ struct Lion {
       s.has_l2 = hp[Col::l2] != 0.0;
       s.decay_mult = static_cast<M>(hp[Col::decay_mult]);
       s.lr = static_cast<M>(hp[Col::lr]);
-      s.beta1 = static_cast<M>(hp[Col::beta1]);
-      s.one_minus_beta1 = static_cast<M>(1.0 - hp[Col::beta1]);
-      s.beta2 = static_cast<M>(hp[Col::beta2]);
-      s.one_minus_beta2 = static_cast<M>(1.0 - hp[Col::beta2]);
+      s.c_weight = lerp_weight<M>(1.0 - hp[Col::beta1]);
+      s.m_weight = lerp_weight<M>(1.0 - hp[Col::beta2]);
       return s;
     }
 
     // One element: the momentum m in S0.
     FUSEDWD_HD static void update(M& p, M g, M& m, M&, M&, const Scalars& s) {
       // docs/math.md#lion; reference: fusedwd.reference.lion
+      // the operations and their order are torch's, as AdamW's (docs/math.md#non-finite-values)
       g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
       p = p * s.decay_mult;
-      const M c = s.beta1 * m + s.one_minus_beta1 * g;
+      const M c = lerp_m(m, g, s.c_weight);
       // sign(c): +-1, and c itself where it is +-0 (no step) or NaN (propagated); selects only
       const M sign = c > M(0) ? M(1) : (c < M(0) ? M(-1) : c);
       p = p - s.lr * sign;
-      m = s.beta2 * m + s.one_minus_beta2 * g;
+      m = lerp_m(m, g, s.m_weight);
     }
   };
 
