@@ -473,3 +473,35 @@ def test_validation_names_the_parameter():
         fusedwd.LAMB(p, always_adapt=1)
     with pytest.raises(ValueError, match="eps"):
         fusedwd.StableAdamW(p, eps=-1.0)
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_compiled_step_equals_eager_and_never_recompiles(name):
+    """torch.compile traces the step into the rule's custom op (fusedwd::<rule>_step_), one graph
+    for a tensor lr that changes every step, with the eager step's bits."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    models = [model(), model()]
+    kw = _kwargs(name, lr=torch.tensor(1e-2, dtype=torch.float64), backend="cpu")
+    eager, compiled = (INFOS[name].cls(m.parameters(), **kw) for m in models)
+    step = torch.compile(compiled.step, fullgraph=True)
+    for t in range(4):
+        for m in models:
+            m.zero_grad()
+            gen = torch.Generator().manual_seed(100 + t)
+            m(torch.randn(7, 12, generator=gen)).square().mean().backward()
+        eager.step()
+        step()
+        for opt in (eager, compiled):
+            opt.param_groups[0]["lr"].fill_(1e-2 / (2 + t))
+        for p, q in zip(*(m.parameters() for m in models)):
+            assert bitwise_equal(p, q), f"step {t}: compiled step differs from eager"
+            for s in STATES:
+                assert bitwise_equal(eager.state[p][s], compiled.state[q][s]), f"step {t}: state {s} differs"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
