@@ -17,8 +17,16 @@ import pytest
 import torch
 
 import fusedwd
-from _helpers import (assert_isa_variants_bitwise_equal, bitwise_equal, clone_params, compare_optimizers,
-                      make_params, random_grads, results_on_every_isa)
+
+from _helpers import (
+    assert_isa_variants_bitwise_equal,
+    bitwise_equal,
+    clone_params,
+    compare_optimizers,
+    make_params,
+    random_grads,
+    results_on_every_isa,
+)
 from _rules import INFOS, TWO_PHASE
 
 C = pytest.importorskip("fusedwd._C")
@@ -295,10 +303,9 @@ def test_phases_apart_equal_phases_together(name):
 def test_lamb_sums_are_the_norms():
     """The sums buffer holds ||p||^2 and ||u||^2 of each tensor (here the first step's): near the
     formula's, and the bits of fusedwd.reference.tensor_sum, the kernel's order written in torch."""
-    from fusedwd.reference import tensor_sum
-
     from fusedwd import _buckets as B
     from fusedwd.optim._runners import RUNNERS, Step
+    from fusedwd.reference import tensor_sum
 
     params = make_params([(4097,), (1024, 33)], seed=12)
     start = [p.detach().clone() for p in params]

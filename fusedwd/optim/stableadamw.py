@@ -29,7 +29,8 @@ class StableAdamW(FusedOptimizer):
             g &\leftarrow \pm g + \ell_2\, p \\
             m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
             \qquad \hat v = v / (1-\beta_2^t) \\
-            \mathrm{lr}_t &= \mathrm{lr} / \max\!\left(1, \sqrt{\mathrm{mean}\left(g^2 / \max(\hat v, \epsilon^2)\right)}\right) \\
+            \mathrm{lr}_t &= \mathrm{lr} / \max\!\left(1, \mathrm{RMS}\right), \qquad
+            \mathrm{RMS} = \sqrt{\mathrm{mean}\left(g^2 / \max(\hat v, \epsilon^2)\right)} \\
             p &\leftarrow \delta_t\, p - \frac{\mathrm{lr}_t}{1-\beta_1^t}\,
                   \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
 
