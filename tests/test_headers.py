@@ -49,14 +49,36 @@ __global__ void one_rule(storage_t<D>* p, const storage_t<D>* g, storage_t<D>* s
   const int64_t begin = worker_begin(offs, nseg, blockIdx.x, gridDim.x);
   const int64_t end = worker_begin(offs, nseg, blockIdx.x + 1, gridDim.x);
   const typename Rule::Scalars sc = Rule::scalars(hp, t, 1.0);
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    M pi = load<D>(p, i);
-    M x = load<D>(s0, i), y = load<D>(s1, i), z = load<D>(s2, i);
-    Rule::update(pi, load<D>(g, i), x, y, z, sc);
-    store<D>(p, i, pi);
-    store<D>(s0, i, x);
-    store<D>(s1, i, y);
-    store<D>(s2, i, z);
+  if constexpr (kSumsOf<Rule> > 0) {
+    // a two-phase rule: phase 1's helpers, the per-segment scalars from sums, phase 2's
+    double sums[kSumsOf<Rule>] = {};
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      M pi = Rule::moments_read_p(sc) ? load<D>(p, i) : M(0);
+      M gi = load<D>(g, i);
+      M x = load<D>(s0, i), y = load<D>(s1, i), z = load<D>(s2, i);
+      Rule::moments(pi, gi, x, y, z, sc);
+      double out[kSumsOf<Rule>];
+      Rule::terms(pi, gi, as_stored<D>(x), as_stored<D>(y), as_stored<D>(z), sc, out);
+      for (int j = 0; j < kSumsOf<Rule>; ++j) sums[j] += out[j];
+      store<D>(s0, i, x);
+      store<D>(s1, i, y);
+    }
+    const typename Rule::Apply ap = Rule::apply_scalars(hp, t, 1.0, sums, end - begin);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      M pi = load<D>(p, i);
+      Rule::apply(pi, load<D>(s0, i), load<D>(s1, i), load<D>(s2, i), ap);
+      store<D>(p, i, pi);
+    }
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      M pi = load<D>(p, i);
+      M x = load<D>(s0, i), y = load<D>(s1, i), z = load<D>(s2, i);
+      Rule::update(pi, load<D>(g, i), x, y, z, sc);
+      store<D>(p, i, pi);
+      store<D>(s0, i, x);
+      store<D>(s1, i, y);
+      store<D>(s2, i, z);
+    }
   }
 }
 
