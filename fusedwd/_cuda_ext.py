@@ -56,34 +56,53 @@ def cuda() -> ModuleType:
 
 
 def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: int, switches: tuple,
-         device: "torch.device", arrivals: Optional["torch.Tensor"] = None, *, state_dtype: int = -1,
-         master: bool = False, stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None,
-         seed: int = 0, quantized: bool = False) -> None:
-    """One ``<rule>_step`` launch on torch's current stream of ``device``.
+         device: "torch.device", arrivals: Optional["torch.Tensor"] = None, **precision) -> None:
+    """One ``<rule>_step`` launch on torch's current stream of ``device``, from tables anywhere.
 
     ``table`` and ``hyper`` may live on the host: they are copied to the device
     first, into temporaries freed after the call, which the caching allocator
-    reuses only for work queued after this launch on the same stream.
-    ``arrivals`` (one zero int32 on the device, left at zero by the kernel) may be
-    kept by the caller across steps. ``state_dtype`` (a DTYPES code, -1: the
-    parameters'), ``master``, ``stochastic_rounding``, ``seed`` and ``quantized``
-    (8-bit blockwise states: codes at ``SEG_S*``, fp32 block absmax at ``SEG_A*``)
+    reuses only for work queued after this launch on the same stream (a host
+    ``table`` from pageable memory: the copy waits for the stream). The
+    optimizers keep their tables on the device and call :func:`launch`.
+    Arguments as :func:`launch`.
+    """
+    table_dev = table.to(device, non_blocking=True)
+    hyper_dev = hyper.to(device, non_blocking=True).contiguous()
+    if arrivals is None:
+        arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+    launch(rule, table_dev, table.shape[0], hyper_dev, dtype_code, switches, device, arrivals, **precision)
+
+
+def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", dtype_code: int, switches: tuple,
+           device: "torch.device", arrivals: "torch.Tensor", *, state_dtype: int = -1, master: bool = False,
+           stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None, seed: int = 0,
+           quantized: bool = False) -> None:
+    """One ``<rule>_step`` launch over tables already on ``device``, on torch's current stream there.
+
+    ``table``: int64, at least ``nseg`` rows of SEG_COLS; ``hyper``: contiguous float64 rows;
+    ``arrivals``: one zero int32 on the device, left at zero by the kernel, kept by the caller
+    across steps. Nothing is copied, so a CUDA graph may capture the launch. ``state_dtype``
+    (a DTYPES code, -1: the parameters'), ``master``, ``stochastic_rounding``, ``seed`` and
+    ``quantized`` (8-bit blockwise states: codes at ``SEG_S*``, fp32 block absmax at ``SEG_A*``)
     are passed on as they are; ``ctl``, the float32 control block (1/grad_scale, found_inf,
-    clip coefficient), must already be on ``device``: the kernel reads it there,
-    so a skipped or scaled step needs no host read.
+    clip coefficient), must already be on ``device``: the kernel reads it there, so a skipped
+    or scaled step needs no host read.
     """
     ext = cuda()
     with torch.cuda.device(device):
         here = torch.device("cuda", torch.cuda.current_device())  # "cuda" names the current device
+        for name, t, dtype in (("table", table, torch.int64), ("hyper", hyper, torch.float64),
+                               ("arrivals", arrivals, torch.int32)):
+            if t.device != here or t.dtype != dtype or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous {dtype} tensor on {here}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if table.numel() < nseg * ext.SEG_COLS:
+            raise ValueError(f"table holds {table.numel()} words, fewer than {nseg} rows of {ext.SEG_COLS}")
         if ctl is not None and (ctl.device != here or ctl.dtype != torch.float32 or ctl.numel() < ext.CTL_SIZE
                                 or not ctl.is_contiguous()):
             raise ValueError(f"ctl must be a contiguous float32 tensor of {ext.CTL_SIZE} elements on {here}, "
                              f"got {ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
-        table_dev = table.to(device, non_blocking=True)
-        hyper_dev = hyper.to(device, non_blocking=True).contiguous()
-        if arrivals is None:
-            arrivals = torch.zeros(1, dtype=torch.int32, device=device)
-        getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
-                                     *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
+        getattr(ext, f"{rule}_step")(table.data_ptr(), nseg, hyper.data_ptr(), dtype_code, *switches,
+                                     arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
                                      state_dtype=state_dtype, master=master, stochastic_rounding=stochastic_rounding,
                                      ctl=0 if ctl is None else ctl.data_ptr(), seed=seed, quantized=quantized)
