@@ -281,3 +281,23 @@ def test_max_grad_norm_with_fp64_and_mixed_dtypes(options):
             # the clip coefficient is an fp32 number, formed from fp32 norms of the 16-bit and fp32
             # gradients here and from one double sum on the CPU backend: the updates agree to its ulps
             assert_close(pa.detach().cpu(), pb.detach(), f"step {t}", dtype=torch.float32 if options else None)
+
+
+# ------------------------------------------------------------------ the custom ops
+@pytest.mark.parametrize("rule", ["adamw", "sgdw", "rmspropw"])
+def test_ops_are_kept_out_of_compiled_cuda_graphs(rule):
+    # each call builds its table on the host: torch.compile's CUDA graphs must leave it out
+    import fusedwd.ops  # noqa: F401  (registers the ops)
+
+    op = getattr(torch.ops.fusedwd, f"{rule}_step_").default
+    assert torch.Tag.cudagraph_unsafe in op.tags
+
+
+def test_ops_refuse_a_capture_on_cuda(capture):
+    from fusedwd import ops
+
+    ops._refuse_capture("adamw", torch.device("cuda"))  # not capturing: nothing to refuse
+    capture["on"] = True
+    ops._refuse_capture("adamw", torch.device("cpu"))  # CPU work is never captured
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*capturable=True"):
+        ops._refuse_capture("adamw", torch.device("cuda", 0))
