@@ -9,6 +9,7 @@ RuntimeError saying which of the two is missing.
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -36,6 +37,47 @@ def device_count() -> int:
 def has_cuda() -> bool:
     """Whether backend='cuda' can run here: the module is built and sees a GPU."""
     return device_count() > 0
+
+
+_probed: dict[int, Optional[str]] = {}
+_warned_reference = False
+
+
+def unusable(device: "torch.device") -> Optional[str]:
+    """Why backend='cuda' cannot step tensors on ``device``, or None when it can.
+
+    Probed once per device: the module must be built, see a GPU, and hold machine
+    code or PTX the device runs (a V100 or T4, sm_70/sm_75, runs none of the default
+    sm_80/sm_90 + compute_90 build: its first launch would fail with
+    cudaErrorNoKernelImageForDevice).
+    """
+    if _cuda is None:
+        return f"fusedwd._C_cuda failed to import ({_cuda_error!r})"
+    if _cuda.device_count() == 0:
+        return f"fusedwd._C_cuda found no usable GPU: {_cuda.status() or 'no CUDA device'}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _probed:
+        reason = _cuda.probe(index)
+        if reason:
+            major, minor = torch.cuda.get_device_capability(index)
+            reason = (f"fusedwd._C_cuda holds no code for cuda:{index} (compute capability {major}.{minor}): it was "
+                      f"built for sm_{_cuda.ARCHS.replace(';', ', sm_')}; rebuild with FUSEDWD_CUDA_ARCHS="
+                      f"{major}{minor} (docs/backends.md#build-switches). {reason}")
+        _probed[index] = reason or None
+    return _probed[index]
+
+
+def warn_reference_once(device: "torch.device", why: str) -> None:
+    """One RuntimeWarning per process when backend='auto' steps CUDA tensors with the reference."""
+    global _warned_reference
+    if not _warned_reference:
+        _warned_reference = True
+        warnings.warn(
+            f"fusedwd: no compiled kernel can step parameters on {device} ({why}); backend='auto' falls back to the "
+            "pure-torch reference, which is correct but one tensor at a time.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def cuda() -> ModuleType:
