@@ -233,7 +233,7 @@ def assert_same_bits(a: LayoutBucket, b: LayoutBucket, what: str) -> None:
     for (name, x), (_, y) in zip(a.buffers(), b.buffers()):
         # A GPU's arithmetic returns its canonical NaN where x86 propagates an operand's payload
         # (or makes its negative default NaN): on a GPU, NaN bits are compared as "a NaN"
-        # (docs/backends.md#nan-bit-patterns); the host emulation and the interpreter keep x86's.
+        # (docs/backends.md, "NaN bit patterns"); the host emulation and the interpreter keep x86's.
         gpu = "cuda" in (x.device.type, y.device.type)
         bx, by = _bits(x, gpu), _bits(y, gpu)
         if not torch.equal(bx, by):
