@@ -111,9 +111,12 @@ class Variant:
         return {_SIZE[d] for _, d in reads + writes if d != "uint8"}
 
     def mixed_width(self) -> bool:
-        """Buffers of different element sizes in one kernel (issue 14 defect 6: Triton gives each its own
-        per-thread width and converts between them through shared memory)."""
-        return len(self.widths()) > 1 or self.q8
+        """Buffers whose natural per-thread widths differ (issue 14 defect 6): Triton gives each buffer as
+        many contiguous elements per thread as fill 16 bytes (at most the block's ELEMENTS_PER_THREAD)
+        and converts between the layouts through shared memory. fp32 beside 16-bit or 8-bit buffers
+        differ (4 against 8 per thread); 16-bit parameters beside 8-bit codes do not (8 and 8)."""
+        reads, writes = self.buffers()
+        return len({min(ELEMENTS_PER_THREAD, 16 // _SIZE[d]) for _, d in reads + writes}) > 1
 
 
 def layouts() -> tuple[list[tuple], list[tuple]]:
@@ -261,6 +264,32 @@ def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
     }
 
 
+def _machine_code(cubin: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """(resource usage, SASS access counts) of one kernel's cubin, read with cuobjdump once and kept
+    next to Triton's cache, keyed by the cubin's hash (a warm run then starts no tool at all)."""
+    import hashlib
+
+    folder = pathlib.Path(os.environ.get("TRITON_CACHE_DIR", DEFAULT_CACHE)) / "gpu_static"
+    cached = folder / (hashlib.sha256(cubin).hexdigest() + ".json")
+    if cached.exists():
+        usage, accesses = json.loads(cached.read_text())
+        return usage, accesses
+    cuobjdump = find_tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found (Triton's NVIDIA backend ships one)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = next(iter(next(iter(resource_usage(cuobjdump, path).values())).values()))
+        accesses = sass_accesses(_run([cuobjdump, "-sass", path]))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp_file.write_text(json.dumps([usage, accesses]))
+    tmp_file.replace(cached)  # atomic: parallel workers may write the same entry
+    return usage, accesses
+
+
 def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
     """Compile one variant for one architecture and read its machine code (runs in a worker)."""
     variant, arch, dump = job
@@ -285,15 +314,7 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=_launch.NUM_WARPS, enable_fp_fusion=False))
     seconds = time.perf_counter() - t0
-    cuobjdump = find_tool("cuobjdump")
-    if cuobjdump is None:
-        raise RuntimeError("cuobjdump not found (Triton's NVIDIA backend ships one)")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = next(iter(next(iter(resource_usage(cuobjdump, cubin).values())).values()))
-        sass = _run([cuobjdump, "-sass", cubin])
+    usage, accesses = _machine_code(compiled.asm["cubin"])
     if dump:
         folder = pathlib.Path(dump) / f"sm_{arch}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -308,7 +329,7 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
         layout=dict(p=variant.p, s=variant.s, master=variant.master, sr=variant.sr, q8=variant.q8), arch=arch,
         **dict(usage, shared_bytes=usage["shared_bytes"] + compiled.metadata.shared),
         static_shared_bytes=usage["shared_bytes"], dynamic_shared_bytes=compiled.metadata.shared,
-        **sass_accesses(sass),
+        **accesses,
         # every buffer of the fast path at full width: ELEMENTS_PER_THREAD contiguous elements per thread,
         # in 16-byte accesses (8-bit codes: 8 bytes per thread, narrower than one 128-bit access)
         expected_loads_128=sum(_SIZE[d] * ELEMENTS_PER_THREAD // 16 for _, d in full),
@@ -360,6 +381,31 @@ def cuda_variant(mangled: str) -> Optional[Variant]:
                    "uint8" if q8 == "1" else _DTYPE[int(s)], master == "1", sr == "1")
 
 
+def _module_code(module: str) -> tuple[dict, dict]:
+    """(resource usage, SASS access counts) per architecture and function of a fat binary, read once
+    per build of it (cached by its hash, as _machine_code)."""
+    import hashlib
+
+    data = pathlib.Path(module).read_bytes()
+    folder = pathlib.Path(os.environ.get("TRITON_CACHE_DIR", DEFAULT_CACHE)) / "gpu_static"
+    cached = folder / ("module-" + hashlib.sha256(data).hexdigest() + ".json")
+    if cached.exists():
+        usage, accesses = json.loads(cached.read_text())
+        return usage, accesses
+    cuobjdump = find_tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found (install the CUDA toolkit, or Triton, which ships one)")
+    usage = resource_usage(cuobjdump, module)
+    sass = sass_by_function(cuobjdump, module)
+    accesses = {arch: {name: sass_accesses(sass.get(arch, {}).get(name, "")) for name in functions}
+                for arch, functions in usage.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp_file.write_text(json.dumps([usage, accesses]))
+    tmp_file.replace(cached)
+    return usage, accesses
+
+
 def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
     """Every kernel of the built fusedwd._C_cuda, for every architecture it holds machine code for."""
     if module is None:
@@ -369,11 +415,7 @@ def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
         if spec is None or spec.origin is None:
             return []
         module = spec.origin
-    cuobjdump = find_tool("cuobjdump")
-    if cuobjdump is None:
-        raise RuntimeError("cuobjdump not found (install the CUDA toolkit, or Triton, which ships one)")
-    usage = resource_usage(cuobjdump, module)
-    sass = sass_by_function(cuobjdump, module)
+    usage, accesses = _module_code(module)
     out = []
     for arch, functions in sorted(usage.items()):
         for name, use in sorted(functions.items()):
@@ -389,7 +431,7 @@ def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
             out.append(dict(
                 kind="cuda", variant=variant.name, rule=variant.rule, switches=list(variant.switches),
                 layout=dict(p=variant.p, s=variant.s, master=variant.master, sr=variant.sr, q8=variant.q8),
-                arch=arch, **use, **sass_accesses(sass.get(arch, {}).get(name, "")),
+                arch=arch, **use, **accesses[arch][name],
                 # one 16-byte vector per thread of the widest buffer, 8 bytes of a 16-bit one beside fp32
                 # (csrc/cuda/step.cuh kElemSize); 8-bit states move one element per thread and quant block
                 expected_loads_128=0 if variant.q8 else count(reads, widest),
