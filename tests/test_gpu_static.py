@@ -8,8 +8,8 @@ of the aligned fast path moved at full vector width, no layout conversion
 left in that fast path, and the PTX the rounding relies on.
 
 The Triton kernels whose buffers have different widths (16-bit parameters
-with fp32 masters or states, fp32 parameters with 16-bit states, 8-bit
-states) still convert through shared memory today: issue 14 defect 6, fixed
+with fp32 masters or states, fp32 parameters with 16-bit or 8-bit states)
+still convert through shared memory today: issue 14 defect 6, fixed
 in its phase B. Their conversion test is a strict xfail, so it starts passing
 (and fails as XPASS until the mark goes) exactly when they are fixed.
 
