@@ -270,8 +270,8 @@ def check_grad_scaler(report: Report, device: str, backend: str, steps: int = 6,
     models = [copy.deepcopy(base).to(device), copy.deepcopy(base)]
     cpu_backend = "cpu" if fusedwd._ext.has_cpu() else "reference"
     opts = [fusedwd.AdamW(m.parameters(), backend=b, **HYPER) for m, b in zip(models, (backend, cpu_backend))]
-    scalers = [torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12), torch.amp.GradScaler("cpu",
-                                                                                                       init_scale=2.0**12)]
+    scalers = [torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12),
+               torch.amp.GradScaler("cpu", init_scale=2.0**12)]
     gen = torch.Generator().manual_seed(5)
     untouched = None
     for t in range(steps):

@@ -105,7 +105,7 @@ def test_grad_scaler_skips_and_unscales_like_the_cpu_kernel(backend):
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(12, 33), torch.nn.LayerNorm(33), torch.nn.Linear(33, 5))
     models = [copy.deepcopy(base).cuda(), copy.deepcopy(base)]
-    opts = [fusedwd.AdamW(m.parameters(), lr=1e-2, backend=b, master_weights=False) for m, b in zip(models, (backend, CPU))]
+    opts = [fusedwd.AdamW(m.parameters(), lr=1e-2, backend=b) for m, b in zip(models, (backend, CPU))]
     scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**12), torch.amp.GradScaler("cpu", init_scale=2.0**12)]
     gen = torch.Generator().manual_seed(5)
     for t in range(8):

@@ -225,7 +225,8 @@ def test_capturable_hyper_table_costs_the_same_for_any_number_of_groups(backend)
     for groups in (2, 40):
         params = [torch.nn.Parameter(torch.randn(8, device=DEVICE)) for _ in range(groups)]
         lr = torch.tensor(1e-2, device=DEVICE)
-        opt = fusedwd.AdamW([{"params": [p], "weight_decay": 0.01 * k, "decay": ("decoupled", "independent", "l2")[k % 3]}
+        decays = ("decoupled", "independent", "l2")
+        opt = fusedwd.AdamW([{"params": [p], "weight_decay": 0.01 * k, "decay": decays[k % 3]}
                              for k, p in enumerate(params)], lr=lr, backend=backend, capturable=True)
         for p in params:
             p.grad = torch.randn_like(p)

@@ -286,17 +286,7 @@ class FusedOptimizer(Optimizer):
                 _flat.attach(bucket)
             if bucket.backend != Backend.REFERENCE:
                 bucket.build_tables()
-            if bucket.backend == Backend.TRITON:
-                # the launch image and its arrival counters, kept on the device (fusedwd/optim/_graphs.py)
-                launcher = _ext.triton(bucket.device)
-                n = len(bucket.params)
-                bucket.device_table = _graphs.ResidentTable(bucket.device, launcher.image_words(n),
-                                                            launcher.buffer_words(n) - launcher.image_words(n))
-            elif bucket.backend == Backend.CUDA:
-                # the segment table on the device: its host image is table_out itself
-                bucket.device_table = _graphs.ResidentTable(bucket.device, bucket.table_out.numel(),
-                                                            host=bucket.table_out.view(-1))
-                bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+            _graphs.attach(bucket)  # GPU backends: the launch's tables, kept on the device
         return list(buckets.values())
 
     def _adopt_state(self, bucket: Bucket) -> None:
@@ -468,7 +458,9 @@ class FusedOptimizer(Optimizer):
         prepared = [
             self._prepare_reference(b) if b.backend == Backend.REFERENCE else self._prepare_kernel(b) for b in plan
         ]
-        hypers = self._device_tables(plan, prepared, capturing)
+        # the tables where the kernels read them: uploaded where they changed, or a RuntimeError under capture
+        hypers = _graphs.sync(self, plan, [work[0] if b.backend != Backend.REFERENCE else 0
+                                           for b, work in zip(plan, prepared)], capturing)
         ctl = self._control(plan, prepared)
         for bucket, work in zip(plan, prepared):
             if bucket.backend == Backend.REFERENCE:
@@ -476,39 +468,6 @@ class FusedOptimizer(Optimizer):
             else:
                 self._run_kernel(bucket, hypers[bucket.device], *work, ctl=ctl)
         return loss
-
-    def _device_tables(self, plan: list[Bucket], prepared: list, capturing: bool) -> dict[torch.device, Tensor]:
-        """This step's tables where the kernels read them: staged on the host, compared with what
-        the devices hold, uploaded (asynchronously) where they changed; under capture a change
-        raises, before anything is launched. Returns each device's hyperparameter table."""
-        changed: list[tuple[Any, str]] = []
-        tables = {}
-        for device in dict.fromkeys(b.device for b in plan if b.backend != Backend.REFERENCE):
-            table = self._hyper_tables.get(device)
-            if table is None:
-                table = self._hyper_tables[device] = _graphs.HyperTable(self, device)
-            table.stage(self)
-            if table.changed():
-                changed.append((table, f"the hyperparameters of its param groups on {device} changed"))
-            tables[device] = table
-        for bucket, work in zip(plan, prepared):
-            if bucket.device_table is None:
-                continue
-            n_active = work[0]
-            if bucket.backend == Backend.TRITON:
-                seed = self._stochastic_seed() if bucket.stochastic_rounding else 0
-                blocks = _ext.triton(bucket.device).fill_image(bucket.device_table.host, bucket.table_out[:n_active],
-                                                               seed)
-                bucket.launch_shape = (n_active, blocks)
-            if bucket.device_table.changed():
-                changed.append((bucket.device_table, f"the segment table of its {bucket.dtype} bucket on "
-                                                     f"{bucket.device} changed (a parameter, gradient or state "
-                                                     "moved, or a gradient appeared or went away)"))
-        if capturing and changed:
-            raise _graphs.capture_error(self, changed[0][1])
-        for table, _ in changed:
-            table.upload()
-        return {device: table.refresh(self) for device, table in tables.items()}
 
     # ------------------------------------------------------- AMP and clipping
     def _control(self, plan: list[Bucket], prepared: list) -> Optional[Tensor]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
+from .. import _ext
 from .._spec import Backend, Decay, group_lr_max
 
 if TYPE_CHECKING:
@@ -245,3 +246,51 @@ class HyperTable:
             )
             self._live_key = key
         return self._live
+
+
+# ---------------------------------------------------------------------- the optimizer's hooks
+def attach(bucket: "Bucket") -> None:
+    """Give a GPU bucket its device-resident tables (at plan build, after Bucket.build_tables)."""
+    if bucket.backend == Backend.TRITON:
+        # the launch image and its arrival counters (fusedwd/triton/_launch.py)
+        launcher = _ext.triton(bucket.device)
+        n = len(bucket.params)
+        bucket.device_table = ResidentTable(bucket.device, launcher.image_words(n),
+                                            launcher.buffer_words(n) - launcher.image_words(n))
+    elif bucket.backend == Backend.CUDA:
+        # the segment table: its host image is table_out itself; the kernel's arrival counter
+        bucket.device_table = ResidentTable(bucket.device, bucket.table_out.numel(), host=bucket.table_out.view(-1))
+        bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+
+
+def sync(opt: "FusedOptimizer", plan: list["Bucket"], active: list[int], capturing: bool) -> dict[torch.device, Tensor]:
+    """This step's tables where the kernels read them: staged on the host (``active``: each bucket's
+    gathered rows), compared with what the devices hold, uploaded (asynchronously) where they changed;
+    under capture a change raises before anything is launched. Returns each device's hyperparameter
+    table (the CPU backend's is a host tensor)."""
+    changed: list[tuple[Any, str]] = []
+    tables = {}
+    for device in dict.fromkeys(b.device for b in plan if b.backend != Backend.REFERENCE):
+        table = opt._hyper_tables.get(device)
+        if table is None:
+            table = opt._hyper_tables[device] = HyperTable(opt, device)
+        table.stage(opt)
+        if table.changed():
+            changed.append((table, f"the hyperparameters of its param groups on {device} changed"))
+        tables[device] = table
+    for bucket, n_active in zip(plan, active):
+        if bucket.device_table is None:
+            continue
+        if bucket.backend == Backend.TRITON:
+            seed = opt._stochastic_seed() if bucket.stochastic_rounding else 0
+            blocks = _ext.triton(bucket.device).fill_image(bucket.device_table.host, bucket.table_out[:n_active], seed)
+            bucket.launch_shape = (n_active, blocks)
+        if bucket.device_table.changed():
+            changed.append((bucket.device_table, f"the segment table of its {bucket.dtype} bucket on {bucket.device} "
+                                                 "changed (a parameter, gradient or state moved, or a gradient "
+                                                 "appeared or went away)"))
+    if capturing and changed:
+        raise capture_error(opt, changed[0][1])
+    for table, _ in changed:
+        table.upload()
+    return {device: table.refresh(opt) for device, table in tables.items()}
