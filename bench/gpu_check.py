@@ -327,6 +327,7 @@ def _options() -> dict[str, dict[str, Any]]:
     return {
         "plain": {},
         "capturable": dict(capturable=True),
+        "device lr": {},  # a GPU tensor lr without capturable: never read on the host either
         "amp": {},  # grad_scale and found_inf set as GradScaler sets them
         "clipping": dict(max_grad_norm=1.0),
         "int8": dict(state_dtype="int8", min_8bit_numel=256),
@@ -343,7 +344,7 @@ def check_no_sync(report: Report, backend: str) -> None:
         dtype = torch.bfloat16 if name == "master" else torch.float32
         values = _random(SHAPES, dtype, seed=7)
         params = _params(values, "cuda")
-        lr = torch.tensor(1e-3, device="cuda") if options.get("capturable") else 1e-3
+        lr = torch.tensor(1e-3, device="cuda") if name in ("capturable", "device lr") else 1e-3
         opt = fusedwd.AdamW(params, backend=backend, **dict(HYPER, lr=lr), **options)
         error = None
         for t in range(4):

@@ -213,7 +213,8 @@ def test_capture_guard_on_a_gpu(backend):
         assert torch.equal(p.detach(), before)
 
 
-SYNC_OPTIONS = {"plain": {}, "capturable": dict(capturable=True), "amp": {}, "clipping": dict(max_grad_norm=1.0),
+SYNC_OPTIONS = {"plain": {}, "capturable": dict(capturable=True), "device lr": {}, "amp": {},
+                "clipping": dict(max_grad_norm=1.0),
                 "int8": dict(state_dtype="int8", min_8bit_numel=1024), "master": dict(master_weights=True),
                 "flat_grads": dict(flat_grads=True)}
 
@@ -224,7 +225,7 @@ def test_steady_state_step_never_syncs(backend, option):
     options = SYNC_OPTIONS[option]
     dtype = torch.bfloat16 if option == "master" else torch.float32
     params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params([(4097,), (33, 17)], dtype)]
-    lr = torch.tensor(1e-3, device="cuda") if option == "capturable" else 1e-3
+    lr = torch.tensor(1e-3, device="cuda") if option in ("capturable", "device lr") else 1e-3
     opt = fusedwd.AdamW(params, lr=lr, backend=backend, **options)
     for t in range(4):
         for p, g in zip(params, random_grads(params, t)):
@@ -234,7 +235,7 @@ def test_steady_state_step_never_syncs(backend, option):
                 p.grad.copy_(g)
         if option == "amp":
             opt.grad_scale, opt.found_inf = torch.full((), 1024.0, device="cuda"), torch.zeros((), device="cuda")
-        if option == "capturable":
+        if option in ("capturable", "device lr"):
             opt.param_groups[0]["lr"].fill_(1e-3 / (t + 1))
         else:
             opt.param_groups[0]["lr"] = 1e-3 / (t + 1)  # a new hyperparameter table every step

@@ -302,3 +302,12 @@ def test_ops_refuse_a_capture_on_cuda(capture):
     ops._refuse_capture("adamw", torch.device("cpu"))  # CPU work is never captured
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*capturable=True"):
         ops._refuse_capture("adamw", torch.device("cuda", 0))
+
+
+def test_which_lr_tensors_are_never_read_on_the_host():
+    from fusedwd._spec import device_lr
+
+    gpu_like = torch.tensor(1e-3, device="meta")  # any device but the CPU: a read would wait for it
+    assert device_lr({"lr": gpu_like}) and device_lr({"lr": gpu_like, "capturable": False})
+    assert device_lr({"lr": torch.tensor(1e-3), "capturable": True})
+    assert not device_lr({"lr": torch.tensor(1e-3)}) and not device_lr({"lr": 1e-3, "capturable": True})

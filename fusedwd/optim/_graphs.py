@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._spec import Backend, Decay, group_lr_max
+from .._spec import Backend, Decay, device_lr, group_lr_max
 
 if TYPE_CHECKING:
     from .._buckets import Bucket
@@ -147,11 +147,11 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
 class HyperTable:
     """One device's hyperparameter table of an optimizer (float64 [groups, cols], docs/design.md).
 
-    Without capturable it is built on the host from numbers and uploaded when it
-    changes (an lr scheduler changes it every step: one asynchronous copy). With
-    capturable, the columns that do not depend on a tensor lr are uploaded when
-    they change, and ``lr`` and ``decay_mult`` of the tensor-lr groups are
-    written in place on the device each step by the same float64 operations as
+    It is built on the host from numbers and uploaded when it changes (an lr
+    scheduler changes it every step: one asynchronous copy), except for the
+    groups whose lr is a tensor the step must not read (every tensor lr under
+    capturable, a GPU one always): their ``lr`` and ``decay_mult`` are written in
+    place on the device each step by the same float64 operations as
     _spec.decay_factors (so the results are bitwise those of the host path).
     """
 
@@ -176,18 +176,19 @@ class HyperTable:
         image = self.table.host.view(torch.float64).view(self.groups, self.cols)
         tensor_rows, values = [], []
         for row, group in enumerate(opt.param_groups):
-            lr_tensor = capturable and isinstance(group["lr"], Tensor)
+            # capturable: every tensor lr (as the compiled path, _hyper_row(group, device)); and a GPU
+            # tensor lr always, which a host read would wait for
+            lr_tensor = isinstance(group["lr"], Tensor) and (capturable or device_lr(group))
             # a tensor lr is written on the device by refresh(): a placeholder here, never read
             values.append(opt._hyper_row(dict(group, lr=0.0) if lr_tensor else group))
             if lr_tensor:
                 tensor_rows.append(row)
         image.copy_(torch.tensor(values, dtype=torch.float64))
         self._tensor_rows = tensor_rows
-        self._capturable = capturable
         self._groups = opt.param_groups
 
     def changed(self) -> bool:
-        live = self._capturable and bool(self._tensor_rows) and self._live_key != self._key(self._groups)
+        live = bool(self._tensor_rows) and self._live_key != self._key(self._groups)
         return self.table.changed() or live
 
     def upload(self) -> None:
@@ -197,7 +198,7 @@ class HyperTable:
     def refresh(self, opt: "FusedOptimizer") -> Tensor:
         """Write lr and decay_mult of the tensor-lr groups in place (capturable), and return the table."""
         rows = self.rows
-        if self._capturable and self._tensor_rows:
+        if self._tensor_rows:
             index_lr, index_decay, divisor, weight_decay, zero_lr_max, decay_rows = self._live_tensors(opt)
             groups = opt.param_groups
             # one stack (a cat kernel) and one cast, whatever the number of groups

@@ -143,7 +143,8 @@ def _take_step(row, arrival_ptr, nblocks):
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
     last = arrived == nblocks - 1
     tl.store(step_ptr, t0 + 1.0, mask=last)
-    tl.store(arrival_ptr, tl.zeros_like(arrived), mask=last)  # every block of the segment has arrived
+    # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
+    tl.store(arrival_ptr, tl.full((), 0, tl.int64), mask=last)
     return t0.to(tl.float64) + 1.0
 
 
