@@ -196,7 +196,7 @@ class HyperTable:
             self.table.upload()
 
     def refresh(self, opt: "FusedOptimizer") -> Tensor:
-        """Write lr and decay_mult of the tensor-lr groups in place (capturable), and return the table."""
+        """Write lr and decay_mult of the tensor-lr groups in place on the device, and return the table."""
         rows = self.rows
         if self._tensor_rows:
             index_lr, index_decay, divisor, weight_decay, zero_lr_max, decay_rows = self._live_tensors(opt)
