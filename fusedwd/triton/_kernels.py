@@ -130,17 +130,21 @@ def _take_step(row, arrival_ptr, nblocks):
     """The 1-based step t this launch takes for the segment (float64); advances the stored count once.
 
     Every block of the segment reads the float32 count t0 before it arrives
-    (an acq_rel atomic on the segment's arrival counter, zeroed by the launcher
-    for each launch); the last block to arrive writes t0 + 1. The barrier
-    orders every thread's read of t0 before the single-thread atomic, and the
-    atomic's release/acquire orders those reads before the last block's write,
-    so no block can read the advanced count.
+    (an acq_rel atomic on the segment's arrival counter, zero at launch); the
+    last block to arrive writes t0 + 1 and resets the counter to zero, so the
+    counters can stay on the device from one launch to the next (a CUDA graph
+    replays them). The barrier orders every thread's read of t0 before the
+    single-thread atomic, and the atomic's release/acquire orders those reads
+    before the last block's write, so no block can read the advanced count.
     """
     step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
     t0 = tl.load(step_ptr)
     tl.debug_barrier()
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
-    tl.store(step_ptr, t0 + 1.0, mask=arrived == nblocks - 1)
+    last = arrived == nblocks - 1
+    tl.store(step_ptr, t0 + 1.0, mask=last)
+    # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
+    tl.store(arrival_ptr, tl.full((), 0, tl.int64), mask=last)
     return t0.to(tl.float64) + 1.0
 
 
@@ -519,7 +523,7 @@ def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: 
 def _adamw_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, ADAMW_HP_COLS]: lr, beta1, beta2, eps, decay_mult, l2, grad_sign
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
@@ -534,7 +538,7 @@ def _adamw_kernel(
     Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
-    # (the launcher zeroes the arrival counters of each launch anyway).
+    # (and every arrival counter stays zero).
     if not _skipped(ctl_ptr):
         row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
                                                                          Q8)
@@ -598,7 +602,7 @@ def _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: t
 def _sgdw_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, SGDW_HP_COLS]: lr, momentum, dampening, decay_mult, l2, grad_sign
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
@@ -691,7 +695,7 @@ def _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P: 
 def _rmspropw_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, RMSPROPW_HP_COLS]: lr, alpha, eps, momentum, decay_mult, l2, grad_sign
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
