@@ -111,9 +111,10 @@ class Variant:
         return {_SIZE[d] for _, d in reads + writes if d != "uint8"}
 
     def mixed_width(self) -> bool:
-        """Buffers whose natural per-thread widths differ (issue 14 defect 6): Triton gives each buffer as
+        """Buffers whose natural per-thread widths differ: left to itself, Triton would give each buffer as
         many contiguous elements per thread as fill 16 bytes (at most the block's ELEMENTS_PER_THREAD)
-        and converts between the layouts through shared memory. fp32 beside 16-bit or 8-bit buffers
+        and convert between the layouts through shared memory (issue 14 defect 6; the kernels now set
+        one width, fusedwd/triton/_kernels.py _vector_width). fp32 beside 16-bit or 8-bit buffers
         differ (4 against 8 per thread); 16-bit parameters beside 8-bit codes do not (8 and 8)."""
         reads, writes = self.buffers()
         return len({min(ELEMENTS_PER_THREAD, 16 // _SIZE[d]) for _, d in reads + writes}) > 1
@@ -322,18 +323,21 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
         (folder / f"{stem}.ptx").write_text(compiled.asm["ptx"])
         (folder / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
     reads, writes = variant.buffers()
-    full = [(n, d) for n, d in reads if _SIZE[d] * ELEMENTS_PER_THREAD >= 16]
-    full_w = [(n, d) for n, d in writes if _SIZE[d] * ELEMENTS_PER_THREAD >= 16]
+    # every buffer in accesses of the kernel's one width (_vector_width: 16 bytes of its widest element),
+    # ELEMENTS_PER_THREAD // vec of them per thread: fp32 128-bit, 16-bit beside fp32 64-bit
+    vec = _kernels._vector_width(consts["P"], consts["S"], variant.master, variant.q8)
+
+    def count(buffers, width):
+        return sum(ELEMENTS_PER_THREAD // vec for _, d in buffers if _SIZE[d] * vec == width)
+
     return dict(
         kind="triton", variant=variant.name, rule=variant.rule, switches=list(variant.switches),
         layout=dict(p=variant.p, s=variant.s, master=variant.master, sr=variant.sr, q8=variant.q8), arch=arch,
         **dict(usage, shared_bytes=usage["shared_bytes"] + compiled.metadata.shared),
         static_shared_bytes=usage["shared_bytes"], dynamic_shared_bytes=compiled.metadata.shared,
         **accesses,
-        # every buffer of the fast path at full width: ELEMENTS_PER_THREAD contiguous elements per thread,
-        # in 16-byte accesses (8-bit codes: 8 bytes per thread, narrower than one 128-bit access)
-        expected_loads_128=sum(_SIZE[d] * ELEMENTS_PER_THREAD // 16 for _, d in full),
-        expected_stores_128=sum(_SIZE[d] * ELEMENTS_PER_THREAD // 16 for _, d in full_w),
+        vector_width=vec, expected_loads_128=count(reads, 16), expected_stores_128=count(writes, 16),
+        expected_loads_64=count(reads, 8), expected_stores_64=count(writes, 8),
         buffers_read=[f"{n}:{d}" for n, d in reads], buffers_written=[f"{n}:{d}" for n, d in writes],
         fast_path_conversions=fast_path_conversions(compiled.asm["ttgir"]), mixed_width=variant.mixed_width(),
         ptx=ptx_properties(compiled.asm["ptx"], variant), compile_s=round(seconds, 2),

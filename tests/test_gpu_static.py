@@ -9,9 +9,9 @@ left in that fast path, and the PTX the rounding relies on.
 
 The Triton kernels whose buffers have different widths (16-bit parameters
 with fp32 masters or states, fp32 parameters with 16-bit or 8-bit states)
-still convert through shared memory today: issue 14 defect 6, fixed
-in its phase B. Their conversion test is a strict xfail, so it starts passing
-(and fails as XPASS until the mark goes) exactly when they are fixed.
+give every buffer one per-thread width (fusedwd/triton/_kernels.py
+_vector_width), so their fast path has no layout conversion either, and
+their 16-bit buffers move in 64-bit accesses (issue 14 defect 6).
 
 Compiles are cached in build/gpu_static_cache (Triton's cache, keyed by the
 kernels' source): the first run after a kernel change compiles 192 variants
@@ -37,8 +37,6 @@ from bench.gpu_static import RICHEST, RULES, SWITCHES, Variant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = gpu_static.ARCHS
-DEFECT_6 = ("issue 14 defect 6 (phase B): a Triton kernel whose buffers differ in width gives each its own "
-            "per-thread width and converts between them through shared memory")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -102,11 +100,8 @@ def test_the_variants_are_every_layout(report):
         assert {(k[1], k[2]) for k in report if k[0] == "cuda"} == {(v.name, a) for v in CUDA for a in CUDA_ARCHS}
 
 
-def _triton_params(xfail_mixed=False):
-    return [pytest.param(v, arch, id=f"{v.name.replace(' ', '-')}-sm{arch}",
-                         marks=[pytest.mark.xfail(strict=True, reason=DEFECT_6)] if xfail_mixed and v.mixed_width()
-                         else [])
-            for v in TRITON for arch in ARCHS]
+def _triton_params():
+    return [pytest.param(v, arch, id=f"{v.name.replace(' ', '-')}-sm{arch}") for v in TRITON for arch in ARCHS]
 
 
 @pytest.mark.parametrize("variant, arch", _triton_params())
@@ -121,7 +116,7 @@ def test_triton_fast_path_moves_every_buffer_at_full_width(report, variant, arch
     assert gpu_static.problems(entry)["vectors"] == []
 
 
-@pytest.mark.parametrize("variant, arch", _triton_params(xfail_mixed=True))
+@pytest.mark.parametrize("variant, arch", _triton_params())
 def test_triton_fast_path_has_no_layout_conversion(report, variant, arch):
     assert gpu_static.problems(_entry(report, "triton", variant, arch))["conversions"] == []
 

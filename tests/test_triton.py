@@ -414,6 +414,33 @@ def test_stochastic_rounding_is_seeded_and_unbiased_in_its_choice(triton_kernels
     assert int(ulps.max()) <= 1 and 0 < int((ulps == 1).sum()) < first.numel()
 
 
+@pytest.mark.parametrize("start", [1024, 3 * 2**30, 2**32 - 1024, 2**32, 5 * 2**32 + 7 * 1024])
+def test_stochastic_rounding_bits_of_a_block_far_into_its_segment(start, triton_kernels):
+    """A block's rounding bits come from its int64 first element and int32 offsets inside the block
+    (_kernels._bf16_stochastic): they are the reference's bits of the flat indices start + offs, also
+    past 2^31 and 2^32, where the hash folds the index's high half in."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, out_ptr, start_ptr, key, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        # through the module global fusedwd: Triton resolves a jit function's globals, not its closure
+        bits = fusedwd.triton._kernels._bf16_stochastic(tl.load(x_ptr + offs), key.to(tl.uint32),
+                                                        tl.load(start_ptr), offs)
+        tl.store(out_ptr + offs, bits.to(tl.int16, bitcast=True))
+
+    block = 1024
+    x = torch.randn(block, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
+    out = torch.empty(block, dtype=torch.int16, device=DEVICE)
+    key = 0x2468ACE1
+    probe[(1,)](x, out, torch.tensor([start], device=DEVICE), key, BLOCK=block)
+    expected = fusedwd.reference.stochastic_round_bf16(x, key, first=start).view(torch.int16)
+    assert torch.equal(out.cpu(), expected.cpu())
+    # the index matters: the same values as the segment's first block round otherwise
+    assert not torch.equal(out.cpu(), fusedwd.reference.stochastic_round_bf16(x, key).view(torch.int16).cpu())
+
+
 def test_found_inf_skips_before_any_block_arrives(triton_kernels):
     # every program leaves at once: no step count advances, even of segments of several blocks
     bucket = LayoutBucket("adamw", (True,), (torch.bfloat16, torch.float32, True, False), [1, 2049, 0], DEVICE)
