@@ -84,6 +84,10 @@ class Tables:
     table_in: Tensor  # [n, SEG_COLS]: every parameter's row, pointers cached at build
     table_out: Tensor  # [n, SEG_COLS]: this step's active rows
     arrivals: Optional[Tensor] = None  # the CUDA kernel's arrival counter (one zero int32 on the device)
+    # GPU backends: the tables a launch reads, kept on the device (fusedwd/optim/_graphs.py ResidentTable),
+    # and the Triton launch's (segments, blocks) of this step
+    device_table: Optional[Any] = None
+    launch_shape: tuple[int, int] = (0, 0)
 
 
 @dataclass

@@ -88,8 +88,15 @@ def check_backend(value: Any) -> str:
     return value
 
 
+def device_lr(group: Mapping[str, Any]) -> bool:
+    """Whether the group's lr is a tensor the step must not read on the host: any tensor lr under
+    capturable=True, and a tensor on a GPU always (reading it would wait for the device)."""
+    lr = group["lr"]
+    return isinstance(lr, torch.Tensor) and (bool(group.get("capturable", False)) or lr.device.type != "cpu")
+
+
 def _check_device_lr(lr: Any) -> None:
-    """capturable=True: a tensor lr is checked without reading it (a read would sync)."""
+    """A device lr (device_lr) is checked without reading it (a read would sync)."""
     if lr.numel() != 1:
         raise ValueError(f"lr must be a number or a 1-element tensor, got a tensor of shape {tuple(lr.shape)}")
     if not lr.is_floating_point():
@@ -123,7 +130,7 @@ def check_adam_tensor_flags(group: Mapping[str, Any]) -> None:
 def check_common(group: Mapping[str, Any]) -> None:
     """The options every rule's group has (each rule's check calls this first)."""
     _check_torch_flags(group)
-    if group.get("capturable", False) and isinstance(group["lr"], torch.Tensor):
+    if device_lr(group):
         _check_device_lr(group["lr"])
     else:
         check_range("lr", group["lr"], 0.0)

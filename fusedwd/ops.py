@@ -27,6 +27,14 @@ CUDA op then reads lr from device memory).
 Every step count is a float32 tensor of one element (torch's ``state["step"]``),
 on the parameters' device; the op uses ``t = step + 1`` and stores it.
 
+CUDA graphs: each call builds its segment table on the host and copies it to
+the device, which a graph would replay from a host buffer long gone. So the
+ops are tagged ``torch.Tag.cudagraph_unsafe`` (``torch.compile(...,
+mode="reduce-overhead")`` runs them outside its graphs), and a call on CUDA
+tensors while the current stream is capturing raises a RuntimeError. Capture
+``opt.step()`` of an optimizer with ``capturable=True`` instead, whose tables
+stay on the device (docs/design.md#cuda-graphs).
+
 Example:
     >>> hyper = fusedwd.ops.hyper("adamw", lr=1e-3, weight_decay=1e-2)
     >>> torch.ops.fusedwd.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [], steps, hyper, False)
@@ -45,6 +53,9 @@ from . import _cuda_ext, _ext, rules
 from ._buckets import DTYPE_CODES, SEG_COLS, SEG_G, SEG_HP, SEG_INDEX, SEG_N, SEG_P, SEG_STEP, STATE_COLUMNS
 
 __all__ = ["hyper", "schema", "HP_COLS"]  # and, per rule, <rule>_hyper and <rule>_step_
+
+# torch.compile's CUDA graphs leave ops with this tag out of their graphs (torch >= 2.5)
+_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 
 
 # ------------------------------------------------------------ hyper rows
@@ -124,9 +135,21 @@ def _contiguous(t: Tensor, write_back: List[Tuple[Tensor, Tensor]], mutated: boo
     return c
 
 
+def _refuse_capture(rule: str, device: torch.device) -> None:
+    """A RuntimeError when a CUDA call would be captured in a graph: its host-built table cannot be replayed."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fusedwd::{rule}_step_ builds its segment table on the host at every call, so it cannot be captured "
+            "in a CUDA graph (a replay would read a freed host buffer). Capture opt.step() of a fusedwd optimizer "
+            "with capturable=True instead: its tables stay on the device (docs/design.md#cuda-graphs)"
+        )
+
+
 def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[Tuple[str, List[Tensor], bool]],
          steps: List[Tensor], hyper: Tensor, switches: Tuple[bool, ...]) -> None:
     _check(rule, params, grads, states, steps, hyper)
+    for device in {p.device for p in params}:
+        _refuse_capture(rule, device)  # before anything is written
     # one kernel call per (device, storage dtype)
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for i, p in enumerate(params):
@@ -186,7 +209,7 @@ def _define(spec: rules.Rule) -> Callable[..., None]:
 
     mutated = ["params", *_state_args(spec), "steps"]
     op = torch.library.custom_op(f"fusedwd::{spec.name}_step_", kernel, mutates_args=mutated, device_types="cpu",
-                                 schema=schema(spec.name))
+                                 schema=schema(spec.name), tags=_TAGS)
     op.register_kernel("cuda")(kernel)
     op.register_fake(fake)
     return op

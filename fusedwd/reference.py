@@ -95,14 +95,15 @@ def sr_key(seed: int, salt: int, t: float) -> int:
     return _mix32((k + ((int(t) * 0x9E3779B9) & _U32)) & _U32)
 
 
-def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
+def stochastic_round_bf16(x: Tensor, key: int, first: int = 0) -> Tensor:
     """Round fp32 ``x`` to bf16, up with probability (x - down)/(up - down).
 
-    Element ``i`` (flat index) adds the low 16 bits of ``mix32(key ^ i*0x27d4eb2f)``
+    Element ``i`` (flat index, counted from ``first``: x may be a slice of its tensor from element
+    ``first`` on) adds the low 16 bits of ``mix32(key ^ uint32(i ^ (i >> 32))*0x27d4eb2f)``
     below bf16's last kept bit and truncates; NaN (quieted) and Inf are kept.
     """
     u = x.detach().contiguous().view(torch.int32).to(torch.int64).reshape(-1) & _U32
-    i = torch.arange(u.numel(), dtype=torch.int64, device=x.device)
+    i = first + torch.arange(u.numel(), dtype=torch.int64, device=x.device)
     bits = _mix32(key ^ (((i ^ (i >> 32)) & _U32) * 0x27D4EB2F & _U32))
     magnitude = u & 0x7FFFFFFF
     rounded = (u + (bits & 0xFFFF)) >> 16

@@ -46,5 +46,24 @@ inline cudaError_t step(int rule, const LaunchArgs& a, unsigned switches) {
   return err;
 }
 
+// probe_<Rule>: whether `device` can run the rule's kernels: cudaFuncGetAttributes on one
+// of them, which fails (cudaErrorNoKernelImageForDevice, cudaErrorInvalidDeviceFunction)
+// when the module holds neither machine code for the device's architecture nor PTX it can
+// compile. Restores the current device.
+#define FUSEDWD_DECLARE_PROBE(R) cudaError_t probe_##R(int device);
+FUSEDWD_RULES(FUSEDWD_DECLARE_PROBE)
+#undef FUSEDWD_DECLARE_PROBE
+
+// Whether `device` can run the kernels: one kernel of each rule (each rule's translation unit
+// is its own device module; all are built for the same architectures).
+inline cudaError_t probe(int device) {
+  cudaError_t err = cudaSuccess;
+#define FUSEDWD_PROBE(R) \
+  if (err == cudaSuccess) err = probe_##R(device);
+  FUSEDWD_RULES(FUSEDWD_PROBE)
+#undef FUSEDWD_PROBE
+  return err;
+}
+
 }  // namespace cuda
 }  // namespace fusedwd

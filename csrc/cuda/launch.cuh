@@ -88,16 +88,48 @@ cudaError_t launch_rule(const cuda::LaunchArgs& a, unsigned switches) {
   }
 }
 
+// Whether `device` runs rule R's kernels (kernels.h probe): the attributes of its kernel for
+// fp32 storage and the switches off, on `device`; the current device is restored.
+template <class R>
+cudaError_t probe_kernels(int device) {
+  int current = 0;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (device != current && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  cudaFuncAttributes attributes;
+  using L = Layout<DType::F32, DType::F32, false, false>;
+  err = R::template with_switches<DType::F32>(
+      0u, [&](auto rule) { return cudaFuncGetAttributes(&attributes, step_kernel<L, decltype(rule), false>); });
+  if (device != current) {
+    const cudaError_t restored = cudaSetDevice(current);
+    if (err == cudaSuccess) err = restored;
+  }
+  return err;
+}
+
+template <class R>
+cudaError_t probe_rule(int device) {
+  if constexpr (kSumsOf<R> > 0) {
+    (void)device;
+    return cudaSuccess;  // a two-phase rule has no CUDA kernel yet: nothing to probe
+  } else {
+    return probe_kernels<R>(device);
+  }
+}
+
 }  // namespace cuda_kernels
 FUSEDWD_NS_END
 
 // The body of csrc/cuda/<rule>.cu: rule R's kernels (every storage layout and switch
-// combination) and the entry point kernels.h declares for it.
+// combination) and the entry points kernels.h declares for it.
 #define FUSEDWD_CUDA_RULE(R)                                                  \
   namespace fusedwd {                                                         \
   namespace cuda {                                                            \
   cudaError_t step_##R(const LaunchArgs& a, unsigned switches) {              \
     return cuda_kernels::launch_rule<R>(a, switches);                         \
+  }                                                                           \
+  cudaError_t probe_##R(int device) {                                         \
+    return cuda_kernels::probe_rule<R>(device);                               \
   }                                                                           \
   }                                                                           \
   }

@@ -10,6 +10,8 @@ by job in this package (docs/design.md):
   ``optimizer.state``;
 - _control.py: AMP and clipping, the control block of a step;
 - _runners.py: one runner per backend (cpu, triton, cuda, reference);
+- _graphs.py: the tables GPU launches read, kept on the device, and the
+  CUDA-graph capture guard;
 - _compiled.py: the step torch.compile traces;
 - _checks.py, _flat.py, _dtensor.py, _zero.py: bad input, flat gradients,
   FSDP2 shards, ZeroRedundancyOptimizer.
@@ -26,7 +28,7 @@ from torch.optim import Optimizer
 from .._buckets import Bucket
 from .._spec import SUPPORTED_DTYPES, check_backend, check_decay, check_max_grad_norm, group_lr_max
 from ..rules import Rule
-from . import _control, _dtensor, _flat, _plan, _state, _zero
+from . import _control, _dtensor, _flat, _graphs, _plan, _state, _zero
 from ._checks import Checks
 from ._compiled import CompiledStep
 from ._runners import RUNNERS, Step
@@ -48,6 +50,8 @@ class FusedOptimizer(CompiledStep, Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], max_grad_norm: Optional[float] = None) -> None:
         self._plan: Optional[list[Bucket]] = None
         self._plan_key: Optional[tuple] = None
+        # per device: the hyperparameter table the kernels read (fusedwd/optim/_graphs.py)
+        self._hyper_tables: dict[torch.device, _graphs.HyperTable] = {}
         check_decay(defaults["decay"])
         check_backend(defaults["backend"])
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
@@ -106,6 +110,7 @@ class FusedOptimizer(CompiledStep, Optimizer):
         # the plan holds raw pointers into buffers of the original object: rebuild it
         self._plan = None
         self._plan_key = None
+        self._hyper_tables = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, keeping each saved state's dtype.
@@ -124,11 +129,15 @@ class FusedOptimizer(CompiledStep, Optimizer):
     def _checks(self) -> Checks:
         return Checks(type(self).__name__, self.param_groups)
 
+    def _plan_is_current(self) -> bool:
+        return self._plan is not None and _plan.plan_key(self.RULE, self.param_groups) == self._plan_key
+
     def _current_plan(self) -> list[Bucket]:
         key = _plan.plan_key(self.RULE, self.param_groups)
         if self._plan is None or key != self._plan_key:
             self._plan = _plan.build(self.RULE, self.param_groups, self.state, self._checks())
             self._plan_key = key
+            self._hyper_tables = {}
         return self._plan
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -179,11 +188,20 @@ class FusedOptimizer(CompiledStep, Optimizer):
         for group in self.param_groups:
             self._validate(group)
         self._refuse_zero_clipping()
+        # inside torch.cuda.graph(...): only launches over tables already on the device (docs/design.md#cuda-graphs)
+        capturing = _graphs.capturing(self)
+        if capturing:
+            _graphs.check_capture_start(self, self._plan_is_current())
         plan = self._current_plan()
+        if capturing:
+            _graphs.check_capture_plan(self, plan)
         step = Step(self.RULE, self.param_groups, self._checks())
         # Validate and gather every bucket before the first pass writes anything, so a
         # bad parameter anywhere leaves every buffer untouched.
         prepared = [RUNNERS[b.backend].prepare(step, b) for b in plan]
+        # the tables where the kernels read them: uploaded where they changed, or a RuntimeError under capture
+        active = [RUNNERS[b.backend].active(work) for b, work in zip(plan, prepared)]
+        step.hypers = _graphs.sync(self, step, plan, active, capturing)
         step.ctl, norm = _control.control(plan, prepared, getattr(self, "grad_scale", None),
                                           getattr(self, "found_inf", None), self.max_grad_norm, type(self).__name__)
         if norm is not None:

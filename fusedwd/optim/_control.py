@@ -44,15 +44,15 @@ def control(plan: Sequence[Bucket], prepared: Sequence[Any], grad_scale: Optiona
 def grad_norm(plan: Sequence[Bucket], prepared: Sequence[Any], device: torch.device, who: str) -> Tensor:
     """The 2-norm of every gradient this step takes, one read of each: a backend's own pass where
     it has one (the CPU kernel sums squares in double over this step's segment table); elsewhere
-    per-tensor fp32 norms (torch._foreach_norm, on the device). The total is the square root of
-    the sum of squares, rounded to fp32."""
+    per-tensor norms (torch._foreach_norm, on the device: fp32, and fp64 for fp64 gradients). The
+    total is the square root of the sum of squares, rounded to fp32."""
     if any(b.dtensor for b in plan):
         raise ValueError(
             f"{who}: max_grad_norm needs the norm over every rank's shards; with DTensor parameters (FSDP2) "
             "clip with torch.nn.utils.clip_grad_norm_, which reduces across ranks"
         )
     sumsq = torch.zeros((), dtype=torch.float64, device=device)
-    by_device: dict[torch.device, list[Tensor]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for bucket, work in zip(plan, prepared):
         own = RUNNERS[bucket.backend].sumsq(bucket, work)
         if own is not None:
@@ -60,8 +60,9 @@ def grad_norm(plan: Sequence[Bucket], prepared: Sequence[Any], device: torch.dev
             continue
         for p in bucket.params:
             if p.grad is not None:
-                by_device.setdefault(p.grad.device, []).append(p.grad)
-    for grads in by_device.values():
-        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+                by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for (_, dtype), grads in by_kind.items():
+        # fp32 norms of fp32 and 16-bit gradients; fp64 ones in fp64 (_foreach_norm never narrows)
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         sumsq += torch.stack(norms).double().square().sum().to(device)
     return sumsq.sqrt().float()

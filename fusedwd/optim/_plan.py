@@ -17,7 +17,7 @@ from .. import _cuda_ext, _ext
 from .._buckets import Bucket, Storage
 from .._spec import Backend, storage_layout
 from ..rules import Rule
-from . import _dtensor, _flat, _state
+from . import _dtensor, _flat, _graphs, _state
 from ._checks import Checks
 
 
@@ -44,6 +44,9 @@ def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> s
                 f"backend='cuda' runs on CUDA tensors, but a parameter is on {p.device}; "
                 "use backend='auto', 'cpu' or 'reference'"
             )
+        reason = _cuda_ext.unusable(p.device)
+        if reason is not None:
+            raise RuntimeError(f"backend='cuda': {reason}; or use backend='auto' (Triton where it runs)")
         return Backend.CUDA.value
     if p.device.type == "cpu":
         if requested == Backend.CPU or _ext.has_cpu():
@@ -55,10 +58,15 @@ def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> s
         raise RuntimeError(
             f"backend='cpu' runs on CPU tensors, but a parameter is on {p.device}; use backend='auto' or 'reference'"
         )
-    if p.device.type == "cuda" and _cuda_ext.has_cuda():
-        return Backend.CUDA.value
-    if p.device.type == "cuda" and _ext.has_triton() and _ext.triton_unusable(p.device) is None:
-        return Backend.TRITON.value
+    if p.device.type == "cuda":
+        # the CUDA kernels where they hold code for the device (probed once per device), else Triton
+        cuda_reason = _cuda_ext.unusable(p.device)
+        if cuda_reason is None:
+            return Backend.CUDA.value
+        triton_reason = _ext.triton_unusable(p.device) if _ext.has_triton() else "Triton failed to import"
+        if triton_reason is None:
+            return Backend.TRITON.value
+        _cuda_ext.warn_reference_once(p.device, f"{cuda_reason}; {triton_reason}")
     # no compiled kernel for this device: the reference runs anywhere torch does
     return Backend.REFERENCE.value
 
@@ -125,4 +133,5 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
             _flat.attach(bucket)
         if bucket.backend != Backend.REFERENCE:
             bucket.build_tables(bucket.grads.views if bucket.grads is not None else None)
+        _graphs.attach(bucket)  # GPU backends: the launch's tables, kept on the device
     return list(buckets.values())

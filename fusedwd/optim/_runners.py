@@ -35,30 +35,32 @@ GRAIN_SIZE = 32768
 class Step:
     """What the runners read during one optimizer step: the rule and the param groups, the
     parameter checks, the control block (None: no AMP, no clipping), the hyperparameter table
-    (built once per device) and the stochastic-rounding seed (drawn once, then kept in the
-    param groups, so in state_dict, for a run resumed from a checkpoint)."""
+    of each device and the stochastic-rounding seed (drawn once, then kept in the param groups,
+    so in state_dict, for a run resumed from a checkpoint)."""
 
     def __init__(self, rule: Rule, param_groups: list[dict], checks: Checks) -> None:
         self.rule = rule
         self.param_groups = param_groups
         self.checks = checks
         self.ctl: Optional[Tensor] = None
-        self._hyper: dict[torch.device, Tensor] = {}
+        # each device's table where the kernels read it (the optimizer's step sets it: _graphs.sync)
+        self.hypers: dict[torch.device, Tensor] = {}
 
     def hyper(self, device: torch.device) -> Tensor:
-        """Every group's hyperparameter row, as the kernels read them.
+        """Every group's hyperparameter row, as the kernels read them: the optimizer's resident table
+        (fusedwd/optim/_graphs.py), or, for a Step used alone, one built now.
 
         capturable=True builds it on ``device`` from a tensor lr without a host read (a CUDA
         graph replays it with the lr of the replay); otherwise it is built on the host.
         """
-        if device not in self._hyper:
+        if device not in self.hypers:
             rule = self.rule
             if any(g.get("capturable") for g in self.param_groups):
                 table = torch.stack([hyper_tensor(rule.hyper_row(g, device), device) for g in self.param_groups])
             else:
                 table = torch.tensor([rule.hyper_row(g) for g in self.param_groups], dtype=torch.float64)
-            self._hyper[device] = table
-        return self._hyper[device]
+            self.hypers[device] = table
+        return self.hypers[device]
 
     def seed(self) -> int:
         for group in self.param_groups:
@@ -78,6 +80,10 @@ class Runner:
 
     def run(self, step: Step, bucket: Bucket, work: Any) -> list[int]:
         raise NotImplementedError
+
+    def active(self, work: Any) -> int:
+        """The segment-table rows this step's ``work`` launches over (0: the backend has no table)."""
+        return 0
 
     def sumsq(self, bucket: Bucket, work: Any) -> Optional[Tensor]:
         return None
@@ -182,6 +188,9 @@ class KernelRunner(Runner):
             table_out[n_active] = row
             i, n_active = i + 1, n_active + 1
 
+    def active(self, work: tuple[int, Staged]) -> int:
+        return work[0]
+
     def run(self, step: Step, bucket: Bucket, work: tuple[int, Staged]) -> list[int]:
         n_active, staged = work
         if not n_active:
@@ -240,24 +249,26 @@ class CpuRunner(KernelRunner):
 
 
 class TritonRunner(KernelRunner):
-    """fusedwd.triton: one generic Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
-
-    def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
-        _ext.triton(bucket.device).step(step.rule.name, bucket.tables.table_out[:n_active],
-                                        step.hyper(bucket.device), bucket.device, bucket.dtype, bucket.structure,
-                                        **self.precision(step, bucket, lambda d: d))
-
-
-class CudaRunner(KernelRunner):
-    """fusedwd._C_cuda: the CUDA kernel, on torch's current stream of the bucket's device."""
+    """fusedwd.triton: one generic Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1),
+    launched over the launch image kept on the device (fusedwd/optim/_graphs.py)."""
 
     def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
         tables = bucket.tables
-        if tables.arrivals is None:
-            tables.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
-        _cuda_ext.step(step.rule.name, tables.table_out[:n_active], step.hyper(bucket.device),
-                       DTYPE_CODES[bucket.dtype], bucket.structure, bucket.device, tables.arrivals,
-                       **self.precision(step, bucket, DTYPE_CODES.__getitem__))
+        nseg, blocks = tables.launch_shape
+        _ext.triton(bucket.device).launch_image(step.rule.name, tables.device_table.buffer, len(bucket.params), nseg,
+                                                blocks, step.hyper(bucket.device), bucket.device, bucket.dtype,
+                                                bucket.structure, **self.precision(step, bucket, lambda d: d))
+
+
+class CudaRunner(KernelRunner):
+    """fusedwd._C_cuda: the CUDA kernel, on torch's current stream of the bucket's device, over its
+    segment table kept on the device (fusedwd/optim/_graphs.py)."""
+
+    def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
+        tables = bucket.tables
+        _cuda_ext.launch(step.rule.name, tables.device_table.buffer, n_active, step.hyper(bucket.device),
+                         DTYPE_CODES[bucket.dtype], bucket.structure, bucket.device, tables.arrivals,
+                         **self.precision(step, bucket, DTYPE_CODES.__getitem__))
 
 
 RUNNERS: dict[str, Runner] = {

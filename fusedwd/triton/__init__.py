@@ -1,4 +1,5 @@
-"""The Triton kernel of every update rule: one launch per bucket per step (``step(rule, ...)``).
+"""The Triton kernel of every update rule: one launch per bucket per step (``step(rule, ...)``
+from host tables, ``launch_image`` over tables kept on the device).
 
 Importing this module imports Triton and defines the kernels. Triton decides
 at that moment whether they are compiled for the GPU or run by its CPU
@@ -13,9 +14,10 @@ from __future__ import annotations
 from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 
 from ._kernels import _step_kernel
-from ._launch import BLOCK_SIZE, NUM_WARPS, step
+from ._launch import BLOCK_SIZE, NUM_WARPS, buffer_words, fill_image, image_words, launch_image, step
 
-__all__ = ["step", "INTERPRETED", "BLOCK_SIZE", "NUM_WARPS"]
+__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "INTERPRETED", "BLOCK_SIZE",
+           "NUM_WARPS"]
 
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)
 INTERPRETED: bool = isinstance(_step_kernel, _InterpretedFunction)

@@ -77,10 +77,27 @@ _TABLE_ARGS = ["seg_ptr", "block_start_ptr", "arrivals_ptr", "hp_ptr", "nseg", "
 
 
 # ------------------------------------------------------------------ segments
+@triton.constexpr_function
+def _vector_width(P, S, MASTER, Q8):
+    """Contiguous elements per thread of every buffer of a kernel: 16 bytes of its widest element.
+
+    Left to itself, Triton gives each load and store as many elements per
+    thread as fill 16 bytes of that buffer (8 for 16-bit, 4 for fp32) and
+    moves values between the two layouts through shared memory, a conversion
+    per mixed-width buffer and per block, with the registers it takes (issue 14
+    defect 6). One width, set on the offsets, gives every buffer the same
+    layout: fp32 in 128-bit accesses, a 16-bit buffer beside it in 64-bit ones
+    (a warp still reads 256 contiguous bytes per access), 8-bit codes in 32-bit
+    ones. The 8-bit codes' fp32 absmax is read once per quant block, not here.
+    """
+    widest = max(P.primitive_bitwidth, 8 if Q8 else S.primitive_bitwidth, 32 if MASTER else 8)
+    return 128 // widest
+
+
 @triton.jit
-def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr):
-    """This program's segment row, element offsets and mask, quant blocks and their mask (Q8; else unused),
-    vector-path flag, segment index and block count.
+def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr, VEC: tl.constexpr):
+    """This program's segment row, first element (int64), in-block offsets (int32) and mask, quant blocks
+    and their mask (Q8; else unused), vector-path flag, segment index and block count.
 
     With 8-bit states (Q8) the offsets are a [BLOCK_SIZE // QUANT_BLOCK, QUANT_BLOCK] tile, one
     row per 256-element quant block: a program starts at a multiple of BLOCK_SIZE from its
@@ -101,26 +118,30 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.con
     first = tl.load(block_start_ptr + seg)
     nblocks = tl.load(block_start_ptr + seg + 1) - first
     row = seg_ptr + seg * SEG_COLS
-    # int64 offsets: a segment may hold more than 2^31 elements
+    # The block's first element, in int64 (a segment may hold more than 2^31
+    # elements), is added once to each buffer's address (_pointer); offsets
+    # within the block are int32, which halves their registers and arithmetic.
     start = (block - first) * BLOCK_SIZE
     n = tl.load(row + SEG_N)
+    rest = tl.minimum(n - start, BLOCK_SIZE).to(tl.int32)  # elements of this block in the segment
     if Q8:
-        qblocks = start // QUANT_BLOCK + tl.arange(0, BLOCK_SIZE // QUANT_BLOCK).to(tl.int64)
-        offs = qblocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK).to(tl.int64)[None, :]
-        qmask = qblocks * QUANT_BLOCK < n
+        qblocks = tl.arange(0, BLOCK_SIZE // QUANT_BLOCK)
+        offs = qblocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+        offs = tl.max_contiguous(offs, [1, VEC])  # one width for every buffer (_vector_width)
+        qmask = qblocks * QUANT_BLOCK < rest
     else:
-        offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+        offs = tl.max_contiguous(tl.arange(0, BLOCK_SIZE), VEC)  # (_vector_width)
         # unused without Q8 (a jit function cannot return None)
-        qblocks = start
-        qmask = start < n
-    mask = offs < n
+        qblocks = rest
+        qmask = rest > 0
+    mask = offs < rest
     # A full block whose buffers all start 16-byte aligned needs no mask and may use
     # 128-bit accesses; Triton cannot know either from addresses read out of a table.
     # Unused state and master columns hold 0, which is aligned.
     addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
                  | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
     vector = (start + BLOCK_SIZE <= n) & ((addresses & 15) == 0)
-    return row, offs, mask, qblocks, qmask, vector, seg, nblocks
+    return row, start, offs, mask, qblocks, qmask, vector, seg, nblocks
 
 
 @triton.jit
@@ -208,11 +229,14 @@ def _sr_key(seed_ptr, row, t):
 
 
 @triton.jit
-def _bf16_stochastic(x, key, offs):
+def _bf16_stochastic(x, key, start, offs):
     """fp32 -> bf16 bits rounded up with probability (x - down)/(up - down): common.h float_to_bf16_sr
-    with the bits sr_bits(key, i) of segment element i. NaN (quieted) and Inf are kept."""
-    i = offs.to(tl.uint64, bitcast=True)
-    bits = _mix32(key ^ ((i ^ (i >> 32)).to(tl.uint32) * 0x27D4EB2F))
+    with the bits sr_bits(key, i) of segment element i = start + offs. NaN (quieted) and Inf are kept."""
+    # sr_bits hashes uint32(i ^ (i >> 32)); start is a multiple of the block size (a power of two) and
+    # 0 <= offs < the block size, so uint32(i) = uint32(start) + offs without carry and i >> 32 = start >> 32
+    base = start.to(tl.uint64, bitcast=True)
+    i = (base.to(tl.uint32) + offs.to(tl.uint32)) ^ (base >> 32).to(tl.uint32)
+    bits = _mix32(key ^ (i * 0x27D4EB2F))
     u = x.to(tl.uint32, bitcast=True)
     magnitude = u & 0x7FFFFFFF
     rounded = (u + (bits & 0xFFFF)) >> 16
@@ -251,9 +275,9 @@ def _store(ptr, offs, x, mask, STORAGE: tl.constexpr):
 
 
 @triton.jit
-def _pointer(row, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
-    """The buffer whose address is in ``column`` of the segment row, as a STORAGE pointer."""
-    ptr = tl.load(row + column).to(tl.pointer_type(STORAGE))
+def _pointer(row, column, start, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Element ``start`` of the buffer whose address is in ``column`` of the segment row, as a STORAGE pointer."""
+    ptr = tl.load(row + column).to(tl.pointer_type(STORAGE)) + start
     if ALIGNED:
         # checked at run time by _locate before this path is taken
         ptr = tl.multiple_of(ptr, 16)
@@ -261,12 +285,12 @@ def _pointer(row, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _param_pointers(row, P: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr):
+def _param_pointers(row, start, P: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr):
     """The parameter's buffer and, with MASTER, its fp32 master copy (else the parameter's buffer again, unused)."""
-    p_ptr = _pointer(row, SEG_P, P, ALIGNED)
+    p_ptr = _pointer(row, SEG_P, start, P, ALIGNED)
     master_ptr = p_ptr
     if MASTER:
-        master_ptr = _pointer(row, SEG_MASTER, tl.float32, ALIGNED)
+        master_ptr = _pointer(row, SEG_MASTER, start, tl.float32, ALIGNED)
     return p_ptr, master_ptr
 
 
@@ -280,7 +304,7 @@ def _load_param(p_ptr, master_ptr, offs, mask, P: tl.constexpr, MATH: tl.constex
 
 
 @triton.jit
-def _store_param(p_ptr, master_ptr, offs, x, mask, key, P: tl.constexpr, MASTER: tl.constexpr,
+def _store_param(p_ptr, master_ptr, offs, x, mask, key, start, P: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr):
     """Store the updated parameter (common.h store_param): the master exactly and p rounded to nearest
     even (MASTER), p rounded stochastically (SR, bf16), or p rounded to nearest even."""
@@ -288,7 +312,7 @@ def _store_param(p_ptr, master_ptr, offs, x, mask, key, P: tl.constexpr, MASTER:
         tl.store(master_ptr + offs, x, mask=mask)
         _store(p_ptr, offs, x, mask, P)
     elif SR:
-        tl.store(p_ptr + offs, _bf16_stochastic(x, key, offs).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(p_ptr + offs, _bf16_stochastic(x, key, start, offs).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         _store(p_ptr, offs, x, mask, P)
 
@@ -397,13 +421,14 @@ def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.
 
 
 @triton.jit
-def _state_pointers(row, column, S: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
-    """A state's buffer (uint8 codes with Q8) and, with Q8, its fp32 block absmax (else the buffer again)."""
+def _state_pointers(row, start, column, S: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
+    """A state's buffer (uint8 codes with Q8) and, with Q8, its fp32 block absmax (else the buffer again),
+    from the block's first element."""
     if Q8:
-        codes_ptr = _pointer(row, column, tl.uint8, ALIGNED)
-        return codes_ptr, _pointer(row, column + (SEG_A0 - SEG_S0), tl.float32, False)
+        codes_ptr = _pointer(row, column, start, tl.uint8, ALIGNED)
+        return codes_ptr, _pointer(row, column + (SEG_A0 - SEG_S0), start // QUANT_BLOCK, tl.float32, False)
     else:
-        ptr = _pointer(row, column, S, ALIGNED)
+        ptr = _pointer(row, column, start, S, ALIGNED)
         return ptr, ptr
 
 
@@ -489,7 +514,7 @@ UPDATES = {name: compile_rule(rule) for name, rule in rules.RULES.items() if rul
 
 # ------------------------------------------------------------------ the kernel
 @triton.jit
-def _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+def _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
            MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr,
            UPDATE: tl.constexpr, HP_COLS: tl.constexpr, KEEP0: tl.constexpr, KEEP1: tl.constexpr,
            KEEP2: tl.constexpr, SIGNED0: tl.constexpr, SIGNED1: tl.constexpr, SIGNED2: tl.constexpr,
@@ -497,8 +522,8 @@ def _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.con
     """One block of one segment: load p, g and the states the rule keeps, run the rule's helper,
     store the weight (from the unquantized new states) and then each state (re-encoded with Q8)."""
     hp = hp_ptr + tl.load(row + SEG_HP) * HP_COLS
-    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
+    p_ptr, master_ptr = _param_pointers(row, start, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, start, P, ALIGNED)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
     # a state the rule does not keep is passed as g, never read by its helper, never stored
@@ -506,13 +531,13 @@ def _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.con
     x1 = g
     x2 = g
     if KEEP0:
-        s0_ptr, a0_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)
+        s0_ptr, a0_ptr = _state_pointers(row, start, SEG_S0, S, ALIGNED, Q8)
         x0 = _load_state(s0_ptr, a0_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, SIGNED0)
     if KEEP1:
-        s1_ptr, a1_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)
+        s1_ptr, a1_ptr = _state_pointers(row, start, SEG_S1, S, ALIGNED, Q8)
         x1 = _load_state(s1_ptr, a1_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, SIGNED1)
     if KEEP2:
-        s2_ptr, a2_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)
+        s2_ptr, a2_ptr = _state_pointers(row, start, SEG_S2, S, ALIGNED, Q8)
         x2 = _load_state(s2_ptr, a2_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, SIGNED2)
 
     # the rule's switches, as many as it has
@@ -523,7 +548,7 @@ def _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.con
     else:
         p, x0, x1, x2 = UPDATE(p, g, x0, x1, x2, hp, t, grad_mult, MATH, SW0, SW1)
 
-    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, start, P, MASTER, SR)
     if KEEP0:
         _store_state(s0_ptr, a0_ptr, x0, offs, mask, qblocks, qmask, S, Q8, SIGNED0)
     if KEEP1:
@@ -561,15 +586,15 @@ def _step_kernel(
     SW1: tl.constexpr,  # its second switch
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
-    # (the launcher zeroes the arrival counters of each launch anyway).
+    # (and every arrival counter stays zero).
     if not _skipped(ctl_ptr):
-        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
-                                                                         Q8)
+        row, start, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(
+            seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
+            _block(row, start, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
                    UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
         else:
-            _block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
+            _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
                    UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)

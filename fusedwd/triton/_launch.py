@@ -8,11 +8,16 @@ derives each segment's first block (one vectorized cumsum), packs rows,
 block starts, zeroed arrival counters, hyperparameters, the seed and a
 default control block into ONE int64 buffer, copies it to the device in one
 transfer, and launches one grid of one program per block.
+
+The optimizers keep that buffer (the launch *image* and its arrival
+counters) on the device instead, re-uploaded only when it changes
+(fusedwd/optim/_graphs.py), and launch through ``launch_image``, which
+copies nothing: a CUDA graph can capture it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import triton.language as tl
@@ -43,15 +48,58 @@ _MAX_SWITCHES = 2
 _CTL_WORDS = (CTL_SIZE + 1) // 2
 
 
-class _LaunchTables(NamedTuple):
-    segments: Tensor  # int64 [nseg * SEG_COLS]
-    block_starts: Tensor  # int64 [nseg + 1]
-    arrivals: Tensor  # int64 [nseg], zeros
-    hyper: Tensor  # float64 [groups * cols]
+class _Views(NamedTuple):
+    """A launch image's parts on the device (see image_words)."""
+    segments: Tensor  # int64 [capacity * SEG_COLS]
+    block_starts: Tensor  # int64 [capacity + 1]
+    arrivals: Tensor  # int64 [capacity], zeros, left at zero by every launch
     seed: Tensor  # int64 [1]: the seed's bits
     ctl: Tensor  # float32 [>= CTL_SIZE]: the control block of no AMP and no clipping
-    nseg: int
-    num_blocks: int
+
+
+# A launch reads, besides the hyperparameter table, one int64 buffer: the launch *image*
+# [seed | default control block | segment rows (capacity) | block starts (capacity + 1)],
+# written on the host by fill_image, followed on the device by one arrival counter per
+# segment, which the kernels leave at zero. The optimizers keep it on the device across
+# steps (fusedwd/optim/_graphs.py) and upload it only when it changes.
+_HEADER_WORDS = 1 + _CTL_WORDS
+
+
+def image_words(capacity: int) -> int:
+    """int64 words of the host image of a launch over at most ``capacity`` segments."""
+    return _HEADER_WORDS + capacity * SEG_COLS + capacity + 1
+
+
+def buffer_words(capacity: int) -> int:
+    """int64 words of the device buffer: the image, then the arrival counters."""
+    return image_words(capacity) + capacity
+
+
+def _views(buffer: Tensor, capacity: int) -> _Views:
+    seed, ctl, segments, starts, arrivals = buffer.split([1, _CTL_WORDS, capacity * SEG_COLS, capacity + 1, capacity])
+    return _Views(segments, starts, arrivals, seed, ctl.view(torch.float32))
+
+
+def fill_image(image: Tensor, segments: Tensor, seed: int) -> int:
+    """Write the host image of a launch over ``segments`` (int64 [nseg, SEG_COLS], nseg at most the
+    image's capacity) with the stochastic-rounding ``seed``; returns the launch's block count.
+    Words past nseg are zeroed, so the image is a function of (segments, seed) alone."""
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    capacity = (image.numel() - _HEADER_WORDS - 1) // (SEG_COLS + 1)
+    nseg = segments.shape[0]
+    seed_part, ctl_part, seg_part, start_part = image.split([1, _CTL_WORDS, capacity * SEG_COLS, capacity + 1])
+    seed_part[0] = seed - (1 << 64) if seed >= 1 << 63 else seed  # the uint64's bits
+    ctl = ctl_part.view(torch.float32)
+    ctl.zero_()  # found_inf 0: the step is taken
+    ctl[CTL_INV_SCALE] = ctl[CTL_CLIP] = 1.0
+    seg_part[: nseg * SEG_COLS].view(nseg, SEG_COLS).copy_(segments)
+    seg_part[nseg * SEG_COLS:].zero_()
+    # an empty tensor still gets one (fully masked) block, which advances its step count
+    blocks = torch.div(segments[:, SEG_N] + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
+    start_part.zero_()
+    torch.cumsum(blocks, 0, out=start_part[1: nseg + 1])
+    return int(start_part[nseg])
 
 
 def _check_layout(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, stochastic: bool) -> None:
@@ -85,8 +133,8 @@ def _check_q8_layout(dtype: torch.dtype, state_dtype: Optional[torch.dtype], mas
                          + (", stochastic rounding" if stochastic else ""))
 
 
-def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device, seed: int) -> _LaunchTables:
-    """Validate the host tables, derive the block starts, and put everything on ``device`` in one copy."""
+def _check_tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device) -> None:
+    """Validate the host tables of a ``step`` call."""
     if segments.dtype != torch.int64 or segments.dim() != 2 or segments.shape[1] != SEG_COLS:
         raise ValueError(
             f"segments must be an int64 [nseg, {SEG_COLS}] table, got {segments.dtype} {tuple(segments.shape)}"
@@ -96,41 +144,93 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device,
     if segments.device.type != "cpu":
         raise ValueError("the segment table is read on the host; pass a CPU tensor")
     # capturable=True builds the hyperparameter rows on the device: they are never read on the host
-    hyper_on_host = hyper.device.type == "cpu"
-    if not hyper_on_host and hyper.device != device:
+    if hyper.device.type != "cpu" and hyper.device != device:
         raise ValueError(f"hyper must be on the host or on {device}, got a tensor on {hyper.device}")
-    nseg = segments.shape[0]
     hp_rows = segments[:, SEG_HP]
-    if int(hp_rows.min()) < 0 or int(hp_rows.max()) >= hyper.shape[0]:
+    if segments.shape[0] and (int(hp_rows.min()) < 0 or int(hp_rows.max()) >= hyper.shape[0]):
         raise ValueError(f"a segment names a hyperparameter row outside [0, {hyper.shape[0]})")
-    # an empty tensor still gets one (fully masked) block, which advances its step count
-    blocks = torch.div(segments[:, SEG_N] + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
 
-    sizes = [nseg * SEG_COLS, nseg + 1, nseg, hyper.numel(), 1, _CTL_WORDS]
-    # pinned, so the one host-to-device copy below is asynchronous: a step never
-    # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
-    pinned = device.type == "cuda"
-    packed = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=pinned)
-    seg_part, start_part, arrival_part, hyper_part, seed_part, ctl_part = packed.split(sizes)
-    seg_part.view(nseg, SEG_COLS).copy_(segments)
-    start_part[0] = 0
-    torch.cumsum(blocks, 0, out=start_part[1:])
-    arrival_part.zero_()
-    if hyper_on_host:
-        hyper_part.view(torch.float64).copy_(hyper.reshape(-1))
-    seed_part[0] = seed - (1 << 64) if seed >= 1 << 63 else seed  # the uint64's bits
-    ctl = ctl_part.view(torch.float32)
-    ctl.zero_()  # found_inf 0: the step is taken
-    ctl[CTL_INV_SCALE] = ctl[CTL_CLIP] = 1.0
-    num_blocks = int(start_part[-1])
 
-    if device.type != "cpu":
-        packed = packed.to(device, non_blocking=True)
-    seg_part, start_part, arrival_part, hyper_part, seed_part, ctl_part = packed.split(sizes)
-    if not hyper_on_host:
-        hyper_part.view(torch.float64).copy_(hyper.reshape(-1))  # device to device, queued after the upload
-    return _LaunchTables(seg_part, start_part, arrival_part, hyper_part.view(torch.float64), seed_part,
-                         ctl_part.view(torch.float32), nseg, num_blocks)
+def _check_options(rule: rules.Rule, switches: tuple, dtype: torch.dtype, state_dtype: Optional[torch.dtype],
+                   master: bool, stochastic_rounding: bool, ctl: Optional[Tensor], quantized: bool,
+                   device: torch.device) -> Optional[torch.dtype]:
+    """Validate the switches and precision options; returns the states' storage dtype (None with 8-bit states)."""
+    if len(switches) != len(rule.switches):
+        raise ValueError(f"rule {rule.name!r} takes {len(rule.switches)} switches, got {len(switches)}")
+    if len(rule.switches) > _MAX_SWITCHES:
+        raise ValueError(f"the Triton kernel takes at most {_MAX_SWITCHES} switches; rule {rule.name!r} has "
+                         f"{len(rule.switches)}")
+    if dtype not in _STORAGE:
+        raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} parameters, got {dtype}")
+    if quantized:
+        _check_q8_layout(dtype, state_dtype, master, stochastic_rounding)
+        state_dtype = None
+    else:
+        state_dtype = dtype if state_dtype is None else state_dtype
+        if state_dtype not in _STORAGE:
+            raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} states, got {state_dtype}")
+        _check_layout(dtype, state_dtype, master, stochastic_rounding)
+    # "cuda" names whichever CUDA device is current
+    same_device = ctl is not None and ctl.device.type == device.type and device.index in (None, ctl.device.index)
+    if ctl is not None and (ctl.dtype != torch.float32 or ctl.numel() < CTL_SIZE or not ctl.is_contiguous()
+                            or not same_device):
+        raise ValueError(f"ctl must be a contiguous float32 tensor of {CTL_SIZE} elements on {device}, got "
+                         f"{ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
+    return state_dtype
+
+
+def constants(rule: str, switches: Sequence[bool], dtype: torch.dtype, state_dtype: Optional[torch.dtype],
+              master: bool, stochastic_rounding: bool, quantized: bool) -> dict[str, Any]:
+    """The generic kernel's constexpr arguments for one rule, switch combination and storage layout
+    (``state_dtype`` None with 8-bit states): what a launch passes, and what bench/gpu_static.py
+    compiles ahead of time."""
+    spec = rules.get(rule)
+    switches = tuple(bool(s) for s in switches)
+    kept = [slot is not None for slot in spec.slots(switches)] + [False] * (3 - len(spec.states))
+    signed = [state.signed for state in spec.states] + [False] * (3 - len(spec.states))
+    sw = switches + (False,) * (_MAX_SWITCHES - len(switches))
+    return dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype],
+                MATH=tl.float64 if dtype == torch.float64 else tl.float32, MASTER=bool(master),
+                SR=bool(stochastic_rounding), BLOCK_SIZE=BLOCK_SIZE, Q8=bool(quantized), UPDATE=UPDATES[rule],
+                HP_COLS=len(spec.columns), KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2], SIGNED0=signed[0],
+                SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1])
+
+
+def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_blocks: int, device: torch.device,
+             dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool,
+             ctl: Optional[Tensor], quantized: bool, switches: tuple) -> None:
+    """One launch of the rule over ``nseg`` segments whose tables are on ``device``."""
+    launch = _step_kernel[(num_blocks,)]
+    args = (views.segments, views.block_starts, views.arrivals, hyper, nseg, views.ctl if ctl is None else ctl,
+            views.seed)
+    options = constants(rule, switches, dtype, state_dtype, master, stochastic_rounding, quantized)
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # Triton launches on the current device
+            launch(*args, **options, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    else:
+        launch(*args, **options, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def launch_image(rule: str, buffer: Tensor, capacity: int, nseg: int, num_blocks: int, hyper: Tensor,
+                 device: torch.device, dtype: torch.dtype, switches: Sequence[bool], *,
+                 state_dtype: Optional[torch.dtype] = None, master: bool = False, stochastic_rounding: bool = False,
+                 ctl: Optional[Tensor] = None, seed: int = 0, quantized: bool = False) -> None:
+    """One launch over tables already on ``device``: ``buffer`` (buffer_words(capacity) int64) holds
+    the image fill_image wrote (``nseg`` segments, ``num_blocks`` blocks: what it returned) and the
+    arrival counters; ``hyper`` is the float64 [groups, cols] table on ``device``. The other
+    arguments are ``step``'s. The seed was written into the image (``seed`` is accepted for
+    ``step``'s keyword set and ignored). Nothing is copied from the host: a CUDA graph may capture
+    this launch."""
+    del seed
+    device = torch.device(device)
+    switches = tuple(bool(s) for s in switches)
+    master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
+    state_dtype = _check_options(rules.get(rule), switches, dtype, state_dtype, master, stochastic_rounding, ctl,
+                                 quantized, device)
+    if nseg == 0:
+        return
+    _enqueue(rule, _views(buffer, capacity), hyper.reshape(-1), nseg, num_blocks, device, dtype, state_dtype, master,
+             stochastic_rounding, ctl, quantized, switches)
 
 
 def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
@@ -164,53 +264,38 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
             ``SEG_A*`` each state's fp32 block absmax, blocks of 256 from each tensor's first element;
             ``state_dtype`` is then None (or torch.uint8). Layouts: fp32 parameters, 16-bit ones with
             ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
+
+    The host tables, the arrival counters and the hyperparameters are packed into one buffer and
+    copied to ``device`` in one asynchronous transfer.
     """
     spec = rules.get(rule)
     if rule not in UPDATES:
         raise NotImplementedError(f"rule {rule!r} has no Triton kernel yet (a two-phase rule: docs/backends.md); "
                                   "use backend='cpu' or 'reference'")
     switches = tuple(bool(s) for s in switches)
-    if len(switches) != len(spec.switches):
-        raise ValueError(f"rule {rule!r} takes {len(spec.switches)} switches, got {len(switches)}")
-    if len(spec.switches) > _MAX_SWITCHES:
-        raise ValueError(f"the Triton kernel takes at most {_MAX_SWITCHES} switches; rule {rule!r} has "
-                         f"{len(spec.switches)}")
     master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
-    if dtype not in _STORAGE:
-        raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} parameters, got {dtype}")
-    if quantized:
-        _check_q8_layout(dtype, state_dtype, master, stochastic_rounding)
-    else:
-        state_dtype = dtype if state_dtype is None else state_dtype
-        if state_dtype not in _STORAGE:
-            raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} states, got {state_dtype}")
-        _check_layout(dtype, state_dtype, master, stochastic_rounding)
+    device = torch.device(device)
+    state_dtype = _check_options(spec, switches, dtype, state_dtype, master, stochastic_rounding, ctl, quantized,
+                                 device)
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-    device = torch.device(device)
-    # "cuda" names whichever CUDA device is current
-    same_device = ctl is not None and ctl.device.type == device.type and device.index in (None, ctl.device.index)
-    if ctl is not None and (ctl.dtype != torch.float32 or ctl.numel() < CTL_SIZE or not ctl.is_contiguous()
-                            or not same_device):
-        raise ValueError(f"ctl must be a contiguous float32 tensor of {CTL_SIZE} elements on {device}, got "
-                         f"{ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
-    if segments.shape[0] == 0:
+    _check_tables(segments, hyper, len(spec.columns), device)
+    nseg = segments.shape[0]
+    if nseg == 0:
         return
-    tables = _tables(segments, hyper, len(spec.columns), device, int(seed))
-    math = tl.float64 if dtype == torch.float64 else tl.float32
-    launch = _step_kernel[(tables.num_blocks,)]
-    args = (tables.segments, tables.block_starts, tables.arrivals, tables.hyper, tables.nseg,
-            tables.ctl if ctl is None else ctl, tables.seed)
-    kept = [slot is not None for slot in spec.slots(switches)] + [False] * (3 - len(spec.states))
-    signed = [state.signed for state in spec.states] + [False] * (3 - len(spec.states))
-    sw = switches + (False,) * (_MAX_SWITCHES - len(switches))
-    options = dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype], MATH=math, MASTER=master,
-                   SR=stochastic_rounding, BLOCK_SIZE=BLOCK_SIZE, Q8=quantized, UPDATE=UPDATES[rule],
-                   HP_COLS=len(spec.columns), KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2], SIGNED0=signed[0],
-                   SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1],
-                   num_warps=NUM_WARPS, enable_fp_fusion=False)
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # Triton launches on the current device
-            launch(*args, **options)
-    else:
-        launch(*args, **options)
+    words = buffer_words(nseg)
+    hyper_on_host = hyper.device.type == "cpu"
+    # pinned, so the one host-to-device copy below is asynchronous: a step never
+    # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
+    packed = torch.empty(words + hyper.numel(), dtype=torch.int64, pin_memory=device.type == "cuda")
+    num_blocks = fill_image(packed[: image_words(nseg)], segments, int(seed))
+    packed[image_words(nseg): words].zero_()  # the arrival counters
+    if hyper_on_host:
+        packed[words:].view(torch.float64).copy_(hyper.reshape(-1))
+    if device.type != "cpu":
+        packed = packed.to(device, non_blocking=True)
+    hyper_part = packed[words:].view(torch.float64)
+    if not hyper_on_host:
+        hyper_part.copy_(hyper.reshape(-1))  # device to device, queued after the upload
+    _enqueue(rule, _views(packed[:words], nseg), hyper_part, nseg, num_blocks, device, dtype, state_dtype, master,
+             stochastic_rounding, ctl, quantized, switches)
