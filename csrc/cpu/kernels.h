@@ -46,6 +46,11 @@ struct Kernels {
   void (*rmspropw)(const StepArgs&, bool centered, bool has_momentum);
   void (*traffic)(const TrafficArgs&);
   double (*sumsq)(const StepArgs&);  // sum of squares of every segment's gradient
+  // For the tests, this variant's own compiled 8-bit encode: how many float32 y in
+  // [0, 1] q_level codes differently from the number of the given K thresholds (the
+  // spec's, increasing) that y reaches (every such y is tried), and the bit pattern of
+  // the first (0 when none).
+  int64_t (*q_level_errors)(bool is_signed, const float* thresholds, uint32_t* first_bad);
 };
 
 // The variant in use; chosen at first use from the CPU features unless

@@ -589,6 +589,47 @@ inline void traffic(const TrafficArgs& a) {
   }
 }
 
+// Every float32 y in [0, 1] through this variant's encode, against the definition:
+// the count of thresholds reached. Both paths are tried: q_level's portable guess
+// and, where the variant has one, the vector guess of q_encode_values. The
+// thresholds are float32 values themselves and non-negative floats order as their
+// bit patterns, so the count is j on the bit range [bits(thresholds[j - 1]),
+// bits(thresholds[j])): no search per value.
+inline int64_t q_level_errors(bool is_signed, const float* thresholds, uint32_t* first_bad) {
+  const int levels = is_signed ? kSignedLevels : kUnsignedLevels;
+  const uint32_t last = float_bits(1.0f);
+  constexpr int64_t kChunk = 4096;
+  // the bit range where the count is j
+  auto range = [&](int j, uint32_t* lo, uint32_t* hi) {
+    *lo = j == 0 ? 0u : float_bits(thresholds[j - 1]);
+    *hi = j < levels ? float_bits(thresholds[j]) : last + 1;
+  };
+  int64_t errors = 0;
+  uint32_t first = 0xFFFFFFFFu;
+  for (int path = 0; path < 2; ++path) {
+#pragma omp parallel for schedule(dynamic) reduction(+ : errors) reduction(min : first)
+    for (int j = 0; j <= levels; ++j) {
+      uint32_t lo, hi;
+      range(j, &lo, &hi);
+      alignas(64) float y[kChunk];
+      alignas(64) int32_t k[kChunk];
+      for (uint64_t c = lo; c < hi; c += kChunk) {
+        const int64_t n = static_cast<int64_t>(hi - c < static_cast<uint64_t>(kChunk) ? hi - c : kChunk);
+        for (int64_t i = 0; i < n; ++i) y[i] = bits_float(static_cast<uint32_t>(c + i));
+        q_levels(y, n, k, is_signed, path == 1);
+        for (int64_t i = 0; i < n; ++i) {
+          if (k[i] != j) {
+            ++errors;
+            first = first < static_cast<uint32_t>(c + i) ? first : static_cast<uint32_t>(c + i);
+          }
+        }
+      }
+    }
+  }
+  *first_bad = errors == 0 ? 0u : first;
+  return errors;
+}
+
 }  // namespace cpu_loops
 FUSEDWD_NS_END
 
@@ -604,6 +645,7 @@ FUSEDWD_NS_END
   extern const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels);                          \
   const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels) = {                              \
       FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::adamw, &cpu_loops::sgdw,               \
-      &cpu_loops::rmspropw, &cpu_loops::traffic, &cpu_loops::sumsq};                \
+      &cpu_loops::rmspropw, &cpu_loops::traffic, &cpu_loops::sumsq,                   \
+      &cpu_loops::q_level_errors};                                                    \
   }                                                                                   \
   }
