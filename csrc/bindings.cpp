@@ -531,6 +531,21 @@ PYBIND11_MODULE(_C, m) {
       "For the tests: (count, bit pattern of the first) of the float32 y in [0, 1] that the\n"
       "active ISA variant's 8-bit encode (quant.h q_level) codes differently from the number\n"
       "of the given thresholds (fusedwd.quant.thresholds) y reaches; every such y is tried.");
+  m.def(
+      "convert_f16",
+      [](uintptr_t src, uintptr_t dst, int64_t n, bool to_half) {
+        if (n < 0) throw py::value_error("convert_f16: n must be >= 0");
+        py::gil_scoped_release release;
+        // raw addresses of caller-owned buffers of n elements
+        if (to_half) {
+          cpu::active().f32_to_f16(reinterpret_cast<const float*>(src), reinterpret_cast<uint16_t*>(dst), n);
+        } else {
+          cpu::active().f16_to_f32(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<float*>(dst), n);
+        }
+      },
+      py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("to_half"),
+      "For the tests: n fp16 values (bits) to float32 at dst, or n float32 to fp16 bits\n"
+      "(to_half), by the active ISA variant's conversions as its loops run them.");
   m.def("grad_sumsq", &grad_sumsq, py::arg("table"), py::arg("nseg"), py::arg("dtype"),
         py::arg("num_threads"),
         "Sum of squares (in double) of the gradients of nseg segments of a segment table: the\n"

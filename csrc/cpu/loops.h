@@ -93,19 +93,134 @@ void for_each_slice(const StepArgs& a, Seg seg) {
 // staging cost fp32 GPT-2 8% and gained the master-weight layout nothing.
 // Always inlined: compiled out of line, the update read the segment's scalars
 // through the lambda's captured pointer and GCC left SGDW's fp16 loop scalar.
+//
+// The buffers are read and written through streams (In, Io, ParamIo below).
+// An fp16 stream of a variant with F16C is chunked: each chunk of it is
+// converted in bulk into fp32 scratch before the element loops (common.h
+// f16_to_float_n) and back after them, since GCC leaves scalar fp16
+// conversions one element per instruction and common.h's portable bit
+// arithmetic cost ~11 vector operations per load and ~22 per store. Any
+// chunked stream makes the loop run by chunks, staged.
 constexpr int64_t kStageChunk = 1024;
 
-template <bool STAGED, typename M, typename Elem, typename Put>
-__attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put) {
-  if constexpr (STAGED) {
+template <DType D>
+constexpr bool chunked() {
+#if defined(FUSEDWD_HW_F16)
+  return D == DType::F16;
+#else
+  return false;
+#endif
+}
+
+// A buffer the loop only reads (the gradient).
+template <DType D, bool CHUNKED = chunked<D>()>
+struct In {
+  static constexpr bool kChunked = false;
+  const storage_t<D>* __restrict__ ptr;
+  explicit In(const storage_t<D>* p) : ptr(p) {}
+  math_t<D> load(int64_t i) const { return fusedwd::load<D>(ptr, i); }
+  void fill(int64_t, int64_t) {}
+  void flush(int64_t, int64_t) {}
+};
+
+// A buffer the loop reads and writes (a state), or 0 when the rule has no such state.
+template <DType D, bool CHUNKED = chunked<D>()>
+struct Io {
+  static constexpr bool kChunked = false;
+  storage_t<D>* __restrict__ ptr;
+  explicit Io(storage_t<D>* p) : ptr(p) {}
+  math_t<D> load(int64_t i) const { return fusedwd::load<D>(ptr, i); }
+  void store(int64_t i, math_t<D> x) { fusedwd::store<D>(ptr, i, x); }
+  void fill(int64_t, int64_t, bool = true) {}
+  void flush(int64_t, int64_t) {}
+};
+
+#if defined(FUSEDWD_HW_F16)
+template <DType D>
+struct In<D, true> {
+  static constexpr bool kChunked = true;
+  const uint16_t* __restrict__ ptr;
+  int64_t base = 0;
+  alignas(64) float buf[kStageChunk];  // left uninitialized: every chunk fills what it reads
+  explicit In(const uint16_t* p) : ptr(p) {}
+  float load(int64_t i) const { return buf[i - base]; }
+  void fill(int64_t c, int64_t e) {
+    base = c;
+    if (ptr != nullptr) f16_to_float_n(ptr + c, buf, e - c);
+  }
+  void flush(int64_t, int64_t) {}
+};
+
+template <DType D>
+struct Io<D, true> {
+  static constexpr bool kChunked = true;
+  uint16_t* __restrict__ ptr;
+  int64_t base = 0;
+  alignas(64) float buf[kStageChunk];  // left uninitialized: every chunk fills what it reads
+  explicit Io(uint16_t* p) : ptr(p) {}
+  float load(int64_t i) const { return buf[i - base]; }
+  void store(int64_t i, float x) { buf[i - base] = x; }
+  // chunk [c, e) starts: converted into buf unless the loop only writes it (read false)
+  void fill(int64_t c, int64_t e, bool read = true) {
+    base = c;
+    if (read && ptr != nullptr) f16_to_float_n(ptr + c, buf, e - c);
+  }
+  void flush(int64_t c, int64_t e) {
+    if (ptr != nullptr) float_to_f16_n(buf, ptr + c, e - c);
+  }
+};
+#endif
+
+// The parameter: read from its fp32 master copy when there is one (MASTER), written
+// to both (common.h load_param / store_param), its own buffer through an Io.
+template <DType P, bool MASTER, bool SR>
+struct ParamIo {
+  static constexpr bool kChunked = Io<P>::kChunked;
+  Io<P> p;
+  float* __restrict__ master;
+  uint32_t key;  // stochastic rounding
+  ParamIo(storage_t<P>* ptr, float* m, uint32_t k) : p(ptr), master(m), key(k) {}
+  math_t<P> load(int64_t i) const {
+    if constexpr (MASTER) {
+      return master[i];
+    } else {
+      return p.load(i);
+    }
+  }
+  void store(int64_t i, math_t<P> x) {
+    if constexpr (MASTER) {
+      master[i] = x;
+      p.store(i, x);
+    } else if constexpr (SR) {
+      static_assert(!chunked<P>(), "stochastic rounding stores bf16 parameters");
+      store_param<P, false, true>(p.ptr, nullptr, i, x, key);
+    } else {
+      p.store(i, x);
+    }
+  }
+  void fill(int64_t c, int64_t e) { p.fill(c, e, !MASTER); }  // with a master, p is only written
+  void flush(int64_t c, int64_t e) { p.flush(c, e); }
+};
+
+template <typename... Streams>
+constexpr bool any_chunked() {
+  return (Streams::kChunked || ...);
+}
+
+template <bool STAGED, typename M, typename Elem, typename Put, typename... Streams>
+__attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put,
+                                                        Streams&... streams) {
+  if constexpr (STAGED || any_chunked<Streams...>()) {
     static_assert(sizeof(M) == 4, "16-bit storage computes in fp32");
     alignas(64) M x0[kStageChunk], x1[kStageChunk], x2[kStageChunk], x3[kStageChunk];
     for (int64_t c = lo; c < hi; c += kStageChunk) {
       const int64_t e = min_i64(c + kStageChunk, hi);
+      (streams.fill(c, e), ...);
 #pragma omp simd
       for (int64_t i = c; i < e; ++i) elem(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
 #pragma omp simd
       for (int64_t i = c; i < e; ++i) put(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
+      (streams.flush(c, e), ...);
     }
   } else {
 #pragma omp simd
@@ -131,30 +246,29 @@ void adamw_pass(const StepArgs& a) {
   const uint64_t seed = a.seed;
   for_each_slice<ADAMW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
                                               int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
-    storage_t<S>* __restrict__ m = column_ptr<storage_t<S>>(row, SEG_S0);
-    storage_t<S>* __restrict__ v = column_ptr<storage_t<S>>(row, SEG_S1);
-    storage_t<S>* __restrict__ vmax = column_ptr<storage_t<S>>(row, SEG_S2);
+    ParamIo<P, MASTER, SR> p(column_ptr<storage_t<P>>(row, SEG_P), column_ptr<float>(row, SEG_MASTER),
+                             SR ? sr_key(seed, row[SEG_SALT], t) : 0u);
+    In<G> g(column_ptr<const storage_t<G>>(row, SEG_G));
+    // S2 is 0 without amsgrad: never touched
+    Io<S> m(column_ptr<storage_t<S>>(row, SEG_S0)), v(column_ptr<storage_t<S>>(row, SEG_S1)),
+        vmax(column_ptr<storage_t<S>>(row, SEG_S2));
     const AdamWScalars<M> sc = adamw_scalars<M>(hp, t, gm);
     element_loop<staged<S>(), M>(
         lo, hi,
         [&](int64_t i, M& pi, M& mi, M& vi, M& vmaxi) {
-          pi = load_param<P, MASTER>(p, master, i);
-          mi = load<S>(m, i);
-          vi = load<S>(v, i);
-          // S2 is 0 without amsgrad: never touched
-          vmaxi = AMSGRAD ? load<S>(vmax, i) : M(0);
-          adamw_update<AMSGRAD, M>(pi, load<G>(g, i), mi, vi, vmaxi, sc);
+          pi = p.load(i);
+          mi = m.load(i);
+          vi = v.load(i);
+          vmaxi = AMSGRAD ? vmax.load(i) : M(0);
+          adamw_update<AMSGRAD, M>(pi, g.load(i), mi, vi, vmaxi, sc);
         },
         [&](int64_t i, const M& pi, const M& mi, const M& vi, const M& vmaxi) {
-          store_param<P, MASTER, SR>(p, master, i, pi, key);
-          store<S>(m, i, mi);
-          store<S>(v, i, vi);
-          if (AMSGRAD) store<S>(vmax, i, vmaxi);
-        });
+          p.store(i, pi);
+          m.store(i, mi);
+          v.store(i, vi);
+          if (AMSGRAD) vmax.store(i, vmaxi);
+        },
+        p, g, m, v, vmax);
   });
 }
 
@@ -165,24 +279,24 @@ void sgdw_pass(const StepArgs& a) {
   const uint64_t seed = a.seed;
   for_each_slice<SGDW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
                                              int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
-    storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S0);
+    ParamIo<P, MASTER, SR> p(column_ptr<storage_t<P>>(row, SEG_P), column_ptr<float>(row, SEG_MASTER),
+                             SR ? sr_key(seed, row[SEG_SALT], t) : 0u);
+    In<G> g(column_ptr<const storage_t<G>>(row, SEG_G));
+    // S0 is 0 without momentum: never touched
+    Io<S> buf(column_ptr<storage_t<S>>(row, SEG_S0));
     const SgdwScalars<M> sc = sgdw_scalars<M>(hp, t, gm);
     element_loop<staged<S>() && HAS_MOMENTUM, M>(
         lo, hi,
         [&](int64_t i, M& pi, M& bi, M&, M&) {
-          pi = load_param<P, MASTER>(p, master, i);
-          // S0 is 0 without momentum: never touched
-          bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
-          sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, load<G>(g, i), bi, sc);
+          pi = p.load(i);
+          bi = HAS_MOMENTUM ? buf.load(i) : M(0);
+          sgdw_update<HAS_MOMENTUM, NESTEROV, M>(pi, g.load(i), bi, sc);
         },
         [&](int64_t i, const M& pi, const M& bi, const M&, const M&) {
-          store_param<P, MASTER, SR>(p, master, i, pi, key);
-          if (HAS_MOMENTUM) store<S>(buf, i, bi);
-        });
+          p.store(i, pi);
+          if (HAS_MOMENTUM) buf.store(i, bi);
+        },
+        p, g, buf);
   });
 }
 
@@ -193,30 +307,29 @@ void rmspropw_pass(const StepArgs& a) {
   const uint64_t seed = a.seed;
   for_each_slice<RMSPROPW_HP_COLS>(a, [gm, seed](const int64_t* row, const double* hp, double t,
                                                  int64_t lo, int64_t hi) {
-    storage_t<P>* __restrict__ p = column_ptr<storage_t<P>>(row, SEG_P);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const storage_t<G>* __restrict__ g = column_ptr<const storage_t<G>>(row, SEG_G);
-    storage_t<S>* __restrict__ sq = column_ptr<storage_t<S>>(row, SEG_S0);
-    storage_t<S>* __restrict__ ga = column_ptr<storage_t<S>>(row, SEG_S1);
-    storage_t<S>* __restrict__ buf = column_ptr<storage_t<S>>(row, SEG_S2);
+    ParamIo<P, MASTER, SR> p(column_ptr<storage_t<P>>(row, SEG_P), column_ptr<float>(row, SEG_MASTER),
+                             SR ? sr_key(seed, row[SEG_SALT], t) : 0u);
+    In<G> g(column_ptr<const storage_t<G>>(row, SEG_G));
+    // S1 / S2 are 0 when not centered / without momentum: never touched
+    Io<S> sq(column_ptr<storage_t<S>>(row, SEG_S0)), ga(column_ptr<storage_t<S>>(row, SEG_S1)),
+        buf(column_ptr<storage_t<S>>(row, SEG_S2));
     const RmspropwScalars<M> sc = rmspropw_scalars<M>(hp, t, gm);
     element_loop<staged<S>(), M>(
         lo, hi,
         [&](int64_t i, M& pi, M& sqi, M& gai, M& bi) {
-          pi = load_param<P, MASTER>(p, master, i);
-          sqi = load<S>(sq, i);
-          // S1 / S2 are 0 when not centered / without momentum: never touched
-          gai = CENTERED ? load<S>(ga, i) : M(0);
-          bi = HAS_MOMENTUM ? load<S>(buf, i) : M(0);
-          rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, load<G>(g, i), sqi, gai, bi, sc);
+          pi = p.load(i);
+          sqi = sq.load(i);
+          gai = CENTERED ? ga.load(i) : M(0);
+          bi = HAS_MOMENTUM ? buf.load(i) : M(0);
+          rmspropw_update<CENTERED, HAS_MOMENTUM, M>(pi, g.load(i), sqi, gai, bi, sc);
         },
         [&](int64_t i, const M& pi, const M& sqi, const M& gai, const M& bi) {
-          store_param<P, MASTER, SR>(p, master, i, pi, key);
-          store<S>(sq, i, sqi);
-          if (CENTERED) store<S>(ga, i, gai);
-          if (HAS_MOMENTUM) store<S>(buf, i, bi);
-        });
+          p.store(i, pi);
+          sq.store(i, sqi);
+          if (CENTERED) ga.store(i, gai);
+          if (HAS_MOMENTUM) buf.store(i, bi);
+        },
+        p, g, sq, ga, buf);
   });
 }
 
@@ -630,6 +743,26 @@ inline int64_t q_level_errors(bool is_signed, const float* thresholds, uint32_t*
   return errors;
 }
 
+// The conversions a chunked fp16 stream makes (Io, In), or the element loops'
+// portable ones where the variant has no F16C.
+inline void f16_to_f32(const uint16_t* in, float* out, int64_t n) {
+#if defined(FUSEDWD_HW_F16)
+  f16_to_float_n(in, out, n);
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_float(in[i]);
+#endif
+}
+
+inline void f32_to_f16(const float* in, uint16_t* out, int64_t n) {
+#if defined(FUSEDWD_HW_F16)
+  float_to_f16_n(in, out, n);
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_f16(in[i]);
+#endif
+}
+
 }  // namespace cpu_loops
 FUSEDWD_NS_END
 
@@ -646,6 +779,6 @@ FUSEDWD_NS_END
   const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels) = {                              \
       FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::adamw, &cpu_loops::sgdw,               \
       &cpu_loops::rmspropw, &cpu_loops::traffic, &cpu_loops::sumsq,                   \
-      &cpu_loops::q_level_errors};                                                    \
+      &cpu_loops::q_level_errors, &cpu_loops::f16_to_f32, &cpu_loops::f32_to_f16};     \
   }                                                                                   \
   }
