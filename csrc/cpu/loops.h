@@ -100,7 +100,7 @@ void for_each_slice(const StepArgs& a, Seg seg) {
 // f16_to_float_n) and back after them, since GCC leaves scalar fp16
 // conversions one element per instruction and common.h's portable bit
 // arithmetic cost ~11 vector operations per load and ~22 per store. Any
-// chunked stream makes the loop run by chunks, staged.
+// chunked stream makes the loop run by chunks (fused, unless STAGED).
 constexpr int64_t kStageChunk = 1024;
 
 template <DType D>
@@ -210,7 +210,7 @@ constexpr bool any_chunked() {
 template <bool STAGED, typename M, typename Elem, typename Put, typename... Streams>
 __attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put,
                                                         Streams&... streams) {
-  if constexpr (STAGED || any_chunked<Streams...>()) {
+  if constexpr (STAGED) {
     static_assert(sizeof(M) == 4, "16-bit storage computes in fp32");
     alignas(64) M x0[kStageChunk], x1[kStageChunk], x2[kStageChunk], x3[kStageChunk];
     for (int64_t c = lo; c < hi; c += kStageChunk) {
@@ -220,6 +220,19 @@ __attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, 
       for (int64_t i = c; i < e; ++i) elem(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
 #pragma omp simd
       for (int64_t i = c; i < e; ++i) put(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
+      (streams.flush(c, e), ...);
+    }
+  } else if constexpr (any_chunked<Streams...>()) {
+    // fused, by chunks: only the chunked streams (an fp16 parameter, gradient) go through scratch
+    for (int64_t c = lo; c < hi; c += kStageChunk) {
+      const int64_t e = min_i64(c + kStageChunk, hi);
+      (streams.fill(c, e), ...);
+#pragma omp simd
+      for (int64_t i = c; i < e; ++i) {
+        M x0, x1, x2, x3;
+        elem(i, x0, x1, x2, x3);
+        put(i, x0, x1, x2, x3);
+      }
       (streams.flush(c, e), ...);
     }
   } else {
