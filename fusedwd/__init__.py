@@ -40,7 +40,7 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
         backends.append("cpu")
     # Triton only where it compiles for the device: the interpreter (TRITON_INTERPRET=1)
     # also steps CPU tensors, but it is a testing aid, far slower than the reference.
-    if device.type == "cuda" and _cuda_ext.has_cuda():
+    if device.type == "cuda" and _cuda_ext.has_cuda() and _cuda_ext.unusable(device) is None:
         backends.append("cuda")
     if device.type == "cuda" and torch.cuda.is_available() and _ext.triton_unusable(device) is None:
         backends.append("triton")

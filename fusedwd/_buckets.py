@@ -80,6 +80,10 @@ class Bucket:
     n_unexposed: int = 0
     # the CUDA kernel's arrival counter (one zero int32 on the device, left at zero)
     arrivals: Optional[Tensor] = None
+    # GPU backends: the tables a launch reads, kept on the device (fusedwd/optim/_graphs.py ResidentTable),
+    # and the Triton launch's (segments, blocks) of this step
+    device_table: Optional[object] = None
+    launch_shape: tuple[int, int] = (0, 0)
     # flat_grads=True: every p.grad is a view of one flat buffer (fusedwd/optim/_flat.py)
     grad_buffer: Optional[Tensor] = None
     grad_views: list[Tensor] = field(default_factory=list)

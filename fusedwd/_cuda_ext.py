@@ -9,6 +9,7 @@ RuntimeError saying which of the two is missing.
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -38,6 +39,47 @@ def has_cuda() -> bool:
     return device_count() > 0
 
 
+_probed: dict[int, Optional[str]] = {}
+_warned_reference = False
+
+
+def unusable(device: "torch.device") -> Optional[str]:
+    """Why backend='cuda' cannot step tensors on ``device``, or None when it can.
+
+    Probed once per device: the module must be built, see a GPU, and hold machine
+    code or PTX the device runs (a V100 or T4, sm_70/sm_75, runs none of the default
+    sm_80/sm_90 + compute_90 build: its first launch would fail with
+    cudaErrorNoKernelImageForDevice).
+    """
+    if _cuda is None:
+        return f"fusedwd._C_cuda failed to import ({_cuda_error!r})"
+    if _cuda.device_count() == 0:
+        return f"fusedwd._C_cuda found no usable GPU: {_cuda.status() or 'no CUDA device'}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _probed:
+        reason = _cuda.probe(index)
+        if reason:
+            major, minor = torch.cuda.get_device_capability(index)
+            reason = (f"fusedwd._C_cuda holds no code for cuda:{index} (compute capability {major}.{minor}): it was "
+                      f"built for sm_{_cuda.ARCHS.replace(';', ', sm_')}; rebuild with FUSEDWD_CUDA_ARCHS="
+                      f"{major}{minor} (docs/backends.md#build-switches). {reason}")
+        _probed[index] = reason or None
+    return _probed[index]
+
+
+def warn_reference_once(device: "torch.device", why: str) -> None:
+    """One RuntimeWarning per process when backend='auto' steps CUDA tensors with the reference."""
+    global _warned_reference
+    if not _warned_reference:
+        _warned_reference = True
+        warnings.warn(
+            f"fusedwd: no compiled kernel can step parameters on {device} ({why}); backend='auto' falls back to the "
+            "pure-torch reference, which is correct but one tensor at a time.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def cuda() -> ModuleType:
     """The compiled CUDA module, or a RuntimeError that says why backend='cuda' cannot run."""
     if _cuda is None:
@@ -56,34 +98,53 @@ def cuda() -> ModuleType:
 
 
 def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: int, switches: tuple,
-         device: "torch.device", arrivals: Optional["torch.Tensor"] = None, *, state_dtype: int = -1,
-         master: bool = False, stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None,
-         seed: int = 0, quantized: bool = False) -> None:
-    """One ``<rule>_step`` launch on torch's current stream of ``device``.
+         device: "torch.device", arrivals: Optional["torch.Tensor"] = None, **precision) -> None:
+    """One ``<rule>_step`` launch on torch's current stream of ``device``, from tables anywhere.
 
     ``table`` and ``hyper`` may live on the host: they are copied to the device
     first, into temporaries freed after the call, which the caching allocator
-    reuses only for work queued after this launch on the same stream.
-    ``arrivals`` (one zero int32 on the device, left at zero by the kernel) may be
-    kept by the caller across steps. ``state_dtype`` (a DTYPES code, -1: the
-    parameters'), ``master``, ``stochastic_rounding``, ``seed`` and ``quantized``
-    (8-bit blockwise states: codes at ``SEG_S*``, fp32 block absmax at ``SEG_A*``)
+    reuses only for work queued after this launch on the same stream (a host
+    ``table`` from pageable memory: the copy waits for the stream). The
+    optimizers keep their tables on the device and call :func:`launch`.
+    Arguments as :func:`launch`.
+    """
+    table_dev = table.to(device, non_blocking=True)
+    hyper_dev = hyper.to(device, non_blocking=True).contiguous()
+    if arrivals is None:
+        arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+    launch(rule, table_dev, table.shape[0], hyper_dev, dtype_code, switches, device, arrivals, **precision)
+
+
+def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", dtype_code: int, switches: tuple,
+           device: "torch.device", arrivals: "torch.Tensor", *, state_dtype: int = -1, master: bool = False,
+           stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None, seed: int = 0,
+           quantized: bool = False) -> None:
+    """One ``<rule>_step`` launch over tables already on ``device``, on torch's current stream there.
+
+    ``table``: int64, at least ``nseg`` rows of SEG_COLS; ``hyper``: contiguous float64 rows;
+    ``arrivals``: one zero int32 on the device, left at zero by the kernel, kept by the caller
+    across steps. Nothing is copied, so a CUDA graph may capture the launch. ``state_dtype``
+    (a DTYPES code, -1: the parameters'), ``master``, ``stochastic_rounding``, ``seed`` and
+    ``quantized`` (8-bit blockwise states: codes at ``SEG_S*``, fp32 block absmax at ``SEG_A*``)
     are passed on as they are; ``ctl``, the float32 control block (1/grad_scale, found_inf,
-    clip coefficient), must already be on ``device``: the kernel reads it there,
-    so a skipped or scaled step needs no host read.
+    clip coefficient), must already be on ``device``: the kernel reads it there, so a skipped
+    or scaled step needs no host read.
     """
     ext = cuda()
     with torch.cuda.device(device):
         here = torch.device("cuda", torch.cuda.current_device())  # "cuda" names the current device
+        for name, t, dtype in (("table", table, torch.int64), ("hyper", hyper, torch.float64),
+                               ("arrivals", arrivals, torch.int32)):
+            if t.device != here or t.dtype != dtype or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous {dtype} tensor on {here}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if table.numel() < nseg * ext.SEG_COLS:
+            raise ValueError(f"table holds {table.numel()} words, fewer than {nseg} rows of {ext.SEG_COLS}")
         if ctl is not None and (ctl.device != here or ctl.dtype != torch.float32 or ctl.numel() < ext.CTL_SIZE
                                 or not ctl.is_contiguous()):
             raise ValueError(f"ctl must be a contiguous float32 tensor of {ext.CTL_SIZE} elements on {here}, "
                              f"got {ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
-        table_dev = table.to(device, non_blocking=True)
-        hyper_dev = hyper.to(device, non_blocking=True).contiguous()
-        if arrivals is None:
-            arrivals = torch.zeros(1, dtype=torch.int32, device=device)
-        getattr(ext, f"{rule}_step")(table_dev.data_ptr(), table.shape[0], hyper_dev.data_ptr(), dtype_code,
-                                     *switches, arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
+        getattr(ext, f"{rule}_step")(table.data_ptr(), nseg, hyper.data_ptr(), dtype_code, *switches,
+                                     arrivals.data_ptr(), torch.cuda.current_stream(device).cuda_stream,
                                      state_dtype=state_dtype, master=master, stochastic_rounding=stochastic_rounding,
                                      ctl=0 if ctl is None else ctl.data_ptr(), seed=seed, quantized=quantized)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, MutableMapping, Optional
 
 import torch
 
@@ -86,16 +86,48 @@ def check_backend(value: Any) -> str:
     return value
 
 
+def device_lr(group: Mapping[str, Any]) -> bool:
+    """Whether the group's lr is a tensor the step must not read on the host: any tensor lr under
+    capturable=True, and a tensor on a GPU always (reading it would wait for the device)."""
+    lr = group["lr"]
+    return isinstance(lr, torch.Tensor) and (bool(group.get("capturable", False)) or lr.device.type != "cpu")
+
+
 def _check_device_lr(lr: Any) -> None:
-    """capturable=True: a tensor lr is checked without reading it (a read would sync)."""
+    """A device lr (device_lr) is checked without reading it (a read would sync)."""
     if lr.numel() != 1:
         raise ValueError(f"lr must be a number or a 1-element tensor, got a tensor of shape {tuple(lr.shape)}")
     if not lr.is_floating_point():
         raise TypeError(f"lr must be a floating-point tensor, got {lr.dtype}")
 
 
+def _check_torch_flags(group: Mapping[str, Any]) -> None:
+    """torch.optim's rules for its implementation flags, kept for parity: fusedwd ignores foreach
+    and fused (every step is fused), but a combination torch rejects is rejected here too, with
+    torch's exception type, so code that runs with fusedwd also runs with torch."""
+    if group.get("fused"):
+        if group.get("differentiable", False):
+            raise RuntimeError("`fused` does not support `differentiable` (torch.optim's rule)")
+        if group.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together (torch.optim's rule)")
+
+
+def _check_adam_tensor_flags(group: Mapping[str, Any]) -> None:
+    """torch.optim.Adam's rule (not SGD's or RMSprop's): a Tensor lr or betas needs capturable
+    under foreach=True. fusedwd ignores foreach; the error keeps code portable to torch."""
+    if group.get("foreach") and not group.get("capturable", False):
+        tensors = [("lr", group["lr"])] + [(f"betas[{i}]", b) for i, b in enumerate(group["betas"])]
+        for name, value in tensors:
+            if isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{name} as a Tensor is not supported for capturable=False and foreach=True (torch.optim."
+                    "Adam's rule); fusedwd ignores foreach: leave it None"
+                )
+
+
 def _check_common(group: Mapping[str, Any]) -> None:
-    if group.get("capturable", False) and isinstance(group["lr"], torch.Tensor):
+    _check_torch_flags(group)
+    if device_lr(group):
         _check_device_lr(group["lr"])
     else:
         _check_range("lr", group["lr"], 0.0)
@@ -131,7 +163,13 @@ def check_adamw(group: Mapping[str, Any]) -> None:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     _check_range("betas[0]", betas[0], 0.0, 1.0)
     _check_range("betas[1]", betas[1], 0.0, 1.0)
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+        # torch.optim.Adam's rule (it also rejects ints; fusedwd takes any real number)
+        raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
+    _check_adam_tensor_flags(group)
     _check_bool("amsgrad", group["amsgrad"])
+    if DECOUPLED_KEY in group:
+        _check_decoupled_key(group)
 
 
 def check_sgdw(group: Mapping[str, Any]) -> None:
@@ -201,10 +239,41 @@ def check_max_grad_norm(value: Any) -> Optional[float]:
     return x
 
 
+# torch 2.x's Adam group key: True where its decay is decoupled (torch.optim.AdamW), False for L2.
+DECOUPLED_KEY = "decoupled_weight_decay"
+
+
+def decay_from_torch_key(group: MutableMapping[str, Any]) -> None:
+    """A group without ``decay`` (from a torch checkpoint, or a torch-style param group) takes it
+    from torch Adam's ``decoupled_weight_decay``: True -> "decoupled", False -> "l2"
+    (docs/design.md#decay-modes-in-checkpoints)."""
+    if "decay" not in group and DECOUPLED_KEY in group:
+        value = _check_bool(DECOUPLED_KEY, group[DECOUPLED_KEY])
+        group["decay"] = Decay.DECOUPLED.value if value else Decay.L2.value
+
+
+def torch_decoupled_key(decay: Any) -> bool:
+    """The ``decoupled_weight_decay`` a group of this decay mode writes: True for both decoupled
+    modes, so that torch.optim.Adam loading it decays decoupled too (for "independent", torch's
+    decay then scales with lr, not lr/lr_max: docs/design.md#decay-modes-in-checkpoints)."""
+    return check_decay(decay) != Decay.L2
+
+
+def _check_decoupled_key(group: Mapping[str, Any]) -> None:
+    value = _check_bool(DECOUPLED_KEY, group[DECOUPLED_KEY])
+    if value != torch_decoupled_key(group["decay"]):
+        raise ValueError(
+            f"{DECOUPLED_KEY}={value} contradicts decay={group['decay']!r}: torch's key is True for the "
+            "decoupled modes ('decoupled', 'independent') and False for 'l2'; set both, or delete "
+            f"'{DECOUPLED_KEY}' from the group and fusedwd writes it from decay"
+        )
+
+
 def decay_factors(decay: str, lr: Any, weight_decay: float, lr_max: float) -> tuple[Any, float]:
     """Resolve a decay mode into ``(decay_mult, l2)`` (docs/math.md#weight-decay-modes).
 
-    Every rule then starts with ``g <- grad_sign*g + l2*p; p <- decay_mult*p``.
+    Every rule then starts with ``g <- grad_sign*g + l2*p; p <- decay_mult*p``, the L2 term
+    only where ``l2 != 0`` (docs/math.md#non-finite-values).
     ``lr`` may be a float64 0-dim tensor (the capturable and compiled paths): the
     same operations then run on the device and ``decay_mult`` is a tensor.
     """

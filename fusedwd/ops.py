@@ -19,6 +19,14 @@ tensors' device (the CUDA op then reads lr from device memory).
 Every step count is a float32 tensor of one element (torch's ``state["step"]``),
 on the parameters' device; the op uses ``t = step + 1`` and stores it.
 
+CUDA graphs: each call builds its segment table on the host and copies it to
+the device, which a graph would replay from a host buffer long gone. So the
+ops are tagged ``torch.Tag.cudagraph_unsafe`` (``torch.compile(...,
+mode="reduce-overhead")`` runs them outside its graphs), and a call on CUDA
+tensors while the current stream is capturing raises a RuntimeError. Capture
+``opt.step()`` of an optimizer with ``capturable=True`` instead, whose tables
+stay on the device (docs/design.md#cuda-graphs).
+
 Example:
     >>> hyper = fusedwd.ops.adamw_hyper(lr=1e-3, weight_decay=1e-2)
     >>> torch.ops.fusedwd.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [], steps, hyper, False)
@@ -35,6 +43,9 @@ from ._spec import decay_row
 from .optim._base import DTYPE_CODES
 
 __all__ = ["adamw_step_", "sgdw_step_", "rmspropw_step_", "adamw_hyper", "sgdw_hyper", "rmspropw_hyper"]
+
+# torch.compile's CUDA graphs leave ops with this tag out of their graphs (torch >= 2.5)
+_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 
 
 # ------------------------------------------------------------ hyper rows
@@ -123,9 +134,21 @@ def _contiguous(t: Tensor, write_back: List[Tuple[Tensor, Tensor]], mutated: boo
     return c
 
 
+def _refuse_capture(rule: str, device: torch.device) -> None:
+    """A RuntimeError when a CUDA call would be captured in a graph: its host-built table cannot be replayed."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fusedwd::{rule}_step_ builds its segment table on the host at every call, so it cannot be captured "
+            "in a CUDA graph (a replay would read a freed host buffer). Capture opt.step() of a fusedwd optimizer "
+            "with capturable=True instead: its tables stay on the device (docs/design.md#cuda-graphs)"
+        )
+
+
 def _run(rule: str, params: List[Tensor], grads: List[Tensor], states: Sequence[Tuple[str, List[Tensor], bool]],
          steps: List[Tensor], hyper: Tensor, switches: Tuple[bool, ...]) -> None:
     _check(rule, params, grads, states, steps, hyper)
+    for device in {p.device for p in params}:
+        _refuse_capture(rule, device)  # before anything is written
     # one kernel call per (device, storage dtype)
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for i, p in enumerate(params):
@@ -179,7 +202,7 @@ def _rmspropw_states(square_avgs, grad_avgs, momentum_buffers, centered, has_mom
 
 @torch.library.custom_op(
     "fusedwd::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"),
-    device_types="cpu",
+    device_types="cpu", tags=_TAGS,
 )
 def adamw_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                 max_exp_avg_sqs: List[Tensor], steps: List[Tensor], hyper: Tensor, amsgrad: bool) -> None:
@@ -200,7 +223,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, amsgr
 
 
 @torch.library.custom_op(
-    "fusedwd::sgdw_step_", mutates_args=("params", "momentum_buffers", "steps"), device_types="cpu"
+    "fusedwd::sgdw_step_", mutates_args=("params", "momentum_buffers", "steps"), device_types="cpu", tags=_TAGS
 )
 def sgdw_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], steps: List[Tensor],
                hyper: Tensor, has_momentum: bool, nesterov: bool) -> None:
@@ -224,7 +247,7 @@ def _(params, grads, momentum_buffers, steps, hyper, has_momentum, nesterov):
 @torch.library.custom_op(
     "fusedwd::rmspropw_step_",
     mutates_args=("params", "square_avgs", "grad_avgs", "momentum_buffers", "steps"),
-    device_types="cpu",
+    device_types="cpu", tags=_TAGS,
 )
 def rmspropw_step_(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor], grad_avgs: List[Tensor],
                    momentum_buffers: List[Tensor], steps: List[Tensor], hyper: Tensor, centered: bool,

@@ -29,10 +29,26 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _prologue(p: Tensor, g: Tensor, *, grad_sign: float, l2: float, decay_mult: float) -> tuple[Tensor, Tensor]:
-    # docs/math.md#weight-decay-modes: g <- grad_sign*g + l2*p (old p); p <- decay_mult*p
-    g = g * grad_sign + l2 * p
+    # docs/math.md#weight-decay-modes: g <- grad_sign*g + l2*p (old p); p <- decay_mult*p.
+    # The L2 term only where there is L2 decay, as torch: 0*Inf would be NaN.
+    g = g * grad_sign
+    if l2 != 0:
+        g = g + l2 * p
     p = p * decay_mult
     return p, g
+
+
+def _lerp(a: Tensor, b: Tensor, weight: float) -> Tensor:
+    """torch's lerp(a, b, weight) formula (aten/src/ATen/native/Lerp.h) without its FMA.
+
+    a + w*(b - a) for |w| < 0.5, else b + (w - 1)*(b - a) (torch's b - (b - a)*(1 - w), the
+    same bits), w rounded to a's dtype: NaN where a and b are the same infinity
+    (docs/math.md#non-finite-values).
+    """
+    w = torch.tensor(weight, dtype=a.dtype)
+    small = bool(w.abs() < 0.5)
+    coeff = w if small else w - 1
+    return (a if small else b) + coeff * (b - a)
 
 
 def _store(dst: Tensor, value: Tensor) -> None:
@@ -61,14 +77,15 @@ def sr_key(seed: int, salt: int, t: float) -> int:
     return _mix32((k + ((int(t) * 0x9E3779B9) & _U32)) & _U32)
 
 
-def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
+def stochastic_round_bf16(x: Tensor, key: int, first: int = 0) -> Tensor:
     """Round fp32 ``x`` to bf16, up with probability (x - down)/(up - down).
 
-    Element ``i`` (flat index) adds the low 16 bits of ``mix32(key ^ i*0x27d4eb2f)``
+    Element ``i`` (flat index, counted from ``first``: x may be a slice of its tensor from element
+    ``first`` on) adds the low 16 bits of ``mix32(key ^ uint32(i ^ (i >> 32))*0x27d4eb2f)``
     below bf16's last kept bit and truncates; NaN (quieted) and Inf are kept.
     """
     u = x.detach().contiguous().view(torch.int32).to(torch.int64).reshape(-1) & _U32
-    i = torch.arange(u.numel(), dtype=torch.int64, device=x.device)
+    i = first + torch.arange(u.numel(), dtype=torch.int64, device=x.device)
     bits = _mix32(key ^ (((i ^ (i >> 32)) & _U32) * 0x27D4EB2F & _U32))
     magnitude = u & 0x7FFFFFFF
     rounded = (u + (bits & 0xFFFF)) >> 16
@@ -145,8 +162,8 @@ def adamw(
         mt = math_dtype(param.dtype)
         p, g = _prologue(precision.load(params, i, mt), grads[i].to(mt), grad_sign=grad_sign, l2=l2,
                          decay_mult=decay_mult)
-        m = exp_avgs[i].to(mt) * beta1 + g * (1.0 - beta1)
-        v = exp_avg_sqs[i].to(mt) * beta2 + g * g * (1.0 - beta2)
+        m = _lerp(exp_avgs[i].to(mt), g, 1.0 - beta1)
+        v = exp_avg_sqs[i].to(mt) * beta2 + (1.0 - beta2) * g * g
         v_hat = v
         if amsgrad:
             v_hat = torch.maximum(max_exp_avg_sqs[i].to(mt), v)
@@ -227,9 +244,9 @@ def rmspropw(
         mt = math_dtype(param.dtype)
         p, g = _prologue(precision.load(params, i, mt), grads[i].to(mt), grad_sign=grad_sign, l2=l2,
                          decay_mult=decay_mult)
-        sq = square_avgs[i].to(mt) * alpha + g * g * (1.0 - alpha)
+        sq = square_avgs[i].to(mt) * alpha + (1.0 - alpha) * g * g
         if centered:
-            ga = grad_avgs[i].to(mt) * alpha + g * (1.0 - alpha)
+            ga = _lerp(grad_avgs[i].to(mt), g, 1.0 - alpha)
             avg = (sq - ga * ga).sqrt() + eps
             _store(grad_avgs[i], ga)
         else:

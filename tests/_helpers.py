@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -135,3 +136,41 @@ def assert_isa_variants_bitwise_equal(results: dict) -> None:
         assert len(results[isa]) == len(results[isas[0]])
         for k, (a, b) in enumerate(zip(results[isas[0]], results[isa])):
             assert bitwise_equal(a, b), f"tensor {k}: {isa} differs from {isas[0]}"
+
+
+@contextlib.contextmanager
+def interpreted_triton():
+    """fusedwd.triton defined for Triton's interpreter (CPU tensors) while the block runs.
+
+    Triton reads TRITON_INTERPRET when the kernels are defined, i.e. when fusedwd.triton is
+    first imported (tests/test_triton.py does the same). Yields why backend='triton' cannot
+    step CPU tensors here, or None; where a GPU is there, the kernels are defined for it again
+    afterwards, so no later test inherits the interpreter.
+    """
+    import importlib
+    import importlib.util
+
+    import pytest
+    from fusedwd import _ext
+
+    if importlib.util.find_spec("triton") is None:
+        yield "Triton is not installed"
+        return
+
+    def define(module):
+        importlib.reload(module._kernels)
+        importlib.reload(module._launch)
+        importlib.reload(module)
+
+    # set while the block runs too: Triton also reads it at launch (tests/test_triton.py keeps it so)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        module = _ext._load_triton()
+        if module is not None and not module.INTERPRETED:
+            define(module)
+        try:
+            yield _ext.triton_unusable(torch.device("cpu"))
+        finally:
+            if module is not None and torch.cuda.is_available():
+                mp.delenv("TRITON_INTERPRET", raising=False)
+                define(module)

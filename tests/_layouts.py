@@ -80,10 +80,12 @@ def control(inv_scale: float = 1.0, found_inf: float = 0.0, clip: float = 1.0, d
     return ctl.to(device)
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    # compare bit patterns: NaN payloads included, -0.0 != 0.0
-    return x.detach().cpu().contiguous().view(
-        {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[x.element_size()])
+def _bits(x: torch.Tensor, canonical_nan: bool = False) -> torch.Tensor:
+    # compare bit patterns: NaN payloads included (unless canonical_nan), -0.0 != 0.0
+    x = x.detach().cpu().contiguous()
+    if canonical_nan and x.is_floating_point():
+        x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x)
+    return x.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[x.element_size()])
 
 
 class LayoutBucket:
@@ -229,7 +231,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def assert_same_bits(a: LayoutBucket, b: LayoutBucket, what: str) -> None:
     for (name, x), (_, y) in zip(a.buffers(), b.buffers()):
-        bx, by = _bits(x), _bits(y)
+        # A GPU's arithmetic returns its canonical NaN where x86 propagates an operand's payload
+        # (or makes its negative default NaN): on a GPU, NaN bits are compared as "a NaN"
+        # (docs/backends.md, "NaN bit patterns"); the host emulation and the interpreter keep x86's.
+        gpu = "cuda" in (x.device.type, y.device.type)
+        bx, by = _bits(x, gpu), _bits(y, gpu)
         if not torch.equal(bx, by):
             differ = (bx != by).nonzero().flatten()
             raise AssertionError(f"{what}: {name} differs in {differ.numel()} of {bx.numel()} elements, first at "

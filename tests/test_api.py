@@ -132,3 +132,40 @@ def test_named_parameters_and_error_names_them():
     model.bias.grad = torch.randn(2).to_sparse()
     with pytest.raises(RuntimeError, match="'bias'"):
         opt.step()
+
+
+def test_duplicated_parameter_has_one_state_and_is_stepped_once():
+    """docs/design.md#duplicated-parameters: torch warns and steps such a parameter twice (its
+    implementations then disagree); fusedwd warns as torch does and steps it once."""
+    import warnings
+
+    for backend in BACKENDS:
+        p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+        q.data.copy_(p.data)
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            dup = fusedwd.AdamW([p, p], lr=1e-2, backend=backend)
+        once = fusedwd.AdamW([q], lr=1e-2, backend=backend)
+        for t in range(3):
+            g = torch.randn(5)
+            p.grad, q.grad = g.clone(), g.clone()
+            dup.step()
+            once.step()
+        assert torch.equal(p, q), backend
+        assert float(dup.state[p]["step"]) == 3.0
+        assert all(torch.equal(dup.state[p][k], once.state[q][k]) for k in ("exp_avg", "exp_avg_sq"))
+        ids = dup.state_dict()["param_groups"][0]["params"]
+        assert len(ids) == 2 and ids[0] == ids[1], ids  # torch's state_dict: one index, listed twice
+
+    # what torch 2.13 does, so the day it changes this test says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = {}
+        for impl in (dict(foreach=False), dict(foreach=True), dict(fused=True)):
+            p = torch.nn.Parameter(torch.ones(3))
+            opt = torch.optim.Adam([p, p], lr=0.1, **impl)
+            for _ in range(3):
+                p.grad = torch.full((3,), 0.5)
+                opt.step()
+            assert float(opt.state[p]["step"]) == 6.0, "torch steps a duplicated parameter twice"
+            results[str(impl)] = p[0].item()
+        assert len(set(results.values())) == 3, f"torch's implementations agree now: {results}"

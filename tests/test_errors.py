@@ -71,6 +71,39 @@ def test_sgdw_rmspropw_bad_hyperparameters(cls, kwargs, match):
         cls(make_params([(3,)]), **kwargs)
 
 
+@pytest.mark.parametrize("betas", [(0.9, torch.tensor(0.99)), (torch.tensor(0.9), 0.99)])
+def test_mixed_float_and_tensor_betas(betas):
+    # issue 13: torch raises ValueError; both floats or both tensors run
+    with pytest.raises(ValueError, match="betas must be either both floats or both Tensors"):
+        fusedwd.AdamW(make_params([(3,)]), betas=betas)
+    fusedwd.AdamW(make_params([(3,)]), betas=(torch.tensor(0.9), torch.tensor(0.99)))
+    fusedwd.AdamW(make_params([(3,)]), betas=(0, 0.99))  # torch also rejects ints; fusedwd takes numbers
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, error, match",
+    [
+        # torch.optim's rules for its implementation flags, kept for parity (tests/test_torch_registry.py)
+        (fusedwd.AdamW, dict(lr=torch.tensor(1e-3), foreach=True), ValueError, "lr as a Tensor"),
+        (fusedwd.AdamW, dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), ValueError,
+         r"betas\[0\] as a Tensor"),
+        (fusedwd.AdamW, dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
+        (fusedwd.SGDW, dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
+        (fusedwd.AdamW, dict(fused=True, differentiable=True), RuntimeError, "does not support `differentiable`"),
+    ],
+)
+def test_torchs_flag_rules(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(make_params([(3,)]), **kwargs)
+
+
+def test_torchs_flag_rules_allow_what_torch_allows():
+    fusedwd.AdamW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=True, capturable=True)
+    fusedwd.AdamW(make_params([(3,)]), lr=torch.tensor(1e-3), fused=True)
+    fusedwd.SGDW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=True)  # Adam's rule only
+    fusedwd.RMSpropW(make_params([(3,)]), lr=torch.tensor(1e-3), foreach=True)
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_unsupported_flags(cls):
     with pytest.raises(ValueError, match="differentiable"):

@@ -269,6 +269,17 @@ PYBIND11_MODULE(_C_cuda, m) {
       "status", [] { return query_devices().second; },
       "Empty when the CUDA runtime finds a device, else the CUDA error saying why not.");
   m.def(
+      "probe",
+      [](int device) {
+        const cudaError_t err = cuda::probe(device);
+        if (err == cudaSuccess) return std::string();
+        (void)cudaGetLastError();  // not sticky: clear it so no later call reports it
+        return cuda_message("cudaFuncGetAttributes on cuda:" + std::to_string(device), err);
+      },
+      py::arg("device"),
+      "Empty when the kernels can run on CUDA device `device` (the module holds machine code\n"
+      "or PTX for it), else the CUDA error that says why not (never raises).");
+  m.def(
       "error_message",
       [](int code, const std::string& what) {
         return cuda_message(what, static_cast<cudaError_t>(code));

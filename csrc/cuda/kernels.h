@@ -33,5 +33,11 @@ cudaError_t adamw(const LaunchArgs& a, bool amsgrad);
 cudaError_t sgdw(const LaunchArgs& a, bool has_momentum, bool nesterov);
 cudaError_t rmspropw(const LaunchArgs& a, bool centered, bool has_momentum);
 
+// Whether `device` can run the kernels: cudaFuncGetAttributes on one of them, which fails
+// (cudaErrorNoKernelImageForDevice, cudaErrorInvalidDeviceFunction) when the module holds
+// neither machine code for the device's architecture nor PTX it can compile. Every kernel
+// is built for the same architectures, so one answers for all. Restores the current device.
+cudaError_t probe(int device);
+
 }  // namespace cuda
 }  // namespace fusedwd

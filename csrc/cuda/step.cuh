@@ -168,11 +168,14 @@ struct Vector {
   }
 };
 
-// The segment a block is working on: its addresses and scalars, loaded once
-// per visit (a block's consecutive chunks are often in the same segment). It
-// lives in shared memory: every thread of a block works on the same segment,
-// so one thread derives the scalars (two double pow's) and the registers stay
-// free for the data in flight.
+// A segment as the block's threads use it: its addresses and scalars, in
+// shared memory. The kernel opens the segments of a table tile that the block
+// will visit in parallel, each by the thread of its tile position (row, step
+// count, hyper row, two double pow's), into one slot per position; when the
+// block moves to a segment, its first threads copy the slot into the block's
+// current segment, one 8-byte word each, between two barriers. The data path
+// then reads the current segment at a fixed shared address, so it holds no
+// more registers than it would with one segment.
 template <class L, class Rule>
 struct Segment {
   using TP = storage_t<L::P>;
@@ -453,7 +456,14 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
   // Two buffers, so that a copy never lands where a read may still be pending; a
   // thread issues a copy exactly when it has a segment in that tile (tid < count).
   __shared__ int64_t sizes[2][kCudaThreads];
-  __shared__ std::conditional_t<Q8, Q8Segment<L, Rule>, Segment<L, Rule>> seg;
+  // The tile's segments this block visits, opened in parallel (one thread each) after the scan,
+  // and the one the block is working on, copied from its slot.
+  using Seg = std::conditional_t<Q8, Q8Segment<L, Rule>, Segment<L, Rule>>;
+  static_assert(sizeof(Seg) % sizeof(int64_t) == 0 && sizeof(Seg) / sizeof(int64_t) <= kCudaThreads,
+                "a segment is copied one 8-byte word per thread");
+  constexpr int kSegWords = static_cast<int>(sizeof(Seg) / sizeof(int64_t));
+  __shared__ Seg slots[kCudaThreads];
+  __shared__ Seg seg;
   // 8-bit states: per state and quant block the warps' partial maxima; two buffers, so a
   // chunk's writes never land where the previous chunk's reads may still be pending
   __shared__ float red[Q8 ? 2 : 1][Q8 ? 3 * kQ8Blocks : 1][kWarps];
@@ -468,9 +478,11 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
   if (tid == 0) seg.index = -1;  // published by the first barrier of the scan
   if (tid < nseg) __pipeline_memcpy_async(&sizes[0][tid], &table[tid * SEG_COLS + SEG_N], sizeof(int64_t));
   __pipeline_commit();
-  int64_t running = 0;  // chunks of all earlier tiles
   for (int64_t base = 0; base < nseg; base += kCudaThreads) {
     const int64_t count = nseg - base < kCudaThreads ? nseg - base : kCudaThreads;
+    // chunks of all earlier tiles: where the previous tile's prefix sums ended (read before the
+    // scan's barriers, rewritten after them), so no register holds it across the chunk loop
+    const int64_t running = base == 0 ? 0 : starts[kCudaThreads];
     const int buffer = static_cast<int>((base / kCudaThreads) % 2);
     __pipeline_wait_prior(0);
     const int64_t n = tid < count ? sizes[buffer][tid] : 0;
@@ -484,12 +496,21 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
     starts[tid] = running + prefix;
     if (tid == 0) starts[kCudaThreads] = running + total;  // == starts[count]
     __syncthreads();
+    // Each thread opens the segment of its tile position if the block owns one of its chunks
+    // [starts[tid], starts[tid + 1]): row, step count, hyper row and the scalars (two double
+    // pow's) of every segment the block will visit, in parallel, behind one barrier.
+    if (tid < count && first_owned_chunk(starts[tid], block, grid) < starts[tid + 1]) {
+      slots[tid].open(table, hyper, base + tid, ctl, seed);
+    }
+    __syncthreads();
     for_each_owned_chunk(starts, count, block, grid, [&](int64_t i, int64_t j) {
       // (i, j) is the same for every thread of the block, so the barriers below
       // are reached by all of them
       if (seg.index != base + i) {
         __syncthreads();  // every thread is done with the previous segment
-        if (tid == 0) seg.open(table, hyper, base + i, ctl, seed);
+        if (tid < kSegWords) {
+          reinterpret_cast<int64_t*>(&seg)[tid] = reinterpret_cast<const int64_t*>(&slots[i])[tid];
+        }
         __syncthreads();
       }
       const ChunkRange r = chunk_range(seg.n, kChunk, j);
@@ -512,8 +533,7 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
         }
       }
     });
-    running += total;
-    __syncthreads();  // starts and warp_sums are rewritten by the next tile
+    __syncthreads();  // starts, warp_sums and slots are rewritten by the next tile
   }
 
   // Every thread of this block has read its step counts (the barrier above).

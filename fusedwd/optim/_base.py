@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from .. import _cuda_ext, _ext
 from .._buckets import SEG_G, SEG_INDEX, SEG_P, Bucket
-from . import _dtensor, _flat
+from . import _dtensor, _flat, _graphs
 from .._buckets import CTL_CLIP, CTL_FOUND_INF, CTL_INV_SCALE, CTL_SIZE
 from .._spec import (SUPPORTED_DTYPES, Backend, check_backend, check_decay, check_max_grad_norm, group_lr_max,
                      hyper_tensor, storage_layout)
@@ -46,6 +46,13 @@ def _built_by_zero() -> bool:
     return False
 
 
+def _unique(params: list[Tensor]) -> list[Tensor]:
+    """A group's parameters, each once: a parameter listed twice in a group (torch warns) has one
+    state and is stepped once per step (docs/design.md#duplicated-parameters)."""
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
+
+
 # The states whose 8-bit code is unsigned (second moments); every other state is signed.
 UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
@@ -67,6 +74,8 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], max_grad_norm: Optional[float] = None) -> None:
         self._plan: Optional[list[Bucket]] = None
         self._plan_key: Optional[tuple] = None
+        # per device: the hyperparameter table the kernels read (fusedwd/optim/_graphs.py)
+        self._hyper_tables: dict[torch.device, _graphs.HyperTable] = {}
         check_decay(defaults["decay"])
         check_backend(defaults["backend"])
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
@@ -151,7 +160,9 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.max_grad_norm = state.get("max_grad_norm")
+        # unpickling brings max_grad_norm; torch's load_state_dict calls this too, with only state and
+        # param_groups: the option it was built with stays (it was dropped, and clipping with it)
+        self.max_grad_norm = state.get("max_grad_norm", getattr(self, "max_grad_norm", None))
         self.last_grad_norm = None
         for group in self.param_groups:
             # fusedwd never differentiates through a step; a torch checkpoint saved
@@ -162,6 +173,7 @@ class FusedOptimizer(Optimizer):
         # the plan holds raw pointers into buffers of the original object: rebuild it
         self._plan = None
         self._plan_key = None
+        self._hyper_tables = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, keeping each saved state's dtype.
@@ -201,6 +213,9 @@ class FusedOptimizer(Optimizer):
                     f"backend='cuda' runs on CUDA tensors, but a parameter is on {p.device}; "
                     "use backend='auto', 'cpu' or 'reference'"
                 )
+            reason = _cuda_ext.unusable(p.device)
+            if reason is not None:
+                raise RuntimeError(f"backend='cuda': {reason}; or use backend='auto' (Triton where it runs)")
             return Backend.CUDA.value
         if p.device.type == "cpu":
             if requested == Backend.CPU or _ext.has_cpu():
@@ -213,20 +228,31 @@ class FusedOptimizer(Optimizer):
                 f"backend='cpu' runs on CPU tensors, but a parameter is on {p.device}; "
                 "use backend='auto' or 'reference'"
             )
-        if p.device.type == "cuda" and _cuda_ext.has_cuda():
-            return Backend.CUDA.value
-        if p.device.type == "cuda" and _ext.has_triton() and _ext.triton_unusable(p.device) is None:
-            return Backend.TRITON.value
+        if p.device.type == "cuda":
+            # the CUDA kernels where they hold code for the device (probed once per device), else Triton
+            cuda_reason = _cuda_ext.unusable(p.device)
+            if cuda_reason is None:
+                return Backend.CUDA.value
+            triton_reason = _ext.triton_unusable(p.device) if _ext.has_triton() else "Triton failed to import"
+            if triton_reason is None:
+                return Backend.TRITON.value
+            _cuda_ext.warn_reference_once(p.device, f"{cuda_reason}; {triton_reason}")
         # no compiled kernel for this device: the reference runs anywhere torch does
         return Backend.REFERENCE.value
 
+    def _plan_key_now(self) -> tuple:
+        return tuple((id(g["params"]), len(g["params"]), self._structure(g), g["backend"], g.get("flat_grads"),
+                      g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"))
+                     for g in self.param_groups)
+
+    def _plan_is_current(self) -> bool:
+        return self._plan is not None and self._plan_key_now() == self._plan_key
+
     def _current_plan(self) -> list[Bucket]:
-        key = tuple((id(g["params"]), len(g["params"]), self._structure(g), g["backend"], g.get("flat_grads"),
-                     g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"))
-                    for g in self.param_groups)
-        if self._plan is None or key != self._plan_key:
+        if not self._plan_is_current():
             self._plan = self._build_plan()
-            self._plan_key = key
+            self._plan_key = self._plan_key_now()
+            self._hyper_tables = {}
         return self._plan
 
     def _build_plan(self) -> list[Bucket]:
@@ -235,7 +261,7 @@ class FusedOptimizer(Optimizer):
         for row, group in enumerate(self.param_groups):
             structure = self._structure(group)
             slots = self._state_slots(structure)
-            for p in group["params"]:
+            for p in _unique(group["params"]):
                 layout = storage_layout(p.dtype, group, p.numel())
                 backend = self._resolve_backend(group["backend"], p)
                 _dtensor.check_flat_grads(type(self).__name__, group, p)
@@ -269,6 +295,7 @@ class FusedOptimizer(Optimizer):
                 _flat.attach(bucket)
             if bucket.backend != Backend.REFERENCE:
                 bucket.build_tables()
+            _graphs.attach(bucket)  # GPU backends: the launch's tables, kept on the device
         return list(buckets.values())
 
     def _adopt_state(self, bucket: Bucket) -> None:
@@ -428,21 +455,27 @@ class FusedOptimizer(Optimizer):
             return loss
         for group in self.param_groups:
             self._check_group(group)  # schedulers and users edit groups between steps
+        # inside torch.cuda.graph(...): only launches over tables already on the device (docs/design.md#cuda-graphs)
+        capturing = _graphs.capturing(self)
+        if capturing:
+            _graphs.check_capture_start(self, self._plan_is_current())
         plan = self._current_plan()
+        if capturing:
+            _graphs.check_capture_plan(self, plan)
         # Validate and gather every bucket before the first pass writes anything, so a
         # bad parameter anywhere leaves every buffer untouched.
         prepared = [
             self._prepare_reference(b) if b.backend == Backend.REFERENCE else self._prepare_kernel(b) for b in plan
         ]
+        # the tables where the kernels read them: uploaded where they changed, or a RuntimeError under capture
+        hypers = _graphs.sync(self, plan, [work[0] if b.backend != Backend.REFERENCE else 0
+                                           for b, work in zip(plan, prepared)], capturing)
         ctl = self._control(plan, prepared)
-        hyper: Optional[Tensor] = None
         for bucket, work in zip(plan, prepared):
             if bucket.backend == Backend.REFERENCE:
                 self._run_reference(bucket, work, ctl)
             else:
-                if hyper is None:
-                    hyper = self._hyper_table(bucket.device)
-                self._run_kernel(bucket, hyper, *work, ctl=ctl)
+                self._run_kernel(bucket, hypers[bucket.device], *work, ctl=ctl)
         return loss
 
     # ------------------------------------------------------- AMP and clipping
@@ -486,7 +519,7 @@ class FusedOptimizer(Optimizer):
                 "parameters (FSDP2) clip with torch.nn.utils.clip_grad_norm_, which reduces across ranks"
             )
         sumsq = torch.zeros((), dtype=torch.float64, device=device)
-        by_device: dict[torch.device, list[Tensor]] = {}
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for bucket, work in zip(plan, prepared):
             if bucket.backend == Backend.CPU:
                 n_active = work[0]
@@ -495,9 +528,10 @@ class FusedOptimizer(Optimizer):
                 continue
             for p in bucket.params:
                 if p.grad is not None:
-                    by_device.setdefault(p.grad.device, []).append(p.grad)
-        for grads in by_device.values():
-            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+                    by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (_, dtype), grads in by_kind.items():
+            # fp32 norms of fp32 and 16-bit gradients; fp64 ones in fp64 (_foreach_norm never narrows)
+            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
             sumsq += torch.stack(norms).double().square().sum().to(device)
         return sumsq.sqrt().float()
 
@@ -527,17 +561,6 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             group["sr_seed"] = seed
         return seed
-
-    def _hyper_table(self, device: torch.device) -> Tensor:
-        """Every group's hyperparameter row, as the kernels read them.
-
-        capturable=True builds it on the buckets' device from a tensor lr without a
-        host read (a CUDA graph replays it with the lr of the replay); otherwise it is
-        built on the host from numbers.
-        """
-        if any(g.get("capturable") for g in self.param_groups):
-            return torch.stack([hyper_tensor(self._hyper_row(g, device), device) for g in self.param_groups])
-        return torch.tensor([self._hyper_row(g) for g in self.param_groups], dtype=torch.float64)
 
     def _prepare_kernel(self, bucket: Bucket) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]]]:
         """Fill the bucket's table of this step's segments; returns (rows, staged copies)."""
@@ -583,9 +606,11 @@ class FusedOptimizer(Optimizer):
         if not n_active:
             return
         if bucket.backend == Backend.TRITON:
-            launch = _ext.triton(bucket.device).LAUNCHERS[self._HP_TABLE_NAME]
-            launch(bucket.table_out[:n_active], hyper, bucket.device, bucket.dtype, *bucket.structure,
-                   **self._precision(bucket, ctl, lambda d: d))
+            nseg, blocks = bucket.launch_shape
+            _ext.triton(bucket.device).launch_image(self._HP_TABLE_NAME, bucket.device_table.buffer,
+                                                    len(bucket.params), nseg, blocks, hyper, bucket.device,
+                                                    bucket.dtype, *bucket.structure,
+                                                    **self._precision(bucket, ctl, lambda d: d))
         elif bucket.backend == Backend.CUDA:
             self._run_cuda(bucket, hyper, n_active, self._precision(bucket, ctl, DTYPE_CODES.__getitem__))
         else:
@@ -609,11 +634,10 @@ class FusedOptimizer(Optimizer):
         return max(1, min(torch.get_num_threads(), -(-bucket.length // GRAIN_SIZE)))
 
     def _run_cuda(self, bucket: Bucket, hyper: Tensor, n_active: int, precision: dict) -> None:
-        """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device."""
-        if bucket.arrivals is None:
-            bucket.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
-        _cuda_ext.step(self._kernel_name(), bucket.table_out[:n_active], hyper, DTYPE_CODES[bucket.dtype],
-                       bucket.structure, bucket.device, bucket.arrivals, **precision)
+        """One launch of fusedwd._C_cuda on torch's current stream of the bucket's device, over its
+        device-resident segment table."""
+        _cuda_ext.launch(self._kernel_name(), bucket.device_table.buffer, n_active, hyper, DTYPE_CODES[bucket.dtype],
+                         bucket.structure, bucket.device, bucket.arrivals, **precision)
 
     def _prepare_reference(self, bucket: Bucket) -> dict[int, list[int]]:
         """This step's parameters of the bucket, by param group row."""
@@ -715,7 +739,7 @@ class FusedOptimizer(Optimizer):
         plan = self._current_plan()
         where = {id(p): (b, i) for b in plan for i, p in enumerate(b.params)}
         columns = (s0, s1, s2)
-        for p in group["params"]:
+        for p in _unique(group["params"]):
             if p.grad is None:
                 continue
             bucket, i = where[id(p)]

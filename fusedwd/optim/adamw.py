@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._spec import check_adamw, decay_row, group_lr_max
+from .._spec import DECOUPLED_KEY, check_adamw, decay_from_torch_key, decay_row, group_lr_max, torch_decoupled_key
 from ._base import FusedOptimizer
 
 
@@ -27,7 +27,8 @@ class AdamW(FusedOptimizer):
 
     with :math:`(\delta, \ell_2)` = ``(1 - lr*wd, 0)`` for ``decay="decoupled"``,
     ``(1 - (lr/lr_max)*wd, 0)`` for ``"independent"`` and ``(1, wd)`` for ``"l2"``
-    (docs/math.md#adamw).
+    (docs/math.md#adamw). The L2 term is added only where it is nonzero, and
+    Inf and NaN spread exactly as in torch.optim (docs/math.md#non-finite-values).
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
@@ -43,7 +44,10 @@ class AdamW(FusedOptimizer):
         differentiable: must be False (a fused in-place step is not differentiable).
         decay: ``"decoupled"`` (torch.optim.AdamW), ``"independent"`` (the paper's
             fully decoupled decay, scaled by ``lr/lr_max`` only) or ``"l2"``
-            (torch.optim.Adam's coupled L2).
+            (torch.optim.Adam's coupled L2). Each group also carries torch.optim.Adam's
+            ``decoupled_weight_decay`` (True for the decoupled modes); a group without
+            ``decay`` (a torch checkpoint) takes its mode from that key
+            (docs/design.md#decay-modes-in-checkpoints).
         backend: ``"auto"`` (the compiled kernel for the parameters' device, else the
             reference), ``"cpu"`` or ``"reference"``.
         flat_grads: re-home every ``p.grad`` into one flat buffer per bucket (views that
@@ -118,7 +122,19 @@ class AdamW(FusedOptimizer):
         )
         super().__init__(params, defaults, max_grad_norm=max_grad_norm)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            decay_from_torch_key(param_group)  # a torch-style group: before the defaults fill `decay`
+        super().add_param_group(param_group)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        decay_from_torch_key(group)  # a group of a torch checkpoint has no `decay`
+        super()._complete_group(group)
+
     def _check_group(self, group: dict[str, Any]) -> None:
+        # torch.optim.Adam's key, written for a torch optimizer that loads this group
+        # (docs/design.md#decay-modes-in-checkpoints)
+        group.setdefault(DECOUPLED_KEY, torch_decoupled_key(group["decay"]))
         check_adamw(group)
 
     def _structure(self, group: dict[str, Any]) -> tuple:

@@ -27,7 +27,8 @@ class RMSpropW(FusedOptimizer):
         p &\leftarrow p - \mathrm{lr}\, b,\ b \leftarrow \mu b + g/a \ \text{(momentum) or }
         p \leftarrow p - \mathrm{lr}\, g/a
 
-    (docs/math.md#rmspropw).
+    (docs/math.md#rmspropw). The L2 term is added only where it is nonzero, and
+    Inf and NaN spread exactly as in torch.optim (docs/math.md#non-finite-values).
 
     Args:
         params: parameters or param groups.

@@ -24,7 +24,8 @@ class SGDW(FusedOptimizer):
         b &\leftarrow \mu b + (1-\tau) g \quad (b \leftarrow g \text{ on the first step}) \\
         p &\leftarrow p - \mathrm{lr}\,(g + \mu b \text{ if nesterov else } b)
 
-    (docs/math.md#sgdw). Without momentum, ``"decoupled"`` equals ``"l2"`` with the
+    (docs/math.md#sgdw). The L2 term is added only where it is nonzero, and
+    Inf and NaN spread exactly as in torch.optim (docs/math.md#non-finite-values). Without momentum, ``"decoupled"`` equals ``"l2"`` with the
     same ``weight_decay`` (the paper's Proposition 1); with momentum they differ.
 
     Args:

@@ -15,10 +15,11 @@ from typing import Callable
 from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 
 from ._kernels import _adamw_kernel
-from ._launch import BLOCK_SIZE, NUM_WARPS, adamw_step_triton, rmspropw_step_triton, sgdw_step_triton
+from ._launch import (BLOCK_SIZE, NUM_WARPS, adamw_step_triton, buffer_words, fill_image, image_words, launch_image,
+                      rmspropw_step_triton, sgdw_step_triton)
 
 __all__ = ["adamw_step_triton", "sgdw_step_triton", "rmspropw_step_triton", "LAUNCHERS", "INTERPRETED",
-           "BLOCK_SIZE", "NUM_WARPS"]
+           "BLOCK_SIZE", "NUM_WARPS", "image_words", "buffer_words", "fill_image", "launch_image"]
 
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)
 INTERPRETED: bool = isinstance(_adamw_kernel, _InterpretedFunction)

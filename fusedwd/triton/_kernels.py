@@ -79,10 +79,27 @@ _TABLE_ARGS = ["seg_ptr", "block_start_ptr", "arrivals_ptr", "hp_ptr", "nseg", "
 
 
 # ------------------------------------------------------------------ segments
+@triton.constexpr_function
+def _vector_width(P, S, MASTER, Q8):
+    """Contiguous elements per thread of every buffer of a kernel: 16 bytes of its widest element.
+
+    Left to itself, Triton gives each load and store as many elements per
+    thread as fill 16 bytes of that buffer (8 for 16-bit, 4 for fp32) and
+    moves values between the two layouts through shared memory, a conversion
+    per mixed-width buffer and per block, with the registers it takes (issue 14
+    defect 6). One width, set on the offsets, gives every buffer the same
+    layout: fp32 in 128-bit accesses, a 16-bit buffer beside it in 64-bit ones
+    (a warp still reads 256 contiguous bytes per access), 8-bit codes in 32-bit
+    ones. The 8-bit codes' fp32 absmax is read once per quant block, not here.
+    """
+    widest = max(P.primitive_bitwidth, 8 if Q8 else S.primitive_bitwidth, 32 if MASTER else 8)
+    return 128 // widest
+
+
 @triton.jit
-def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr):
-    """This program's segment row, element offsets and mask, quant blocks and their mask (Q8; else unused),
-    vector-path flag, segment index and block count.
+def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr, VEC: tl.constexpr):
+    """This program's segment row, first element (int64), in-block offsets (int32) and mask, quant blocks
+    and their mask (Q8; else unused), vector-path flag, segment index and block count.
 
     With 8-bit states (Q8) the offsets are a [BLOCK_SIZE // QUANT_BLOCK, QUANT_BLOCK] tile, one
     row per 256-element quant block: a program starts at a multiple of BLOCK_SIZE from its
@@ -103,26 +120,30 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.con
     first = tl.load(block_start_ptr + seg)
     nblocks = tl.load(block_start_ptr + seg + 1) - first
     row = seg_ptr + seg * SEG_COLS
-    # int64 offsets: a segment may hold more than 2^31 elements
+    # The block's first element, in int64 (a segment may hold more than 2^31
+    # elements), is added once to each buffer's address (_pointer); offsets
+    # within the block are int32, which halves their registers and arithmetic.
     start = (block - first) * BLOCK_SIZE
     n = tl.load(row + SEG_N)
+    rest = tl.minimum(n - start, BLOCK_SIZE).to(tl.int32)  # elements of this block in the segment
     if Q8:
-        qblocks = start // QUANT_BLOCK + tl.arange(0, BLOCK_SIZE // QUANT_BLOCK).to(tl.int64)
-        offs = qblocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK).to(tl.int64)[None, :]
-        qmask = qblocks * QUANT_BLOCK < n
+        qblocks = tl.arange(0, BLOCK_SIZE // QUANT_BLOCK)
+        offs = qblocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+        offs = tl.max_contiguous(offs, [1, VEC])  # one width for every buffer (_vector_width)
+        qmask = qblocks * QUANT_BLOCK < rest
     else:
-        offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+        offs = tl.max_contiguous(tl.arange(0, BLOCK_SIZE), VEC)  # (_vector_width)
         # unused without Q8 (a jit function cannot return None)
-        qblocks = start
-        qmask = start < n
-    mask = offs < n
+        qblocks = rest
+        qmask = rest > 0
+    mask = offs < rest
     # A full block whose buffers all start 16-byte aligned needs no mask and may use
     # 128-bit accesses; Triton cannot know either from addresses read out of a table.
     # Unused state and master columns hold 0, which is aligned.
     addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
                  | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
     vector = (start + BLOCK_SIZE <= n) & ((addresses & 15) == 0)
-    return row, offs, mask, qblocks, qmask, vector, seg, nblocks
+    return row, start, offs, mask, qblocks, qmask, vector, seg, nblocks
 
 
 @triton.jit
@@ -130,17 +151,21 @@ def _take_step(row, arrival_ptr, nblocks):
     """The 1-based step t this launch takes for the segment (float64); advances the stored count once.
 
     Every block of the segment reads the float32 count t0 before it arrives
-    (an acq_rel atomic on the segment's arrival counter, zeroed by the launcher
-    for each launch); the last block to arrive writes t0 + 1. The barrier
-    orders every thread's read of t0 before the single-thread atomic, and the
-    atomic's release/acquire orders those reads before the last block's write,
-    so no block can read the advanced count.
+    (an acq_rel atomic on the segment's arrival counter, zero at launch); the
+    last block to arrive writes t0 + 1 and resets the counter to zero, so the
+    counters can stay on the device from one launch to the next (a CUDA graph
+    replays them). The barrier orders every thread's read of t0 before the
+    single-thread atomic, and the atomic's release/acquire orders those reads
+    before the last block's write, so no block can read the advanced count.
     """
     step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
     t0 = tl.load(step_ptr)
     tl.debug_barrier()
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
-    tl.store(step_ptr, t0 + 1.0, mask=arrived == nblocks - 1)
+    last = arrived == nblocks - 1
+    tl.store(step_ptr, t0 + 1.0, mask=last)
+    # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
+    tl.store(arrival_ptr, tl.full((), 0, tl.int64), mask=last)
     return t0.to(tl.float64) + 1.0
 
 
@@ -206,11 +231,14 @@ def _sr_key(seed_ptr, row, t):
 
 
 @triton.jit
-def _bf16_stochastic(x, key, offs):
+def _bf16_stochastic(x, key, start, offs):
     """fp32 -> bf16 bits rounded up with probability (x - down)/(up - down): common.h float_to_bf16_sr
-    with the bits sr_bits(key, i) of segment element i. NaN (quieted) and Inf are kept."""
-    i = offs.to(tl.uint64, bitcast=True)
-    bits = _mix32(key ^ ((i ^ (i >> 32)).to(tl.uint32) * 0x27D4EB2F))
+    with the bits sr_bits(key, i) of segment element i = start + offs. NaN (quieted) and Inf are kept."""
+    # sr_bits hashes uint32(i ^ (i >> 32)); start is a multiple of the block size (a power of two) and
+    # 0 <= offs < the block size, so uint32(i) = uint32(start) + offs without carry and i >> 32 = start >> 32
+    base = start.to(tl.uint64, bitcast=True)
+    i = (base.to(tl.uint32) + offs.to(tl.uint32)) ^ (base >> 32).to(tl.uint32)
+    bits = _mix32(key ^ (i * 0x27D4EB2F))
     u = x.to(tl.uint32, bitcast=True)
     magnitude = u & 0x7FFFFFFF
     rounded = (u + (bits & 0xFFFF)) >> 16
@@ -249,9 +277,9 @@ def _store(ptr, offs, x, mask, STORAGE: tl.constexpr):
 
 
 @triton.jit
-def _pointer(row, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
-    """The buffer whose address is in ``column`` of the segment row, as a STORAGE pointer."""
-    ptr = tl.load(row + column).to(tl.pointer_type(STORAGE))
+def _pointer(row, column, start, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Element ``start`` of the buffer whose address is in ``column`` of the segment row, as a STORAGE pointer."""
+    ptr = tl.load(row + column).to(tl.pointer_type(STORAGE)) + start
     if ALIGNED:
         # checked at run time by _locate before this path is taken
         ptr = tl.multiple_of(ptr, 16)
@@ -259,12 +287,12 @@ def _pointer(row, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _param_pointers(row, P: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr):
+def _param_pointers(row, start, P: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr):
     """The parameter's buffer and, with MASTER, its fp32 master copy (else the parameter's buffer again, unused)."""
-    p_ptr = _pointer(row, SEG_P, P, ALIGNED)
+    p_ptr = _pointer(row, SEG_P, start, P, ALIGNED)
     master_ptr = p_ptr
     if MASTER:
-        master_ptr = _pointer(row, SEG_MASTER, tl.float32, ALIGNED)
+        master_ptr = _pointer(row, SEG_MASTER, start, tl.float32, ALIGNED)
     return p_ptr, master_ptr
 
 
@@ -278,7 +306,7 @@ def _load_param(p_ptr, master_ptr, offs, mask, P: tl.constexpr, MATH: tl.constex
 
 
 @triton.jit
-def _store_param(p_ptr, master_ptr, offs, x, mask, key, P: tl.constexpr, MASTER: tl.constexpr,
+def _store_param(p_ptr, master_ptr, offs, x, mask, key, start, P: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr):
     """Store the updated parameter (common.h store_param): the master exactly and p rounded to nearest
     even (MASTER), p rounded stochastically (SR, bf16), or p rounded to nearest even."""
@@ -286,7 +314,7 @@ def _store_param(p_ptr, master_ptr, offs, x, mask, key, P: tl.constexpr, MASTER:
         tl.store(master_ptr + offs, x, mask=mask)
         _store(p_ptr, offs, x, mask, P)
     elif SR:
-        tl.store(p_ptr + offs, _bf16_stochastic(x, key, offs).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(p_ptr + offs, _bf16_stochastic(x, key, start, offs).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         _store(p_ptr, offs, x, mask, P)
 
@@ -412,13 +440,14 @@ def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.
 
 
 @triton.jit
-def _state_pointers(row, column, S: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
-    """A state's buffer (uint8 codes with Q8) and, with Q8, its fp32 block absmax (else the buffer again)."""
+def _state_pointers(row, start, column, S: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
+    """A state's buffer (uint8 codes with Q8) and, with Q8, its fp32 block absmax (else the buffer again),
+    from the block's first element."""
     if Q8:
-        codes_ptr = _pointer(row, column, tl.uint8, ALIGNED)
-        return codes_ptr, _pointer(row, column + (SEG_A0 - SEG_S0), tl.float32, False)
+        codes_ptr = _pointer(row, column, start, tl.uint8, ALIGNED)
+        return codes_ptr, _pointer(row, column + (SEG_A0 - SEG_S0), start // QUANT_BLOCK, tl.float32, False)
     else:
-        ptr = _pointer(row, column, S, ALIGNED)
+        ptr = _pointer(row, column, start, S, ALIGNED)
         return ptr, ptr
 
 
@@ -443,27 +472,56 @@ def _store_state(ptr, absmax_ptr, x, offs, mask, qblocks, qmask, S: tl.constexpr
 
 
 
+# --------------------------------------------------- shared pieces of the rules
+# csrc/include/fusedwd/common.h's: they decide how Inf and NaN spread (docs/math.md#non-finite-values).
+@triton.jit
+def _decayed_grad(g, p, grad_sign, l2, has_l2):
+    """grad_sign*g, plus l2*p only where there is L2 decay (torch's rule: 0*Inf would be NaN)."""
+    g = grad_sign * g
+    return tl.where(has_l2, g + l2 * p, g)
+
+
+@triton.jit
+def _lerp_weight(w, MATH: tl.constexpr):
+    """common.h lerp_weight: torch's lerp weight w (float64) as (coeff, small) in the math type."""
+    wm = w.to(MATH)
+    small = tl.abs(wm) < 0.5
+    return tl.where(small, wm, wm - 1.0), small
+
+
+@triton.jit
+def _lerp(a, b, coeff, small):
+    """torch's lerp(a, b, w): a + w*(b - a) for |w| < 0.5, else b + (w - 1)*(b - a) (common.h lerp_m)."""
+    return tl.where(small, a, b) + coeff * (b - a)
+
+
+@triton.jit
+def _maximum(a, b):
+    """torch.maximum: NaN if either is NaN."""
+    return tl.where((b > a) | (b != b), b, a)
+
+
 # -------------------------------------------------------------------- AdamW
 @triton.jit
-def _adamw_update(p, g, m, v, vmax, grad_sign, l2, decay_mult, beta1, one_minus_beta1, beta2, one_minus_beta2,
+def _adamw_update(p, g, m, v, vmax, grad_sign, l2, has_l2, decay_mult, m_coeff, m_small, beta2, one_minus_beta2,
                   eps, step_size, bc2_sqrt, AMSGRAD: tl.constexpr):
     # docs/math.md#adamw; reference: fusedwd.reference.adamw
-    g = grad_sign * g + l2 * p
+    g = _decayed_grad(g, p, grad_sign, l2, has_l2)
     p = p * decay_mult
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
+    m = _lerp(m, g, m_coeff, m_small)
+    v = beta2 * v + (one_minus_beta2 * g) * g
     v_used = v
     if AMSGRAD:
-        # written so that a NaN in v propagates into vmax
-        vmax = tl.where(vmax >= v, vmax, v)
+        vmax = _maximum(vmax, v)
         v_used = vmax
     denom = _div_rn(_sqrt_rn(v_used), bc2_sqrt) + eps
-    p = p - step_size * _div_rn(m, denom)
+    p = p - _div_rn(step_size * m, denom)
     return p, m, v, vmax
 
 
 @triton.jit
-def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+def _adamw_block(row, start, offs, mask, qblocks, qmask,
+                 t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
                  MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, AMSGRAD: tl.constexpr,
                  ALIGNED: tl.constexpr, Q8: tl.constexpr):
     # per-segment scalars in float64 from the segment's own step, then rounded to the math type
@@ -473,29 +531,31 @@ def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: 
     step_size = _div_rn(tl.load(hp + ADAMW_LR), 1.0 - _pow_int(beta1, t.to(tl.int64)))
     bc2_sqrt = _sqrt_rn(1.0 - _pow_int(beta2, t.to(tl.int64)))
 
-    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    m_ptr, am_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # exp_avg (signed code)
-    v_ptr, av_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)  # exp_avg_sq (unsigned code)
+    p_ptr, master_ptr = _param_pointers(row, start, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, start, P, ALIGNED)
+    m_ptr, am_ptr = _state_pointers(row, start, SEG_S0, S, ALIGNED, Q8)  # exp_avg (signed code)
+    v_ptr, av_ptr = _state_pointers(row, start, SEG_S1, S, ALIGNED, Q8)  # exp_avg_sq (unsigned code)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
     m = _load_state(m_ptr, am_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
     v = _load_state(v_ptr, av_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
     vmax = v
     if AMSGRAD:
-        vmax_ptr, avmax_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # max_exp_avg_sq (unsigned code)
+        vmax_ptr, avmax_ptr = _state_pointers(row, start, SEG_S2, S, ALIGNED, Q8)  # max_exp_avg_sq (unsigned code)
         vmax = _load_state(vmax_ptr, avmax_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
 
+    m_coeff, m_small = _lerp_weight(1.0 - beta1, MATH)
+    l2 = tl.load(hp + ADAMW_L2)
     p, m, v, vmax = _adamw_update(
         p, g, m, v, vmax,
-        (tl.load(hp + ADAMW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + ADAMW_L2).to(MATH),
+        (tl.load(hp + ADAMW_GRAD_SIGN) * grad_mult).to(MATH), l2.to(MATH), l2 != 0.0,
         tl.load(hp + ADAMW_DECAY_MULT).to(MATH),
-        beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH), (1.0 - beta2).to(MATH),
+        m_coeff, m_small, beta2.to(MATH), (1.0 - beta2).to(MATH),
         tl.load(hp + ADAMW_EPS).to(MATH), step_size.to(MATH), bc2_sqrt.to(MATH), AMSGRAD,
     )
 
     # the weight from the unquantized new states; then each state (re-encoded with Q8)
-    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, start, P, MASTER, SR)
     _store_state(m_ptr, am_ptr, m, offs, mask, qblocks, qmask, S, Q8, True)
     _store_state(v_ptr, av_ptr, v, offs, mask, qblocks, qmask, S, Q8, False)
     if AMSGRAD:
@@ -506,7 +566,7 @@ def _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: 
 def _adamw_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, ADAMW_HP_COLS]: lr, beta1, beta2, eps, decay_mult, l2, grad_sign
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
@@ -521,26 +581,26 @@ def _adamw_kernel(
     Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
-    # (the launcher zeroes the arrival counters of each launch anyway).
+    # (and every arrival counter stays zero).
     if not _skipped(ctl_ptr):
-        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
-                                                                         Q8)
+        row, start, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(
+            seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _adamw_block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD,
-                         True, Q8)
+            _adamw_block(row, start, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+                         AMSGRAD, True, Q8)
         else:
-            _adamw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, AMSGRAD,
-                         False, Q8)
+            _adamw_block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+                         AMSGRAD, False, Q8)
 
 
 # --------------------------------------------------------------------- SGDW
 @triton.jit
-def _sgdw_update(p, g, buf, grad_sign, l2, decay_mult, lr, momentum, one_minus_dampening, first_step,
+def _sgdw_update(p, g, buf, grad_sign, l2, has_l2, decay_mult, lr, momentum, one_minus_dampening, first_step,
                  HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     # docs/math.md#sgdw; reference: fusedwd.reference.sgdw
-    g = grad_sign * g + l2 * p
+    g = _decayed_grad(g, p, grad_sign, l2, has_l2)
     p = p * decay_mult
     d = g
     if HAS_MOMENTUM:
@@ -555,27 +615,29 @@ def _sgdw_update(p, g, buf, grad_sign, l2, decay_mult, lr, momentum, one_minus_d
 
 
 @triton.jit
-def _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+def _sgdw_block(row, start, offs, mask, qblocks, qmask,
+                 t, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
                 MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                 NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
     hp = hp_ptr + tl.load(row + SEG_HP) * SGDW_HP_COLS
-    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
+    p_ptr, master_ptr = _param_pointers(row, start, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, start, P, ALIGNED)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
     buf = g
     if HAS_MOMENTUM:
-        buf_ptr, abuf_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # momentum_buffer (signed code)
+        buf_ptr, abuf_ptr = _state_pointers(row, start, SEG_S0, S, ALIGNED, Q8)  # momentum_buffer (signed code)
         buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
 
+    l2 = tl.load(hp + SGDW_L2)
     p, buf = _sgdw_update(
         p, g, buf,
-        (tl.load(hp + SGDW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + SGDW_L2).to(MATH),
+        (tl.load(hp + SGDW_GRAD_SIGN) * grad_mult).to(MATH), l2.to(MATH), l2 != 0.0,
         tl.load(hp + SGDW_DECAY_MULT).to(MATH), tl.load(hp + SGDW_LR).to(MATH), tl.load(hp + SGDW_MOMENTUM).to(MATH),
         (1.0 - tl.load(hp + SGDW_DAMPENING)).to(MATH), t == 1.0, HAS_MOMENTUM, NESTEROV,
     )
 
-    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, start, P, MASTER, SR)
     if HAS_MOMENTUM:
         _store_state(buf_ptr, abuf_ptr, buf, offs, mask, qblocks, qmask, S, Q8, True)
 
@@ -584,7 +646,7 @@ def _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P: t
 def _sgdw_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, SGDW_HP_COLS]: lr, momentum, dampening, decay_mult, l2, grad_sign
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
@@ -600,29 +662,29 @@ def _sgdw_kernel(
     Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     if not _skipped(ctl_ptr):  # as in _adamw_kernel
-        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
-                                                                         Q8)
+        row, start, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(
+            seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
         # t == 1 marks the first step, when the momentum buffer starts as a copy of g
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _sgdw_block(row, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+            _sgdw_block(row, start, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
                         HAS_MOMENTUM, NESTEROV, True, Q8)
         else:
-            _sgdw_block(row, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+            _sgdw_block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
                         HAS_MOMENTUM, NESTEROV, False, Q8)
 
 
 # ----------------------------------------------------------------- RMSpropW
 @triton.jit
-def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, one_minus_alpha, eps, momentum,
-                     CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, has_l2, decay_mult, lr, alpha, one_minus_alpha, ga_coeff,
+                     ga_small, eps, momentum, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
     # docs/math.md#rmspropw; reference: fusedwd.reference.rmspropw
-    g = grad_sign * g + l2 * p
+    g = _decayed_grad(g, p, grad_sign, l2, has_l2)
     p = p * decay_mult
-    sq = alpha * sq + one_minus_alpha * (g * g)
+    sq = alpha * sq + (one_minus_alpha * g) * g
     if CENTERED:
-        ga = alpha * ga + one_minus_alpha * g
+        ga = _lerp(ga, g, ga_coeff, ga_small)
         avg = _sqrt_rn(sq - ga * ga) + eps
     else:
         avg = _sqrt_rn(sq) + eps
@@ -630,40 +692,43 @@ def _rmspropw_update(p, g, sq, ga, buf, grad_sign, l2, decay_mult, lr, alpha, on
         buf = momentum * buf + _div_rn(g, avg)
         p = p - lr * buf
     else:
-        p = p - lr * _div_rn(g, avg)
+        p = p - _div_rn(lr * g, avg)
     return p, sq, ga, buf
 
 
 @triton.jit
-def _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
+def _rmspropw_block(row, start, offs, mask, qblocks, qmask,
+                 hp_ptr, grad_mult, key, P: tl.constexpr, S: tl.constexpr,
                     MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, CENTERED: tl.constexpr,
                     HAS_MOMENTUM: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):
     hp = hp_ptr + tl.load(row + SEG_HP) * RMSPROPW_HP_COLS
     alpha = tl.load(hp + RMSPROPW_ALPHA)
-    p_ptr, master_ptr = _param_pointers(row, P, MASTER, ALIGNED)
-    g_ptr = _pointer(row, SEG_G, P, ALIGNED)
-    sq_ptr, asq_ptr = _state_pointers(row, SEG_S0, S, ALIGNED, Q8)  # square_avg (unsigned code)
+    p_ptr, master_ptr = _param_pointers(row, start, P, MASTER, ALIGNED)
+    g_ptr = _pointer(row, SEG_G, start, P, ALIGNED)
+    sq_ptr, asq_ptr = _state_pointers(row, start, SEG_S0, S, ALIGNED, Q8)  # square_avg (unsigned code)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     g = _load(g_ptr, offs, mask, P, MATH)
     sq = _load_state(sq_ptr, asq_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, False)
     ga = sq
     buf = sq
     if CENTERED:
-        ga_ptr, aga_ptr = _state_pointers(row, SEG_S1, S, ALIGNED, Q8)  # grad_avg (signed code)
+        ga_ptr, aga_ptr = _state_pointers(row, start, SEG_S1, S, ALIGNED, Q8)  # grad_avg (signed code)
         ga = _load_state(ga_ptr, aga_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
     if HAS_MOMENTUM:
-        buf_ptr, abuf_ptr = _state_pointers(row, SEG_S2, S, ALIGNED, Q8)  # momentum_buffer (signed code)
+        buf_ptr, abuf_ptr = _state_pointers(row, start, SEG_S2, S, ALIGNED, Q8)  # momentum_buffer (signed code)
         buf = _load_state(buf_ptr, abuf_ptr, offs, mask, qblocks, qmask, S, MATH, Q8, True)
 
+    ga_coeff, ga_small = _lerp_weight(1.0 - alpha, MATH)
+    l2 = tl.load(hp + RMSPROPW_L2)
     p, sq, ga, buf = _rmspropw_update(
         p, g, sq, ga, buf,
-        (tl.load(hp + RMSPROPW_GRAD_SIGN) * grad_mult).to(MATH), tl.load(hp + RMSPROPW_L2).to(MATH),
+        (tl.load(hp + RMSPROPW_GRAD_SIGN) * grad_mult).to(MATH), l2.to(MATH), l2 != 0.0,
         tl.load(hp + RMSPROPW_DECAY_MULT).to(MATH), tl.load(hp + RMSPROPW_LR).to(MATH),
-        alpha.to(MATH), (1.0 - alpha).to(MATH), tl.load(hp + RMSPROPW_EPS).to(MATH),
+        alpha.to(MATH), (1.0 - alpha).to(MATH), ga_coeff, ga_small, tl.load(hp + RMSPROPW_EPS).to(MATH),
         tl.load(hp + RMSPROPW_MOMENTUM).to(MATH), CENTERED, HAS_MOMENTUM,
     )
 
-    _store_param(p_ptr, master_ptr, offs, p, mask, key, P, MASTER, SR)
+    _store_param(p_ptr, master_ptr, offs, p, mask, key, start, P, MASTER, SR)
     _store_state(sq_ptr, asq_ptr, sq, offs, mask, qblocks, qmask, S, Q8, False)
     if CENTERED:
         _store_state(ga_ptr, aga_ptr, ga, offs, mask, qblocks, qmask, S, Q8, True)
@@ -675,7 +740,7 @@ def _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P: 
 def _rmspropw_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, RMSPROPW_HP_COLS]: lr, alpha, eps, momentum, decay_mult, l2, grad_sign
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
@@ -691,14 +756,14 @@ def _rmspropw_kernel(
     Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
 ):
     if not _skipped(ctl_ptr):  # as in _adamw_kernel
-        row, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE,
-                                                                         Q8)
+        row, start, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(
+            seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
         # the rule does not use t, but torch counts RMSprop's steps (and t keys the rounding bits)
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
-            _rmspropw_block(row, offs, None, qblocks, None, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED,
-                            HAS_MOMENTUM, True, Q8)
+            _rmspropw_block(row, start, offs, None, qblocks, None, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+                            CENTERED, HAS_MOMENTUM, True, Q8)
         else:
-            _rmspropw_block(row, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, CENTERED,
-                            HAS_MOMENTUM, False, Q8)
+            _rmspropw_block(row, start, offs, mask, qblocks, qmask, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR,
+                            CENTERED, HAS_MOMENTUM, False, Q8)

@@ -8,6 +8,11 @@ derives each segment's first block (one vectorized cumsum), packs rows,
 block starts, zeroed arrival counters, hyperparameters, the seed and a
 default control block into ONE int64 buffer, copies it to the device in one
 transfer, and launches one grid of one program per block.
+
+The optimizers keep that buffer (the launch *image* and its arrival
+counters) on the device instead, re-uploaded only when it changes
+(fusedwd/optim/_graphs.py), and launch through ``launch_image``, which
+copies nothing: a CUDA graph can capture it.
 """
 
 from __future__ import annotations
@@ -37,19 +42,70 @@ _STORAGE = {
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# Per rule (keyed like LAUNCHERS): its kernel, hyperparameter columns and constexpr switches, in the
+# order of the optimizers' structure tuples.
+_RULES = {
+    "ADAMW_HP": (_adamw_kernel, ADAMW_HP_COLS.value, ("AMSGRAD",)),
+    "SGDW_HP": (_sgdw_kernel, SGDW_HP_COLS.value, ("HAS_MOMENTUM", "NESTEROV")),
+    "RMSPROPW_HP": (_rmspropw_kernel, RMSPROPW_HP_COLS.value, ("CENTERED", "HAS_MOMENTUM")),
+}
 # int64 words of the packed buffer holding the default control block (CTL_SIZE float32s)
 _CTL_WORDS = (CTL_SIZE + 1) // 2
 
 
-class _LaunchTables(NamedTuple):
-    segments: Tensor  # int64 [nseg * SEG_COLS]
-    block_starts: Tensor  # int64 [nseg + 1]
-    arrivals: Tensor  # int64 [nseg], zeros
-    hyper: Tensor  # float64 [groups * cols]
+class _Views(NamedTuple):
+    """A launch image's parts on the device (see image_words)."""
+    segments: Tensor  # int64 [capacity * SEG_COLS]
+    block_starts: Tensor  # int64 [capacity + 1]
+    arrivals: Tensor  # int64 [capacity], zeros, left at zero by every launch
     seed: Tensor  # int64 [1]: the seed's bits
     ctl: Tensor  # float32 [>= CTL_SIZE]: the control block of no AMP and no clipping
-    nseg: int
-    num_blocks: int
+
+
+# A launch reads, besides the hyperparameter table, one int64 buffer: the launch *image*
+# [seed | default control block | segment rows (capacity) | block starts (capacity + 1)],
+# written on the host by fill_image, followed on the device by one arrival counter per
+# segment, which the kernels leave at zero. The optimizers keep it on the device across
+# steps (fusedwd/optim/_graphs.py) and upload it only when it changes.
+_HEADER_WORDS = 1 + _CTL_WORDS
+
+
+def image_words(capacity: int) -> int:
+    """int64 words of the host image of a launch over at most ``capacity`` segments."""
+    return _HEADER_WORDS + capacity * SEG_COLS + capacity + 1
+
+
+def buffer_words(capacity: int) -> int:
+    """int64 words of the device buffer: the image, then the arrival counters."""
+    return image_words(capacity) + capacity
+
+
+def _views(buffer: Tensor, capacity: int) -> _Views:
+    seed, ctl, segments, starts, arrivals = buffer.split([1, _CTL_WORDS, capacity * SEG_COLS, capacity + 1, capacity])
+    return _Views(segments, starts, arrivals, seed, ctl.view(torch.float32))
+
+
+def fill_image(image: Tensor, segments: Tensor, seed: int) -> int:
+    """Write the host image of a launch over ``segments`` (int64 [nseg, SEG_COLS], nseg at most the
+    image's capacity) with the stochastic-rounding ``seed``; returns the launch's block count.
+    Words past nseg are zeroed, so the image is a function of (segments, seed) alone."""
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    capacity = (image.numel() - _HEADER_WORDS - 1) // (SEG_COLS + 1)
+    nseg = segments.shape[0]
+    seed_part, ctl_part, seg_part, start_part = image.split([1, _CTL_WORDS, capacity * SEG_COLS, capacity + 1])
+    seed_part[0] = seed - (1 << 64) if seed >= 1 << 63 else seed  # the uint64's bits
+    ctl = ctl_part.view(torch.float32)
+    ctl.zero_()  # found_inf 0: the step is taken
+    ctl[CTL_INV_SCALE] = ctl[CTL_CLIP] = 1.0
+    seg_part[: nseg * SEG_COLS].view(nseg, SEG_COLS).copy_(segments)
+    seg_part[nseg * SEG_COLS:].zero_()
+    # an empty tensor still gets one (fully masked) block, which advances its step count
+    blocks = torch.div(segments[:, SEG_N] + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
+    start_part.zero_()
+    torch.cumsum(blocks, 0, out=start_part[1: nseg + 1])
+    return int(start_part[nseg])
 
 
 def _check_layout(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, stochastic: bool) -> None:
@@ -81,8 +137,8 @@ def _check_q8_layout(dtype: torch.dtype, state_dtype: Optional[torch.dtype], mas
                          + (", fp32 master weights" if master else "") + (", stochastic rounding" if stochastic else ""))
 
 
-def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device, seed: int) -> _LaunchTables:
-    """Validate the host tables, derive the block starts, and put everything on ``device`` in one copy."""
+def _check_tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device) -> None:
+    """Validate the host tables of a launcher call."""
     if segments.dtype != torch.int64 or segments.dim() != 2 or segments.shape[1] != SEG_COLS:
         raise ValueError(
             f"segments must be an int64 [nseg, {SEG_COLS}] table, got {segments.dtype} {tuple(segments.shape)}"
@@ -92,81 +148,104 @@ def _tables(segments: Tensor, hyper: Tensor, hp_cols: int, device: torch.device,
     if segments.device.type != "cpu":
         raise ValueError("the segment table is read on the host; pass a CPU tensor")
     # capturable=True builds the hyperparameter rows on the device: they are never read on the host
-    hyper_on_host = hyper.device.type == "cpu"
-    if not hyper_on_host and hyper.device != device:
+    if hyper.device.type != "cpu" and hyper.device != device:
         raise ValueError(f"hyper must be on the host or on {device}, got a tensor on {hyper.device}")
-    nseg = segments.shape[0]
     hp_rows = segments[:, SEG_HP]
-    if int(hp_rows.min()) < 0 or int(hp_rows.max()) >= hyper.shape[0]:
+    if segments.shape[0] and (int(hp_rows.min()) < 0 or int(hp_rows.max()) >= hyper.shape[0]):
         raise ValueError(f"a segment names a hyperparameter row outside [0, {hyper.shape[0]})")
-    # an empty tensor still gets one (fully masked) block, which advances its step count
-    blocks = torch.div(segments[:, SEG_N] + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
-
-    sizes = [nseg * SEG_COLS, nseg + 1, nseg, hyper.numel(), 1, _CTL_WORDS]
-    # pinned, so the one host-to-device copy below is asynchronous: a step never
-    # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
-    pinned = device.type == "cuda"
-    packed = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=pinned)
-    seg_part, start_part, arrival_part, hyper_part, seed_part, ctl_part = packed.split(sizes)
-    seg_part.view(nseg, SEG_COLS).copy_(segments)
-    start_part[0] = 0
-    torch.cumsum(blocks, 0, out=start_part[1:])
-    arrival_part.zero_()
-    if hyper_on_host:
-        hyper_part.view(torch.float64).copy_(hyper.reshape(-1))
-    seed_part[0] = seed - (1 << 64) if seed >= 1 << 63 else seed  # the uint64's bits
-    ctl = ctl_part.view(torch.float32)
-    ctl.zero_()  # found_inf 0: the step is taken
-    ctl[CTL_INV_SCALE] = ctl[CTL_CLIP] = 1.0
-    num_blocks = int(start_part[-1])
-
-    if device.type != "cpu":
-        packed = packed.to(device, non_blocking=True)
-    seg_part, start_part, arrival_part, hyper_part, seed_part, ctl_part = packed.split(sizes)
-    if not hyper_on_host:
-        hyper_part.view(torch.float64).copy_(hyper.reshape(-1))  # device to device, queued after the upload
-    return _LaunchTables(seg_part, start_part, arrival_part, hyper_part.view(torch.float64), seed_part,
-                         ctl_part.view(torch.float32), nseg, num_blocks)
 
 
-def _launch(kernel, hp_cols: int, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
-            state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool, ctl: Optional[Tensor],
-            seed: int, quantized: bool, **switches: bool) -> None:
-    """One launch of ``kernel`` over every segment; ``switches`` are the rule's constexpr structure flags."""
-    master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
+def _check_options(dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool,
+                   ctl: Optional[Tensor], quantized: bool, device: torch.device) -> Optional[torch.dtype]:
+    """Validate the precision options; returns the states' storage dtype (None with 8-bit states)."""
     if dtype not in _STORAGE:
         raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} parameters, got {dtype}")
     if quantized:
         _check_q8_layout(dtype, state_dtype, master, stochastic_rounding)
+        state_dtype = None
     else:
         state_dtype = dtype if state_dtype is None else state_dtype
         if state_dtype not in _STORAGE:
             raise TypeError(f"the Triton kernels take {', '.join(map(str, _STORAGE))} states, got {state_dtype}")
         _check_layout(dtype, state_dtype, master, stochastic_rounding)
-    if not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-    device = torch.device(device)
     # "cuda" names whichever CUDA device is current
     same_device = ctl is not None and ctl.device.type == device.type and device.index in (None, ctl.device.index)
     if ctl is not None and (ctl.dtype != torch.float32 or ctl.numel() < CTL_SIZE or not ctl.is_contiguous()
                             or not same_device):
         raise ValueError(f"ctl must be a contiguous float32 tensor of {CTL_SIZE} elements on {device}, got "
                          f"{ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
-    if segments.shape[0] == 0:
-        return
-    tables = _tables(segments, hyper, hp_cols, device, int(seed))
+    return state_dtype
+
+
+def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_blocks: int, device: torch.device,
+             dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool,
+             ctl: Optional[Tensor], quantized: bool, switches: tuple) -> None:
+    """One launch of the rule's kernel over ``nseg`` segments whose tables are on ``device``."""
+    kernel, _, names = _RULES[rule]
     math = tl.float64 if dtype == torch.float64 else tl.float32
-    launch = kernel[(tables.num_blocks,)]
-    args = (tables.segments, tables.block_starts, tables.arrivals, tables.hyper, tables.nseg,
-            tables.ctl if ctl is None else ctl, tables.seed)
+    launch = kernel[(num_blocks,)]
+    args = (views.segments, views.block_starts, views.arrivals, hyper, nseg, views.ctl if ctl is None else ctl,
+            views.seed)
     options = dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype], MATH=math, MASTER=master,
                    SR=stochastic_rounding, BLOCK_SIZE=BLOCK_SIZE, Q8=quantized, num_warps=NUM_WARPS,
-                   enable_fp_fusion=False, **switches)
+                   enable_fp_fusion=False, **{name: bool(v) for name, v in zip(names, switches)})
     if device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device
             launch(*args, **options)
     else:
         launch(*args, **options)
+
+
+def launch_image(rule: str, buffer: Tensor, capacity: int, nseg: int, num_blocks: int, hyper: Tensor,
+                 device: torch.device, dtype: torch.dtype, *switches: bool, state_dtype: Optional[torch.dtype] = None,
+                 master: bool = False, stochastic_rounding: bool = False, ctl: Optional[Tensor] = None,
+                 seed: int = 0, quantized: bool = False) -> None:
+    """One launch over tables already on ``device``: ``buffer`` (buffer_words(capacity) int64) holds
+    the image fill_image wrote (``nseg`` segments, ``num_blocks`` blocks: what it returned) and the
+    arrival counters; ``hyper`` is the float64 [groups, cols] table on ``device``. ``rule`` is a key
+    of LAUNCHERS; the other arguments are the launchers'. The seed was written into the image
+    (``seed`` is accepted for the launchers' keyword set and ignored). Nothing is copied from the
+    host: a CUDA graph may capture this launch."""
+    del seed
+    device = torch.device(device)
+    master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
+    state_dtype = _check_options(dtype, state_dtype, master, stochastic_rounding, ctl, quantized, device)
+    if nseg == 0:
+        return
+    _enqueue(rule, _views(buffer, capacity), hyper.reshape(-1), nseg, num_blocks, device, dtype, state_dtype, master,
+             stochastic_rounding, ctl, quantized, switches)
+
+
+def _launch(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
+            state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool, ctl: Optional[Tensor],
+            seed: int, quantized: bool, switches: tuple) -> None:
+    """One launch over every segment of host tables: image, arrival counters and hyperparameters
+    packed into one buffer and copied to ``device`` in one asynchronous transfer."""
+    master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
+    device = torch.device(device)
+    state_dtype = _check_options(dtype, state_dtype, master, stochastic_rounding, ctl, quantized, device)
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    _check_tables(segments, hyper, _RULES[rule][1], device)
+    nseg = segments.shape[0]
+    if nseg == 0:
+        return
+    words = buffer_words(nseg)
+    hyper_on_host = hyper.device.type == "cpu"
+    # pinned, so the one host-to-device copy below is asynchronous: a step never
+    # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
+    packed = torch.empty(words + hyper.numel(), dtype=torch.int64, pin_memory=device.type == "cuda")
+    num_blocks = fill_image(packed[: image_words(nseg)], segments, int(seed))
+    packed[image_words(nseg): words].zero_()  # the arrival counters
+    if hyper_on_host:
+        packed[words:].view(torch.float64).copy_(hyper.reshape(-1))
+    if device.type != "cpu":
+        packed = packed.to(device, non_blocking=True)
+    hyper_part = packed[words:].view(torch.float64)
+    if not hyper_on_host:
+        hyper_part.copy_(hyper.reshape(-1))  # device to device, queued after the upload
+    _enqueue(rule, _views(packed[:words], nseg), hyper_part, nseg, num_blocks, device, dtype, state_dtype, master,
+             stochastic_rounding, ctl, quantized, switches)
 
 
 def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
@@ -199,8 +278,8 @@ def adamw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dty
             ``state_dtype`` is then None (or torch.uint8). Layouts: fp32 parameters, 16-bit ones with
             ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
     """
-    _launch(_adamw_kernel, ADAMW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, quantized, AMSGRAD=bool(amsgrad))
+    _launch("ADAMW_HP", segments, hyper, device, dtype, state_dtype, master, stochastic_rounding, ctl, seed,
+            quantized, (amsgrad,))
 
 
 def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
@@ -216,8 +295,8 @@ def sgdw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtyp
         nesterov: Nesterov momentum.
         state_dtype, master, stochastic_rounding, ctl, seed, quantized: as for :func:`adamw_step_triton`.
     """
-    _launch(_sgdw_kernel, SGDW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, quantized, HAS_MOMENTUM=bool(has_momentum), NESTEROV=bool(nesterov))
+    _launch("SGDW_HP", segments, hyper, device, dtype, state_dtype, master, stochastic_rounding, ctl, seed,
+            quantized, (has_momentum, nesterov))
 
 
 def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
@@ -233,5 +312,5 @@ def rmspropw_step_triton(segments: Tensor, hyper: Tensor, device: torch.device, 
         has_momentum: whether the rows carry ``momentum_buffer`` (state 2).
         state_dtype, master, stochastic_rounding, ctl, seed, quantized: as for :func:`adamw_step_triton`.
     """
-    _launch(_rmspropw_kernel, RMSPROPW_HP_COLS.value, segments, hyper, device, dtype, state_dtype, master,
-            stochastic_rounding, ctl, seed, quantized, CENTERED=bool(centered), HAS_MOMENTUM=bool(has_momentum))
+    _launch("RMSPROPW_HP", segments, hyper, device, dtype, state_dtype, master, stochastic_rounding, ctl, seed,
+            quantized, (centered, has_momentum))

@@ -12,8 +12,9 @@ template <typename M>
 struct AdamWScalars {
   M grad_sign;        // -1 under maximize
   M l2;               // coupled L2 coefficient (0 for decoupled decay)
+  bool has_l2;        // l2 != 0: only then is l2*p added (torch's rule)
   M decay_mult;       // multiplies p before the step (1 for coupled L2)
-  M beta1, one_minus_beta1;
+  LerpWeight<M> m_weight;  // exp_avg <- lerp(exp_avg, g, 1 - beta1)
   M beta2, one_minus_beta2;
   M eps;
   M step_size;        // lr / (1 - beta1^t)
@@ -29,9 +30,9 @@ FUSEDWD_HD inline AdamWScalars<M> adamw_scalars(const double* hp, double t, doub
   // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
   s.grad_sign = static_cast<M>(hp[ADAMW_GRAD_SIGN] * grad_mult);
   s.l2 = static_cast<M>(hp[ADAMW_L2]);
+  s.has_l2 = hp[ADAMW_L2] != 0.0;
   s.decay_mult = static_cast<M>(hp[ADAMW_DECAY_MULT]);
-  s.beta1 = static_cast<M>(beta1);
-  s.one_minus_beta1 = static_cast<M>(1.0 - beta1);
+  s.m_weight = lerp_weight<M>(1.0 - beta1);
   s.beta2 = static_cast<M>(beta2);
   s.one_minus_beta2 = static_cast<M>(1.0 - beta2);
   s.eps = static_cast<M>(hp[ADAMW_EPS]);
@@ -44,18 +45,18 @@ FUSEDWD_HD inline AdamWScalars<M> adamw_scalars(const double* hp, double t, doub
 template <bool AMSGRAD, typename M>
 FUSEDWD_HD inline void adamw_update(M& p, M g, M& m, M& v, M& vmax, const AdamWScalars<M>& s) {
   // docs/math.md#adamw; reference: fusedwd.reference.adamw
-  g = s.grad_sign * g + s.l2 * p;
+  // the operations and their order are torch's (docs/math.md#non-finite-values)
+  g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
   p = p * s.decay_mult;
-  m = s.beta1 * m + s.one_minus_beta1 * g;
-  v = s.beta2 * v + s.one_minus_beta2 * (g * g);
+  m = lerp_m(m, g, s.m_weight);
+  v = s.beta2 * v + (s.one_minus_beta2 * g) * g;
   M v_used = v;
   if constexpr (AMSGRAD) {
-    // written so that a NaN in v propagates into vmax
-    vmax = vmax >= v ? vmax : v;
+    vmax = maximum_m(vmax, v);
     v_used = vmax;
   }
   const M denom = sqrt_m(v_used) / s.bc2_sqrt + s.eps;
-  p = p - s.step_size * (m / denom);
+  p = p - (s.step_size * m) / denom;
 }
 
 FUSEDWD_NS_END

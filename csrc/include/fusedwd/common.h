@@ -293,4 +293,42 @@ FUSEDWD_HD inline void store_param(storage_t<P>* p, float* master, int64_t i, ma
 FUSEDWD_HD inline float sqrt_m(float x) { return ::sqrtf(x); }
 FUSEDWD_HD inline double sqrt_m(double x) { return ::sqrt(x); }
 
+// The rules' shared pieces that decide how Inf and NaN spread (docs/math.md#non-finite-values),
+// written as torch writes them.
+
+// g <- grad_sign*g (+ l2*p only where there is L2 decay: torch adds the term only for a
+// nonzero weight_decay, and 0*Inf would turn an infinite parameter into NaN).
+template <typename M>
+FUSEDWD_HD inline M decayed_grad(M g, M p, M grad_sign, M l2, bool has_l2) {
+  g = grad_sign * g;
+  return has_l2 ? g + l2 * p : g;
+}
+
+// torch's lerp(a, b, w) with a per-segment weight (aten/src/ATen/native/Lerp.h):
+// a + w*(b - a) for |w| < 0.5, else b - (b - a)*(1 - w), here b + (b - a)*(w - 1), the
+// same bits. Unlike b1*a + (1-b1)*b, it gives NaN where a and b are the same infinity.
+template <typename M>
+struct LerpWeight {
+  M coeff;     // w, or w - 1 when |w| >= 0.5
+  bool small;  // |w| < 0.5: start from a, else from b
+};
+
+template <typename M>
+FUSEDWD_HD inline LerpWeight<M> lerp_weight(double w) {
+  const M wm = static_cast<M>(w);
+  const bool small = (wm < M(0) ? -wm : wm) < M(0.5);
+  return LerpWeight<M>{small ? wm : wm - M(1), small};
+}
+
+template <typename M>
+FUSEDWD_HD inline M lerp_m(M a, M b, const LerpWeight<M>& w) {
+  return (w.small ? a : b) + w.coeff * (b - a);
+}
+
+// torch.maximum: NaN if either is NaN (a plain a >= b ? a : b would drop a NaN in a).
+template <typename M>
+FUSEDWD_HD inline M maximum_m(M a, M b) {
+  return (b > a || b != b) ? b : a;
+}
+
 FUSEDWD_NS_END

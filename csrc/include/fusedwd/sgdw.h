@@ -11,6 +11,7 @@ template <typename M>
 struct SgdwScalars {
   M grad_sign;        // -1 under maximize
   M l2;               // coupled L2 coefficient (0 for decoupled decay)
+  bool has_l2;        // l2 != 0: only then is l2*p added (torch's rule)
   M decay_mult;       // multiplies p before the step (1 for coupled L2)
   M lr;
   M momentum;
@@ -25,6 +26,7 @@ FUSEDWD_HD inline SgdwScalars<M> sgdw_scalars(const double* hp, double t, double
   // grad_mult = 1/grad_scale * clip coefficient: folded into the sign, exact for +-1
   s.grad_sign = static_cast<M>(hp[SGDW_GRAD_SIGN] * grad_mult);
   s.l2 = static_cast<M>(hp[SGDW_L2]);
+  s.has_l2 = hp[SGDW_L2] != 0.0;
   s.decay_mult = static_cast<M>(hp[SGDW_DECAY_MULT]);
   s.lr = static_cast<M>(hp[SGDW_LR]);
   s.momentum = static_cast<M>(hp[SGDW_MOMENTUM]);
@@ -37,7 +39,7 @@ FUSEDWD_HD inline SgdwScalars<M> sgdw_scalars(const double* hp, double t, double
 template <bool HAS_MOMENTUM, bool NESTEROV, typename M>
 FUSEDWD_HD inline void sgdw_update(M& p, M g, M& buf, const SgdwScalars<M>& s) {
   // docs/math.md#sgdw; reference: fusedwd.reference.sgdw
-  g = s.grad_sign * g + s.l2 * p;
+  g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
   p = p * s.decay_mult;
   M d = g;
   if constexpr (HAS_MOMENTUM) {
