@@ -16,8 +16,8 @@ fast path touches, and, for Triton, the layout conversions left in that fast
 path (``ttg.convert_layout``: each moves data between threads through shared
 memory; must be 0), with the PTX properties the kernels' rounding relies on
 (IEEE division and square root, no contracted multiply-add, the acq_rel
-arrival, the logical shifts of stochastic rounding and the 2^23 rounding of
-8-bit codes). ``problems()`` turns an entry into the list of what is wrong
+arrival, the logical shifts of stochastic rounding and the square-root-free
+8-bit encode). ``problems()`` turns an entry into the list of what is wrong
 with it; tests/test_gpu_static.py runs this module and asserts on it.
 
 Compiling the ~120 Triton variants twice takes minutes on two cores: results
@@ -257,9 +257,12 @@ def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
         "acq_rel_arrival": "atom.global.gpu.acq_rel.add" in ptx,
         # stochastic rounding's hash in uint32: logical shifts, as C++'s
         "arithmetic_shift": bool(variant.sr and "shr.s32" in ptx),
-        # the rounding of 8-bit codes by the 2^23 addition, never truncated or contracted away
-        "q8_rounding": bool(not (variant.q8 and has_states)
-                            or re.search(r"add\.rn\.f32\s+%r\d+, %r\d+, 0f4B000000", ptx)),
+        # the 8-bit encode without square roots (fusedwd/triton/_kernels.py _q8_level): the guess
+        # from y's bit pattern (0x4F500000 - bits/4) truncated to the candidate code; SGDW's
+        # update has no square root of its own, so its 8-bit variants have none at all
+        "q8_encode": bool(not (variant.q8 and has_states)
+                          or ("1330642944" in ptx and re.search(r"cvt\.rzi\.s32\.f32", ptx)
+                              and (variant.rule != "sgdw" or "sqrt" not in ptx))),
     }
 
 
@@ -473,8 +476,8 @@ def problems(entry: dict[str, Any]) -> dict[str, list[str]]:
             out["ptx"].append("no acq_rel arrival atomic")
         if ptx["arithmetic_shift"]:
             out["ptx"].append("arithmetic shifts in stochastic rounding's hash")
-        if not ptx["q8_rounding"]:
-            out["ptx"].append("no exact 2^23 rounding of the 8-bit codes")
+        if not ptx["q8_encode"]:
+            out["ptx"].append("no square-root-free 8-bit encode (bit-pattern guess, truncation)")
     return out
 
 

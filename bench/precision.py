@@ -18,6 +18,11 @@ parameter), interleaved with torch's fused fp32 AdamW, in one run:
   into the step);
 - fusedwd's Lion in fp32 beside the floor of its own bytes: one state, so
   20 B/param (p, g, m read; p, m written) against AdamW's 28.
+- when deepspeed imports, DeepSpeedCPUAdam in its two mixed-precision ways:
+  ZeRO-Offload's (the step on fp32 masters with fp32 gradients, then the
+  masters copied out to the bf16 parameters: 34 B/param, its op has no fused
+  copy-out) against fusedwd's master weights, and bf16 parameters with fp32
+  states (22 B/param) against fusedwd's same layout.
 
 Targets (issue 5): the master-weight layout within 10% of its floor; clip +
 step at least 1.25x faster than clip_grad_norm_ + torch fused. (Issue 6): fp32
@@ -38,9 +43,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from bench import cases, measure, report
+from bench import providers
 from bench.providers import HYPERPARAMETERS, make_base
 
 MAX_NORM = 1.0
+PASS_BUFFERS = 8  # the most read (and write) buffers one fusedwd._C.traffic_pass takes (kMaxTrafficBuffers)
 # (reads, writes) of 2-byte units per parameter: the floor of each layout
 TRAFFIC = {
     "master-fp32-states": (8, 7),  # read p2 g2 master4 m4 v4; write p2 master4 m4 v4
@@ -48,6 +55,9 @@ TRAFFIC = {
     "bf16": (4, 3),  # read p g m v; write p m v, all 2 B
     "fp32-int8": (5, 3),  # read p4 g4 m1 v1; write p4 m1 v1 (+ 8 B of absmax per 256)
     "master-int8": (5, 4),  # read p2 g2 master4 m1 v1; write p2 master4 m1 v1
+    "bf16-fp32-states": (6, 5),  # read p2 g2 m4 v4; write p2 m4 v4
+    # ZeRO-Offload's step: read master4 g4 m4 v4, write master4 m4 v4; then read master4, write p2
+    "ds-master": (10, 7),
     "fp32": (8, 6),  # read p g m v; write p m v, all 4 B
     "lion-fp32": (6, 4),  # Lion: read p g m; write p m, all 4 B (20 B/param)
 }
@@ -65,12 +75,20 @@ def _floor(num_params: int, layout: str, bufs: list):
 
     reads, writes = TRAFFIC[layout]
     # every floor uses a prefix of the same buffers (the widest layout's), to save memory
-    while len(bufs) < max(reads, writes):
+    while len(bufs) < min(PASS_BUFFERS, max(reads, writes)):
         bufs.append(torch.empty(num_params, dtype=torch.int16).random_(-1000, 1000))
-    read_addrs = [b.data_ptr() for b in bufs[:reads]]
-    write_addrs = [b.data_ptr() for b in bufs[:writes]]
-    threads = torch.get_num_threads()
-    return lambda: _C.traffic_pass(read_addrs, write_addrs, num_params, 2, threads)
+    # a layout moving more buffers than one pass takes is split into passes (ds-master: two, as its step)
+    passes = []
+    while reads or writes:
+        r, w = min(reads, len(bufs)), min(writes, len(bufs))
+        passes.append(([b.data_ptr() for b in bufs[:r]], [b.data_ptr() for b in bufs[:w]]))
+        reads, writes = reads - r, writes - w
+
+    def step():
+        for read_addrs, write_addrs in passes:
+            _C.traffic_pass(read_addrs, write_addrs, num_params, 2, torch.get_num_threads())
+
+    return step
 
 
 def build(case, quick: bool):
@@ -113,8 +131,38 @@ def build(case, quick: bool):
                                       **HYPERPARAMETERS).step, "fp32", "fusedwd max_grad_norm, fp32")
     add("fusedwd-lion", fusedwd.Lion(_params(base, grads, torch.float32), lr=1e-4, weight_decay=0.1).step,
         "lion-fp32", "fusedwd Lion, fp32 p/g/m")
+    add("fusedwd-bf16-fp32s", fusedwd.AdamW(_params(base, grads, bf), state_dtype=torch.float32,
+                                            **HYPERPARAMETERS).step, "bf16-fp32-states",
+        "bf16 p/g, fp32 states, no master")
+    skipped = _add_deepspeed(add, base, grads)
     floors = {"floor-" + layout: _floor(case.num_params, layout, keep) for layout in TRAFFIC}
-    return steps, floors, keep, int8
+    return steps, floors, keep, int8, skipped
+
+
+def _add_deepspeed(add, base, grads) -> dict[str, str]:
+    """DeepSpeedCPUAdam's mixed-precision layouts, when deepspeed imports; else why not (one line)."""
+    missing = providers.deepspeed_missing(torch.device("cpu"))
+    names = ("deepspeed-master", "deepspeed-bf16-fp32s")
+    if missing:
+        return {n: missing for n in names}
+    bf = torch.bfloat16
+    try:
+        # ZeRO-Offload: fp32 masters and fp32 gradients on the CPU, the step, then the copy to the
+        # 16-bit parameters the GPU trains with
+        masters = _params(base, grads, torch.float32)
+        low = [m.detach().to(bf) for m in masters]
+        ds_master = providers.deepspeed_cpu_adam(masters, amsgrad=False)
+
+        def master_step():
+            ds_master.step()
+            torch._foreach_copy_(low, [m.detach() for m in masters])
+
+        ds_mixed = providers.deepspeed_cpu_adam(_params(base, grads, bf), amsgrad=False)
+    except Exception as exc:  # the op failed to build: report it, time the rest
+        return {n: f"{type(exc).__name__}: {exc}" for n in names}
+    add("deepspeed-master", master_step, "ds-master", "DS: fp32 master/g/states, copy to bf16")
+    add("deepspeed-bf16-fp32s", ds_mixed.step, "bf16-fp32-states", "DS: bf16 p/g, fp32 states, no master")
+    return {}
 
 
 def state_bytes(opt) -> int:
@@ -125,7 +173,7 @@ def state_bytes(opt) -> int:
 
 def run(args) -> dict:
     case = cases.BUILDERS[args.case](args.scale)
-    steps, floors, keep, int8 = build(case, args.quick)
+    steps, floors, keep, int8, skipped = build(case, args.quick)
     every = {**{n: s[0] for n, s in steps.items()}, **floors}
     _, failed = measure.initialise(every, torch.device("cpu"))
     if failed:
@@ -156,7 +204,7 @@ def run(args) -> dict:
     }
     result = {
         "case": {"name": case.name, "num_tensors": case.num_tensors, "num_params": case.num_params},
-        "rows": rows, "targets": targets, "other_cpu_share": contention.share,
+        "rows": rows, "targets": targets, "other_cpu_share": contention.share, "skipped": skipped,
         "config": {"repeats": args.repeats, "warmup": args.warmup, "scale": args.scale, "quick": args.quick,
                    "threads": torch.get_num_threads(),
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
@@ -176,6 +224,13 @@ def run(args) -> dict:
     lion = by["fusedwd-lion"]
     print(f"Lion: {lion['median_ms']:.1f} ms, {lion['pct_of_floor']:.0f}% of the floor of its 20 B/param "
           f"({lion['vs_torch_fused_fp32']:.2f}x torch fused fp32 AdamW's 28 B/param step)")
+    if "deepspeed-master" in by:
+        master = by["deepspeed-master"]["median_ms"] / by["fusedwd-master"]["median_ms"]
+        states = by["deepspeed-bf16-fp32s"]["median_ms"] / by["fusedwd-bf16-fp32s"]["median_ms"]
+        print(f"DeepSpeedCPUAdam: fusedwd master weights {master:.2f}x ZeRO-Offload's step + copy-out; "
+              f"bf16 p with fp32 states {states:.2f}x DeepSpeed's")
+    for name, why in skipped.items():
+        print(f"{name} skipped: {why}")
     if not judged:
         print("targets: not judged (they are stated for full-size GPT-2 shapes, without --quick)")
     if contention.share is not None and contention.share > 0.05:

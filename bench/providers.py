@@ -23,6 +23,9 @@ TORCH_VARIANTS = {
 }
 FLOOR = "floor"
 BASELINE = "torch-fused"
+# DeepSpeed's CPU Adam (ZeRO-Offload's optimizer), when the deepspeed package imports.
+DEEPSPEED = "deepspeed-cpuadam"
+DEEPSPEED_INSTALL = "DS_BUILD_OPS=0 pip install deepspeed py-cpuinfo"
 FUSEDWD_PREFIX = "fusedwd-"
 # Backends the fusedwd package may offer; "auto" is a choice among these, not a provider.
 FUSEDWD_BACKENDS = ("cpu", "triton", "cuda", "reference")
@@ -75,6 +78,43 @@ def fusedwd_backends(device: torch.device) -> tuple[list[str], str]:
     return usable, "" if usable else "no fusedwd backend accepted a step on this device"
 
 
+def deepspeed_missing(device: torch.device) -> str:
+    """Why the DeepSpeedCPUAdam provider cannot run on ``device`` ("" when it can be tried).
+
+    Only looks for the package: importing it takes seconds, and its CPU op is
+    compiled (about 45 s, cached under ~/.cache/torch_extensions) when the
+    provider is first built, where a failure skips the provider with its error.
+    """
+    import importlib.util
+
+    if device.type != "cpu":
+        return "DeepSpeedCPUAdam steps CPU tensors only"
+    if importlib.util.find_spec("deepspeed") is None:
+        return f"deepspeed is not installed ({DEEPSPEED_INSTALL})"
+    return ""
+
+
+def deepspeed_cpu_adam(params, amsgrad: bool, state_dtype: torch.dtype | None = None):
+    """DeepSpeedCPUAdam in AdamW mode with the shared hyperparameters; fp32 states unless ``state_dtype``
+    is the parameters' dtype (its other mode: states in the parameter dtype)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU machines
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if amsgrad:
+        raise ValueError("DeepSpeedCPUAdam has no amsgrad")
+    fp32_states = state_dtype is None or state_dtype == torch.float32
+    return DeepSpeedCPUAdam(params, adamw_mode=True, fp32_optimizer_states=fp32_states, **HYPERPARAMETERS)
+
+
+def deepspeed_adamw(base, grads, amsgrad: bool) -> Provider:
+    params = _copy_params(base, grads)
+    # states in the parameter dtype, as torch and fusedwd keep them in this benchmark
+    opt = deepspeed_cpu_adam(params, amsgrad, state_dtype=params[0].dtype if params else None)
+    return Provider(DEEPSPEED, opt.step, "deepspeed.ops.adam.DeepSpeedCPUAdam(adamw_mode=True)")
+
+
 def _copy_params(base: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
     params = [torch.nn.Parameter(b.clone()) for b in base]
     for p, g in zip(params, grads):
@@ -125,12 +165,13 @@ def floor(num_params: int, dtype: torch.dtype, device: torch.device, amsgrad: bo
     if kernel is not None:
         read_addrs = [b.data_ptr() for b in bufs]
         write_addrs = [b.data_ptr() for b in updated]
-        elem, threads = bufs[0].element_size(), torch.get_num_threads()
+        elem = bufs[0].element_size()
 
         def step() -> None:
-            kernel(read_addrs, write_addrs, num_params, elem, threads)
+            # torch's thread count at each call, like the optimizers (bench.run --threads changes it)
+            kernel(read_addrs, write_addrs, num_params, elem, torch.get_num_threads())
 
-        return Provider(FLOOR, step, f"fusedwd._C.traffic_pass: {reads} reads + {writes} writes, {threads} threads",
+        return Provider(FLOOR, step, f"fusedwd._C.traffic_pass: {reads} reads + {writes} writes, torch's threads",
                         keepalive=tuple(bufs))
 
     # Without the compiled pass, approximate it with torch elementwise passes
@@ -178,6 +219,8 @@ def build(names: list[str], case, dtype: torch.dtype, device: torch.device,
                 providers.append(floor(case.num_params, dtype, device, amsgrad))
             elif name in TORCH_VARIANTS:
                 providers.append(torch_adamw(name, base, grads, amsgrad))
+            elif name == DEEPSPEED:
+                providers.append(deepspeed_adamw(base, grads, amsgrad))
             elif name.startswith(FUSEDWD_PREFIX):
                 providers.append(fusedwd_adamw(name[len(FUSEDWD_PREFIX):], base, grads, amsgrad))
             else:

@@ -87,7 +87,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 COLUMNS = (
-    ("case", "<10"),
+    ("case", "<13"),
     ("provider", "<17"),
     ("n", ">3"),
     ("ms/step", ">9"),
@@ -101,6 +101,13 @@ COLUMNS = (
 )
 
 
+def case_label(case: dict, results: dict) -> str:
+    """A case's name, with its thread count when the run timed several (``--threads 1,2``)."""
+    if len(results["config"].get("threads") or ()) > 1:
+        return f"{case['name']} @{case['threads']}"
+    return case["name"]
+
+
 def table(results: dict) -> str:
     """The results as fixed-width text, one row per case and provider."""
     lines = ["  ".join(format(h, spec) for h, spec in COLUMNS)]
@@ -110,7 +117,7 @@ def table(results: dict) -> str:
         for name, r in case["providers"].items():
             half_iqr = 100.0 * (r["q3_ms"] - r["q1_ms"]) / 2 / r["median_ms"]
             cells = (
-                case["name"] if first else "",
+                case_label(case, results) if first else "",
                 name,
                 str(r["n"]),
                 f"{r['median_ms']:.2f}",
@@ -125,7 +132,30 @@ def table(results: dict) -> str:
             lines.append("  ".join(format(c, spec) for c, (_, spec) in zip(cells, COLUMNS)).rstrip())
             first = False
         for name, why in case["skipped"].items():
-            lines.append(f"{'':10}  {name:<17}  skipped: {why}")
+            lines.append(f"{'':13}  {name:<17}  skipped: {why}")
+    return "\n".join(lines)
+
+
+def scaling_table(results: dict) -> str:
+    """Per case and provider: ms/step at each thread count of the run, and the speedup of the most
+    threads over the fewest (``--threads 1,2``)."""
+    counts = sorted(set(results["config"]["threads"]))
+    lo, hi = counts[0], counts[-1]
+    by_case: dict[str, dict[int, dict]] = {}
+    for c in results["cases"]:
+        by_case.setdefault(c["name"], {})[c["threads"]] = c
+    head = f"{'case':<13}  {'provider':<17}" + "".join(f"{f'{n} thr ms':>11}" for n in counts)
+    head += f"{f'{hi}/{lo} speedup':>16}{'GB/s @' + str(hi):>10}"
+    lines = [head, "-" * len(head)]
+    for name, per in by_case.items():
+        first = True
+        providers = [p for p in per[counts[0]]["providers"] if all(p in per[n]["providers"] for n in counts)]
+        for p in providers:
+            ms = [per[n]["providers"][p]["median_ms"] for n in counts]
+            cells = f"{name if first else '':<13}  {p:<17}" + "".join(f"{m:>11.2f}" for m in ms)
+            cells += f"{ms[0] / ms[-1]:>15.2f}x{per[hi]['providers'][p]['gb_per_s']:>10.1f}"
+            lines.append(cells)
+            first = False
     return "\n".join(lines)
 
 
@@ -167,10 +197,14 @@ def plot(results: dict, path: str) -> None:
             ax.hlines(target["min_speedup"], j - 0.45, j + 0.45, colors="black", linestyles="dashed", linewidth=1)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(cases)), [f"{c['title']}\n{c['num_tensors']} tensors" for c in cases], fontsize=8)
+    labels = [f"{c['title']}\n{c['num_tensors']} tensors" for c in cases]
+    if len(results["config"].get("threads") or ()) > 1:
+        labels = [f"{label}, {c['threads']} thr" for label, c in zip(labels, cases)]
+    ax.set_xticks(range(len(cases)), labels, fontsize=8)
     ax.set_ylabel("speedup over torch.optim.AdamW(fused=True)")
     m = results["machine"]
-    ax.set_title(f"AdamW {results['config']['dtype']} step on {m['cpu_model']} ({m['torch_threads']} threads); "
+    threads = ",".join(str(n) for n in results["config"].get("threads") or [m["torch_threads"]])
+    ax.set_title(f"AdamW {results['config']['dtype']} step on {m['cpu_model']} ({threads} threads); "
                  "dashed: target", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

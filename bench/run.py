@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds of timed steps per provider and case; slower providers get fewer "
                          "repeats, never fewer than --min-repeats (default 8; --quick 1)")
     ap.add_argument("--min-repeats", type=int, default=5)
+    ap.add_argument("--threads", type=_comma_list, default=None,
+                    help="comma list of thread counts, e.g. 1,2: every case is timed at each, one after the "
+                         "other, with the same providers (default: torch's count, "
+                         f"{torch.get_num_threads()} here); targets are judged at that default only")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--amsgrad", action="store_true", help="benchmark amsgrad=True (36 B/param in fp32)")
     ap.add_argument("--scale", type=float, default=1.0,
@@ -71,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     known = [providers.FUSEDWD_PREFIX + b for b in providers.FUSEDWD_BACKENDS]
     known += [providers.FUSEDWD_PREFIX + b + providers.FLAT_SUFFIX
               for b in providers.FUSEDWD_BACKENDS if b != "reference"]
-    known += [*providers.TORCH_VARIANTS, providers.FLOOR]
+    known += [*providers.TORCH_VARIANTS, providers.DEEPSPEED, providers.FLOOR]
     if args.optimizers is not None and not set(args.optimizers) <= set(known):
         ap.error(f"unknown provider(s) {sorted(set(args.optimizers) - set(known))}; choose from {known}")
     unknown = [s for s in args.sizes if s not in cases_mod.BUILDERS]
@@ -83,6 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--device cuda requested but torch.cuda.is_available() is False")
     if args.repeats < 1 or args.scale <= 0:
         ap.error("--repeats must be >= 1 and --scale > 0")
+    default_threads = torch.get_num_threads()
+    try:
+        args.threads = [int(t) for t in args.threads] if args.threads else [default_threads]
+    except ValueError:
+        ap.error(f"--threads takes a comma list of positive integers, got {','.join(args.threads)}")
+    if min(args.threads) < 1:
+        ap.error("--threads: thread counts must be >= 1")
+    args.default_threads = default_threads
     return args
 
 
@@ -167,13 +179,20 @@ def machine_info(device: torch.device) -> dict:
 
 
 def default_providers(device: torch.device) -> tuple[list[str], str]:
+    """The providers of a default run, and a note on what is missing (fusedwd, DeepSpeed)."""
     backends, why = providers.fusedwd_backends(device)
     names = [providers.FUSEDWD_PREFIX + b for b in backends]
-    return names + list(providers.TORCH_VARIANTS) + [providers.FLOOR], why
+    peers = []
+    ds_missing = providers.deepspeed_missing(device)
+    if ds_missing:
+        why = "; ".join(w for w in (why, f"{providers.DEEPSPEED} skipped: {ds_missing}") if w)
+    else:
+        peers.append(providers.DEEPSPEED)
+    return names + list(providers.TORCH_VARIANTS) + peers + [providers.FLOOR], why
 
 
-def run_case(case, names, implicit_reference, target, args, device, dtype, bar) -> dict:
-    """Build, time and summarize the providers of one case.
+def run_case(case, names, implicit_reference, judge, args, device, dtype, bar) -> list[dict]:
+    """Build, time and summarize the providers of one case: one result per thread count.
 
     A function of its own so that the case's parameters and states (6 GB and
     more for GPT-2 small) are freed on return, before the next case allocates.
@@ -197,30 +216,39 @@ def run_case(case, names, implicit_reference, target, args, device, dtype, bar) 
             skipped[name] = (f"first step took {first_s[name]:.1f} s > {slow_s:.1f} s (budget / min repeats); "
                              "name it in --optimizers to time it anyway")
     built = [p for p in built if p.name not in skipped]
-    bar.set_description(f"{case.name}: warm-up")
-    with measure.Contention() as contention:
-        samples = measure.interleaved(
-            {p.name: p.step for p in built}, device, args.warmup, args.repeats, args.budget, args.min_repeats,
-            on_round=lambda: (bar.update(1), bar.set_description(f"{case.name}: timing")),
-        )
-    # Rounds a case did not need (every provider over budget) still count towards the bar.
-    bar.update(args.repeats - max((len(s) for s in samples.values()), default=0))
-    rows = {name: report.summarize(s, case.num_params, bpp) for name, s in samples.items()}
-    report.add_ratios(rows, target)
-    for p in built:
-        rows[p.name].update(description=p.description, notes=p.notes)
-    return {
-        "name": case.name,
-        "title": case.title,
-        "num_tensors": case.num_tensors,
-        "num_params": case.num_params,
-        "bytes_per_param": bpp,
-        "target": None if target is None else {"min_speedup": target.min_speedup,
-                                               "max_over_floor": target.max_over_floor},
-        "providers": rows,
-        "skipped": skipped,
-        "other_cpu_share": contention.share,
-    }
+    results = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        # the issue's targets are stated for this project's 2-core machine at its default thread count
+        target = report.TARGETS.get(case.name) if judge and threads == args.default_threads else None
+        label = f"{case.name} @{threads}" if len(args.threads) > 1 else case.name
+        bar.set_description(f"{label}: warm-up")
+        with measure.Contention() as contention:
+            samples = measure.interleaved(
+                {p.name: p.step for p in built}, device, args.warmup, args.repeats, args.budget, args.min_repeats,
+                on_round=lambda: (bar.update(1), bar.set_description(f"{label}: timing")),
+            )
+        # Rounds a case did not need (every provider over budget) still count towards the bar.
+        bar.update(args.repeats - max((len(s) for s in samples.values()), default=0))
+        rows = {name: report.summarize(s, case.num_params, bpp) for name, s in samples.items()}
+        report.add_ratios(rows, target)
+        for p in built:
+            rows[p.name].update(description=p.description, notes=p.notes)
+        results.append({
+            "name": case.name,
+            "title": case.title,
+            "threads": threads,
+            "num_tensors": case.num_tensors,
+            "num_params": case.num_params,
+            "bytes_per_param": bpp,
+            "target": None if target is None else {"min_speedup": target.min_speedup,
+                                                   "max_over_floor": target.max_over_floor},
+            "providers": rows,
+            "skipped": skipped,
+            "other_cpu_share": contention.share,
+        })
+    torch.set_num_threads(args.default_threads)
+    return results
 
 
 def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
@@ -248,6 +276,7 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
             "budget_s": args.budget,
             "min_repeats": args.min_repeats,
             "scale": args.scale,
+            "threads": args.threads,
             "quick": args.quick,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
@@ -261,17 +290,20 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
         tqdm.write(f"note: GPU providers (fusedwd-cuda, fusedwd-triton) skipped: {gpu}")
     # the issue's targets are stated for this project's 2-core CPU machine
     judge = report.targets_apply(args.dtype, args.amsgrad, args.scale) and device.type == "cpu"
-    bar = tqdm(total=len(cases) * args.repeats, unit="round", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(total=len(cases) * len(args.threads) * args.repeats, unit="round", disable=args.no_progress,
+               file=sys.stderr)
     for case in cases:
-        target = report.TARGETS.get(case.name) if judge else None
-        results["cases"].append(run_case(case, names, implicit_reference, target, args, device, dtype, bar))
+        results["cases"].extend(run_case(case, names, implicit_reference, judge, args, device, dtype, bar))
     bar.close()
 
-    misses = [f"{c['name']}/{n}" for c in results["cases"] for n, r in c["providers"].items() if r["status"] == "MISS"]
+    misses = [f"{report.case_label(c, results)}/{n}" for c in results["cases"] for n, r in c["providers"].items() if r["status"] == "MISS"]
     results["misses"] = misses
     results["elapsed_s"] = time.perf_counter() - t_start
     print(report.table(results))
-    short = [f"{c['name']}/{n} n={r['n']}" for c in results["cases"] for n, r in c["providers"].items()
+    if len(args.threads) > 1:
+        print()
+        print(report.scaling_table(results))
+    short = [f"{report.case_label(c, results)}/{n} n={r['n']}" for c in results["cases"] for n, r in c["providers"].items()
              if r["n"] < args.repeats]
     if short:
         print(f"fewer than {args.repeats} repeats (time budget {args.budget:g} s per provider and case): "
@@ -279,7 +311,7 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
     floors = {r["description"] for c in results["cases"] for n, r in c["providers"].items() if n == providers.FLOOR}
     for d in sorted(floors):
         print(f"floor: {d}")
-    busy = [f"{c['name']} {c['other_cpu_share']:.0%}" for c in results["cases"]
+    busy = [f"{report.case_label(c, results)} {c['other_cpu_share']:.0%}" for c in results["cases"]
             if c["other_cpu_share"] is not None and c["other_cpu_share"] > BUSY_SHARE]
     if busy:
         print(f"WARNING: other processes used the CPUs while timing ({', '.join(busy)} of capacity): "

@@ -54,6 +54,8 @@ def test_adamw_step(benchmark, case_provider, request: pytest.FixtureRequest) ->
         provider = providers.floor(case.num_params, dtype, device, amsgrad=False)
     elif name in providers.TORCH_VARIANTS:
         provider = providers.torch_adamw(name, base, grads, amsgrad=False)
+    elif name == providers.DEEPSPEED:
+        provider = providers.deepspeed_adamw(base, grads, amsgrad=False)
     else:
         provider = providers.fusedwd_adamw(name[len(providers.FUSEDWD_PREFIX):], base, grads, amsgrad=False)
     step = provider.step

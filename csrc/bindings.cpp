@@ -208,6 +208,46 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("name"), "Selects the CPU ISA variant by name (for tests and benchmarks).");
 
+  m.def(
+      "q_level_errors",
+      [](bool is_signed, const std::vector<float>& thresholds) {
+        const size_t levels = is_signed ? kSignedLevels : kUnsignedLevels;
+        if (thresholds.size() != levels) {
+          throw py::value_error("q_level_errors: thresholds must hold " + std::to_string(levels) +
+                                " values (K of the code), got " + std::to_string(thresholds.size()));
+        }
+        for (size_t j = 0; j < levels; ++j) {
+          const bool ok = thresholds[j] > 0.0f && thresholds[j] <= 1.0f &&
+                          (j == 0 || thresholds[j] > thresholds[j - 1]);
+          if (!ok) throw py::value_error("q_level_errors: thresholds must increase within (0, 1]");
+        }
+        uint32_t first = 0;
+        int64_t errors = 0;
+        {
+          py::gil_scoped_release release;
+          errors = cpu::active().q_level_errors(is_signed, thresholds.data(), &first);
+        }
+        return std::make_tuple(errors, first);
+      },
+      py::arg("signed"), py::arg("thresholds"),
+      "For the tests: (count, bit pattern of the first) of the float32 y in [0, 1] that the\n"
+      "active ISA variant's 8-bit encode (quant.h q_level) codes differently from the number\n"
+      "of the given thresholds (fusedwd.quant.thresholds) y reaches; every such y is tried.");
+  m.def(
+      "convert_f16",
+      [](uintptr_t src, uintptr_t dst, int64_t n, bool to_half) {
+        if (n < 0) throw py::value_error("convert_f16: n must be >= 0");
+        py::gil_scoped_release release;
+        // raw addresses of caller-owned buffers of n elements
+        if (to_half) {
+          cpu::active().f32_to_f16(reinterpret_cast<const float*>(src), reinterpret_cast<uint16_t*>(dst), n);
+        } else {
+          cpu::active().f16_to_f32(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<float*>(dst), n);
+        }
+      },
+      py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("to_half"),
+      "For the tests: n fp16 values (bits) to float32 at dst, or n float32 to fp16 bits\n"
+      "(to_half), by the active ISA variant's conversions as its loops run them.");
   m.def("grad_sumsq", &grad_sumsq, py::arg("table"), py::arg("nseg"), py::arg("dtype"),
         py::arg("num_threads"),
         "Sum of squares (in double) of the gradients of nseg segments of a segment table: the\n"

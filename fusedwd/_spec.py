@@ -170,7 +170,7 @@ def storage_layout(dtype: torch.dtype, group: Mapping[str, Any], numel: int = 0)
     master_weights applies to 16-bit parameters (fp32 and fp64 ones are their own
     master); stochastic_rounding to bf16 parameters; state_dtype="int8" to tensors of
     at least ``min_8bit_numel`` elements (smaller ones keep float32 states). The
-    combinations are the kernels' (csrc/cpu/loops.h by_layout, by_q8_layout); any
+    combinations are the kernels' (csrc/include/fusedwd/precision.h with_layout, with_q8_layout); any
     other raises a ValueError.
     """
     half = dtype in HALF_DTYPES

@@ -12,7 +12,10 @@ depend on how tensors are bucketed (a shard boundary must fall on a block
 boundary for the same reason).
 
 The code: a quartic power law. A normalized magnitude ``y = |x|/absmax`` in
-[0, 1] is stored as ``k = rint(K * y^(1/4))`` and decoded as ``(k/K)^4``:
+[0, 1] is stored as ``k = rint(K * y^(1/4))`` and decoded as ``(k/K)^4``, where
+the rounding is defined without a root: k is the number of decision thresholds
+``T_j = ((j - 1/2)/K)^4`` (j = 1..K, each computed like a decoded value) that y
+reaches, so a kernel needs no square root to find it exactly:
 
 - signed (m, momentum_buffer, grad_avg): K = 127, byte = 127 + sign(x)*k,
   bytes 0..254 (0 at byte 127; byte 255 is never written and decodes to 1.0);
@@ -34,12 +37,18 @@ nearest-even (no FMA contraction, no approximate division or square root):
     else:
         inv = 1 / a                    (correctly rounded division)
         y_i = min(|x_i| * inv, 1)      signed; unsigned: min(max(x_i, 0) * inv, 1)
-        r_i = sqrt(sqrt(y_i))          (correctly rounded square roots)
-        k_i = rint(r_i * K)            round half to even, 0 <= k_i <= K
+        k_i = #{j in 1..K : y_i >= T_j}      0 <= k_i <= K
         unsigned: if x_i > 0 and k_i == 0: k_i = 1
         byte_i = 127 + k_i if x_i > 0 else 127 - k_i    (signed; -0.0 and 0 give 127)
         byte_i = k_i                                    (unsigned)
         absmax = a
+
+The thresholds: ``T_j`` is the float32 product chain of the decode applied to the
+half code ``j - 1/2``: ``t = (j - 1/2) * RCP``, ``t2 = t * t``, ``T_j = t2 * t2``
+(``thresholds`` builds them; increasing in j, T_1 = 2.4e-10 signed, 1.5e-11
+unsigned). Against ``rint(sqrt(sqrt(y)) * K)`` with two correctly rounded roots
+(this module's definition until issue 17) the code differs only for y within a
+few float32 ulps of a threshold, by one: docs/quantization.md counts them.
 
 Decode: ``x_i = table[byte_i] * absmax`` (one float32 multiply), where
 ``table[byte] = sign * t4``, ``t = k * RCP``, ``t2 = t * t``, ``t4 = t2 * t2``,
@@ -66,7 +75,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BLOCK_SIZE", "MIN_ABSMAX", "code_map", "zero_code", "quantize_blockwise", "dequantize_blockwise",
+    "BLOCK_SIZE", "MIN_ABSMAX", "code_map", "thresholds", "zero_code", "quantize_blockwise", "dequantize_blockwise",
     "QuantizedState", "requantized_step",
 ]
 
@@ -93,6 +102,15 @@ def _magnitude(k: Tensor, levels: int) -> Tensor:
     t = _f32(k.to(torch.float64) * _f32(torch.tensor(1.0 / levels, dtype=torch.float64)))
     t2 = _f32(t * t)
     return _f32(t2 * t2)
+
+
+def thresholds(signed: bool) -> Tensor:
+    """The K decision thresholds T_1 < ... < T_K of the code, float32: a normalized magnitude y
+    takes the code k = #{j : y >= T_j}. T_j = ((j - 1/2)/K)^4 as the decode's three float32
+    products of the half code j - 1/2 (see the module docstring)."""
+    levels = SIGNED_LEVELS if signed else UNSIGNED_LEVELS
+    half = torch.arange(1, levels + 1, dtype=torch.float64) - 0.5
+    return _magnitude(half, levels).to(torch.float32)
 
 
 def code_map(signed: bool) -> Tensor:
@@ -147,9 +165,8 @@ def quantize_blockwise(x: Tensor, signed: bool, *, block_size: int = BLOCK_SIZE,
     mag = b64.abs() if signed else b64.clamp(min=0.0)
     y = _f32(mag * inv[:, None]).clamp(max=1.0)
     y = torch.where(ok[:, None], y, torch.zeros_like(y))  # NaN and inf elements of bad blocks too
-    r = _f32(torch.sqrt(_f32(torch.sqrt(y))))
-    levels = SIGNED_LEVELS if signed else UNSIGNED_LEVELS
-    k = torch.round(_f32(r * levels)).to(torch.int64)  # torch.round: half to even
+    # the number of thresholds each y reaches (exact comparisons of float32 values held in float64)
+    k = torch.searchsorted(thresholds(signed).to(torch.float64).to(y.device), y.contiguous(), right=True)
     if signed:
         codes = torch.where(b64 > 0, _SIGNED_ZERO + k, _SIGNED_ZERO - k)
     else:

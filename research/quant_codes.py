@@ -15,7 +15,11 @@ one fp32 absmax per block: ``xn = x * (1/absmax)``, clamped to [-1, 1], then a
             binary search.
 - ``pow2``: a power-law code, |value| = (k/K)^2, K = 127 (signed) or 255
             (unsigned): encode k = rint(K*sqrt(|xn|)), decode by squaring.
-- ``pow4``: the same with the fourth power (encode by two square roots).
+- ``pow4``: the same with the fourth power: k = the number of fusedwd.quant's
+            thresholds ((j - 1/2)/K)^4 that |xn| reaches, the spec's exact
+            definition since issue 17 (``--pow4-encode sqrt``: by two square
+            roots, rint(K*sqrt(sqrt(|xn|))), the definition before; the two
+            differ only next to a threshold, by one code).
 - ``e4m3``, ``e4m4``, ``e5m3``: fp8-style codes on [0, 1] (exponent bias such
             that 1.0 is the top code; subnormals below), encoded by rounding the
             fp32 bit pattern to M mantissa bits (round half to even).
@@ -115,8 +119,14 @@ def bnb_code(signed: bool) -> Code:
     return Code("bnb", signed, t, _nearest_encoder(t))
 
 
+# How pow4 encodes: "thresholds" (fusedwd.quant's definition) or "sqrt" (two square roots, the
+# definition before issue 17); --pow4-encode sets it, to show that the tables do not move.
+POW4_ENCODE = "thresholds"
+
+
 def pow_code(signed: bool, power: int) -> Code:
-    """|value| = (k/K)^power: encode k = rint(K * |xn|^(1/power)) by square roots."""
+    """|value| = (k/K)^power: encode k = rint(K * |xn|^(1/power)) by square roots (pow4: by
+    counting fusedwd.quant's thresholds, unless POW4_ENCODE is "sqrt")."""
     K = 127 if signed else 255
     k = torch.arange(256, dtype=torch.float64)
     if signed:  # byte = 127 + sign*k; byte 255 is never produced and decodes to 1.0
@@ -126,6 +136,11 @@ def pow_code(signed: bool, power: int) -> Code:
         table = ((k / K) ** power).float()
 
     def encode(xn: torch.Tensor) -> torch.Tensor:
+        if power == 4 and POW4_ENCODE == "thresholds":
+            from fusedwd.quant import thresholds
+
+            q = torch.searchsorted(thresholds(signed), xn.abs().float().contiguous(), right=True)
+            return 127 + torch.sign(xn).long() * q if signed else q
         r = xn.abs().sqrt()
         if power == 4:
             r = r.sqrt()
@@ -778,7 +793,11 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--pow4-encode", choices=["thresholds", "sqrt"], default="thresholds",
+                    help="pow4's encode: fusedwd.quant's threshold count (default) or two square roots (before issue 17)")
     args = ap.parse_args(argv)
+    global POW4_ENCODE
+    POW4_ENCODE = args.pow4_encode
     torch.set_num_threads(1)  # small tensors; keeps the other core for the shared machine
     results = {}
     if os.path.exists(args.out) and not args.quick:

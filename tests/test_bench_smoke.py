@@ -20,3 +20,44 @@ def test_precision_bench_smoke(tmp_path):
     assert {"fusedwd-master", "fusedwd-clip", "torch-clip+fused", "torch-fused"} <= names
     assert all(r["median_ms"] > 0 and r["pct_of_floor"] > 0 for r in result["rows"])
     assert (tmp_path / "precision.json").stat().st_size > 0
+
+
+def test_bench_threads_times_every_case_at_each_count(tmp_path, capsys):
+    import torch
+
+    from bench import providers, report
+    from bench.run import parse_args, run
+
+    before = torch.get_num_threads()
+    args = parse_args(["--quick", "--sizes", "mlp", "--scale", "0.01", "--repeats", "2", "--warmup", "1",
+                       "--threads", "1,2", "--optimizers", "fusedwd-cpu,torch-fused,floor", "--no-progress",
+                       "--no-plot", "--out", str(tmp_path)])
+    results = run(args, command=["test"])
+    assert [(c["name"], c["threads"]) for c in results["cases"]] == [("mlp", 1), ("mlp", 2)]
+    assert torch.get_num_threads() == before  # the run restores torch's count
+    out = capsys.readouterr().out
+    assert "mlp @1" in out and "mlp @2" in out
+    scaling = report.scaling_table(results)
+    assert "2/1 speedup" in scaling and providers.FLOOR in scaling and "torch-fused" in scaling
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "0"])
+
+
+def test_deepspeed_provider_is_skipped_with_its_reason_or_runs(tmp_path):
+    import torch
+
+    from bench import providers
+    from bench.run import default_providers
+
+    names, why = default_providers(torch.device("cpu"))
+    missing = providers.deepspeed_missing(torch.device("cpu"))
+    if missing:
+        assert providers.DEEPSPEED not in names and missing in why
+        return
+    assert providers.DEEPSPEED in names
+    base, grads = providers.make_base([(300,), (7, 5)], torch.float32, torch.device("cpu"))
+    provider = providers.deepspeed_adamw(base, grads, amsgrad=False)
+    provider.step()
+    # AdamW's first step moves every element by about lr: the provider really steps
+    params = provider.step.__self__.param_groups[0]["params"]
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, base))

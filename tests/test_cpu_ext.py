@@ -427,3 +427,87 @@ def test_traffic_pass_writes_outputs(int_dtype, elem_size, num_threads):
     expected = (reads[0] + reads[1] + reads[2]).to(int_dtype)
     for w in writes:
         assert torch.equal(w, expected)
+
+
+# ------------------------------------------------------------ fp16 conversions
+# The AVX2 and AVX-512 variants convert fp16 buffers a chunk at a time with F16C /
+# AVX-512 instructions (common.h f16_to_float_n / float_to_f16_n); the baseline, the
+# tails and the CUDA host code with common.h's bit arithmetic. Both round to nearest
+# even and quiet a NaN keeping its payload's top bits (IEEE 754's conversion, what the
+# instructions do), bit for bit: every half, and floats of every class.
+
+
+def _convert(src: torch.Tensor, to_half: bool) -> torch.Tensor:
+    out = torch.empty(src.numel(), dtype=torch.int16 if to_half else torch.float32)
+    _C.convert_f16(src.data_ptr(), out.data_ptr(), src.numel(), to_half)
+    return out
+
+
+def _float_sweep() -> torch.Tensor:
+    """float32 bit patterns of every class an fp16 conversion treats apart: each half's own
+    value and the midpoints between neighbouring halves (ties, both parities) with the floats
+    one ulp around them, fp16 subnormals and the smallest ones' halves, values that round to
+    or past 65504 (overflow to inf), fp32 subnormals, +-0, +-inf, quiet and signaling NaNs
+    with many payloads, and 2^20 random bit patterns of every exponent; both signs."""
+    halves = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    mids = (halves[:-1].double() + halves[1:].double()) / 2  # exact in float32: one bit more than fp16
+    mid_bits = mids.float().view(torch.int32)
+    around = (mid_bits[:, None] + torch.arange(-1, 2, dtype=torch.int32)).reshape(-1)
+    gen = torch.Generator().manual_seed(0)
+    nan_payloads = torch.randint(1, 1 << 23, (4096,), generator=gen, dtype=torch.int32)
+    special = torch.tensor([0x7F800000, 0x00000001, 0x007FFFFF, 0x00800000, 0x33000000, 0x33000001, 0x337FFFFF,
+                            0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FFFFF, 0x47800000, 0x7F7FFFFF, 0,
+                            0x7FC00000, 0x7F800001, 0x7FBFFFFF, 0x7FFFFFFF, 0x7FC02000, 0x7F802000],
+                           dtype=torch.int64).to(torch.int32)
+    random = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32)
+    bits = torch.cat([halves.view(torch.int32), around, 0x7F800000 | nan_payloads, 0x7FC00000 | nan_payloads,
+                      special, random])
+    return torch.cat([bits, bits | torch.tensor(-(1 << 31), dtype=torch.int32)]).view(torch.float32)
+
+
+def _expected_half_bits(x: torch.Tensor) -> torch.Tensor:
+    """IEEE 754 float32 -> binary16: torch's round to nearest even, and a NaN as the quiet NaN of
+    its sign and payload's top bits (torch itself returns one canonical NaN)."""
+    bits = x.view(torch.int32).long()
+    nan = x.isnan()
+    quiet = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)
+    return torch.where(nan, quiet, x.to(torch.float16).view(torch.int16).long() & 0xFFFF)
+
+
+def _expected_float_bits(h: torch.Tensor) -> torch.Tensor:
+    """binary16 -> float32: exact, a NaN quieted (bit 22 set), payload kept."""
+    x = h.view(torch.float16)
+    widened = x.float().view(torch.int32).long() & 0xFFFFFFFF
+    hb = h.long() & 0xFFFF
+    quiet = ((hb & 0x8000) << 16) | 0x7FC00000 | ((hb & 0x3FF) << 13)
+    return torch.where(x.isnan(), quiet, widened)
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["ieee", "flush-denormal"])
+def test_fp16_conversions_every_variant_every_half_and_float_class(restore_isa, flush_denormal):
+    halves = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    floats = _float_sweep()
+    want_f = _expected_float_bits(halves)
+    want_h = _expected_half_bits(floats)
+    # the sweep reaches what it claims: ties rounding both ways, overflow, subnormal halves, NaN payloads
+    assert int((want_h == 0x7C00).sum()) > 0 and int(((want_h & 0x7C00) == 0).sum()) > 1000
+    assert len(set((want_h[floats.isnan()] & 0x3FF).tolist())) > 500
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero / denormals-are-zero modes")
+    try:
+        for isa in _C.supported_isas():
+            _C.set_isa(isa)
+            got_f = _convert(halves, to_half=False).view(torch.int32).long() & 0xFFFFFFFF
+            got_h = _convert(floats, to_half=True).long() & 0xFFFF
+            # a length that ends off the vector width: the tails take the scalar conversion
+            assert torch.equal(_convert(floats[:1021], to_half=True).long() & 0xFFFF, want_h[:1021]), isa
+            assert torch.equal(_convert(halves[:1021], to_half=False).view(torch.int32).long() & 0xFFFFFFFF,
+                               want_f[:1021]), isa
+            for name, got, want, src in (("f16->f32", got_f, want_f, halves), ("f32->f16", got_h, want_h, floats)):
+                bad = (got != want).nonzero().flatten()
+                assert bad.numel() == 0, (f"{isa} {name}: {bad.numel()} differ, e.g. input bits "
+                                          f"{[hex(int(b) & 0xFFFFFFFF) for b in src.view(torch.int16 if src.dtype == torch.int16 else torch.int32)[bad[:4]]]}: "
+                                          f"{[hex(int(v)) for v in got[bad[:4]]]} instead of {[hex(int(v)) for v in want[bad[:4]]]}")
+    finally:
+        if flush_denormal:
+            torch.set_flush_denormal(False)

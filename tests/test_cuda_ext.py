@@ -156,10 +156,11 @@ def test_every_kernel_moves_data_in_128_bit_accesses():
 
 @needs_module
 def test_q8_kernels_encode_with_ieee_arithmetic_and_shuffles():
-    """The 8-bit kernels' encode rounds as the CPU kernel's (docs/quantization.md): IEEE fp32
-    square roots and reciprocal, no approximate division, no contracted multiply-add in fp32
-    (rintf compiles to cvt.rni, or to the exact add of 1.5 * 2^23 and its subtraction), and
-    the block absmax by warp butterfly shuffles; byte loads and stores of the codes."""
+    """The 8-bit kernels' encode rounds as the CPU kernel's (docs/quantization.md): no square
+    root (the guess starts from y's bit pattern, 0x4F500000 - bits/4, and truncates to the
+    candidate code), an IEEE reciprocal of the absmax, no approximate division, no contracted
+    multiply-add in fp32; the block absmax by warp butterfly shuffles; byte loads and stores of
+    the codes. The only square root left is the update's (AdamW, RMSpropW)."""
     ptx = cuobjdump("--dump-ptx")
     bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
     q8 = [(name, body) for name, body in bodies if kernel_of(name)[6]]
@@ -169,8 +170,9 @@ def test_q8_kernels_encode_with_ieee_arithmetic_and_shuffles():
         _, _, _, _, rule, switches, _ = kernel_of(name)
         if not keeps_states(rule, switches):
             continue  # no state to encode (SGDW without momentum)
-        assert "sqrt.rn.f32" in body and ("rcp.rn.f32" in body or "div.rn.f32" in body), name
-        assert "cvt.rni" in body or re.search(r"add\.rn\.f32\s+%f\d+, %f\d+, 0f4B400000", body), name
+        assert ("sqrt.rn.f32" in body) == (rule in ("Adamw", "Rmspropw")), name  # the update's own root
+        assert "rcp.rn.f32" in body or "div.rn.f32" in body, name
+        assert "1330642944" in body and "cvt.rzi.s32.f32" in body, name  # 0x4F500000; floor of the guess
         assert "shfl.sync.bfly.b32" in body, name
         assert re.search(r"ld(?:\.global)?(?:\.nc)?\.u8", body) and re.search(r"st(?:\.global)?\.u8", body), name
 

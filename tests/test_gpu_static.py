@@ -163,11 +163,11 @@ def test_problems_catch_what_they_check():
                  expected_stores_128=2, buffers_read=["param:float32"], buffers_written=["param:float32"],
                  fast_path_conversions=["float32: #a -> #b"],
                  ptx=dict(approximate_math=["div.approx.f32"], fma=1, acq_rel_arrival=False, arithmetic_shift=True,
-                          q8_rounding=False))
+                          q8_encode=False))
     found = gpu_static.problems(entry)
     assert [len(found[k]) for k in ("spills", "vectors", "conversions", "ptx")] == [1, 1, 1, 5]
     clean = dict(entry, spill_bytes=0, stack_bytes=0, loads_128=4, fast_path_conversions=[],
-                 ptx=dict(approximate_math=[], fma=0, acq_rel_arrival=True, arithmetic_shift=False, q8_rounding=True))
+                 ptx=dict(approximate_math=[], fma=0, acq_rel_arrival=True, arithmetic_shift=False, q8_encode=True))
     assert all(v == [] for v in gpu_static.problems(clean).values())
 
 

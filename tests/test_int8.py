@@ -277,3 +277,68 @@ def test_bad_int8_options():
         fusedwd.AdamW(make_params([(3,)]), state_dtype="int8", min_8bit_numel=-1)
     with pytest.raises(TypeError, match="'int8'"):
         fusedwd.AdamW(make_params([(3,)]), state_dtype="int4")
+
+
+# ------------------------------------------------------------- the encode, exactly (issue 17)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_every_isa_encodes_every_float_as_the_spec(signed):
+    """quant.h's square-root-free q_level against the spec's definition (the number of
+    fusedwd.quant.thresholds y reaches) for every one of the 2^30 float32 y in [0, 1],
+    subnormals, 0 and 1 included, on each CPU variant this machine runs."""
+    from fusedwd import _C
+
+    thr = quant.thresholds(signed).tolist()
+    before = _C.isa()
+    try:
+        for isa in _C.supported_isas():
+            _C.set_isa(isa)
+            errors, first = _C.q_level_errors(signed, thr)
+            assert errors == 0, f"{isa}: {errors} floats coded differently, the first with bits {first:#010x}"
+    finally:
+        _C.set_isa(before)
+    with pytest.raises(ValueError, match="thresholds must hold"):
+        _C.q_level_errors(signed, thr[:-1])
+    # shifted thresholds are a different code: the scan must see it (the test can fail)
+    wrong = [t * (1 + 2**-20) for t in thr]
+    assert _C.q_level_errors(signed, wrong)[0] > 0
+
+
+def _near_thresholds(signed: bool, ulps: int) -> torch.Tensor:
+    """Every float32 within ``ulps`` of each threshold, in blocks of 255 led by 1.0 (absmax 1, so
+    the kernel's y is the value itself), padded with 1.0 to at least min_8bit_numel elements."""
+    bits = quant.thresholds(signed).view(torch.int32)
+    near = (bits[:, None] + torch.arange(-ulps, ulps + 1, dtype=torch.int32)).reshape(-1).view(torch.float32)
+    blocks = torch.nn.functional.pad(near, (0, (-near.numel()) % 255), value=1.0).view(-1, 255)
+    x = torch.cat([torch.ones(len(blocks), 1), blocks], 1).reshape(-1)
+    return torch.cat([x, torch.ones(max(0, 4096 - x.numel()))])
+
+
+def test_cpu_kernel_codes_switch_exactly_at_the_thresholds():
+    """RMSpropW with alpha = 0 and centered: after one step square_avg is g*g and grad_avg is g,
+    encoded by the kernel; on gradients next to every threshold (and on their squares next to
+    every unsigned one) each variant writes the spec's bytes."""
+    g_signed = _near_thresholds(True, 4)
+    g_signed[1::3] *= -1.0  # negative m-like values too (the block's absmax stays 1)
+    # square roots rounded to float32: their fp32 squares fall within an ulp or two of each threshold
+    g_unsigned = _near_thresholds(False, 4).double().sqrt().float()
+
+    def build():
+        params = [torch.nn.Parameter(torch.zeros(g.numel())) for g in (g_signed, g_unsigned)]
+        opt = fusedwd.RMSpropW(params, lr=1e-3, alpha=0.0, centered=True, weight_decay=0.0, state_dtype="int8")
+        return opt, params
+
+    results = results_on_every_isa(build, steps=1, grad_fn=lambda ps, t: [g_signed.clone(), g_unsigned.clone()])
+    for isa, tensors in results.items():
+        # per parameter, sorted state names: grad_avg_absmax, grad_avg_codes, square_avg_absmax, square_avg_codes, step
+        states = tensors[2:]
+        for k, g in enumerate((g_signed, g_unsigned)):
+            ga_absmax, ga_codes, sq_absmax, sq_codes, _ = states[5 * k:5 * k + 5]
+            want_ga = quant.quantize_blockwise(g, True)
+            want_sq = quant.quantize_blockwise(g * g, False)
+            assert torch.equal(ga_codes, want_ga[0]) and torch.equal(ga_absmax, want_ga[1]), (isa, k)
+            assert torch.equal(sq_codes, want_sq[0]) and torch.equal(sq_absmax, want_sq[1]), (isa, k)
+    # the data straddles the thresholds: next to each one both codes occur
+    codes, _ = quant.quantize_blockwise(g_signed.abs(), True)
+    assert len(set(codes.tolist())) == 128
+    codes, _ = quant.quantize_blockwise(g_unsigned * g_unsigned, False)
+    assert len(set(codes.tolist())) == 255  # every code but the zero one (the values are positive)

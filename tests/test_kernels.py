@@ -145,6 +145,69 @@ def test_replaced_param_data_is_followed():
         torch.testing.assert_close(p.detach(), q.detach())
 
 
+# Where the replacement happens: the first tensor, one deep in the list (gather and
+# check_views resume after a tensor they stop at), and the last.
+REPLACED = (0, 611, 999)
+
+
+def _replace(kind, p):
+    if kind == "p.data":
+        p.data = p.detach().clone()  # new storage, same values
+    elif kind == "p.grad":
+        p.grad = p.grad.clone()  # a new gradient tensor, same values
+    else:
+        p.grad.data = p.grad.detach().clone()  # the same gradient object re-pointed
+
+
+@pytest.mark.parametrize("flat_grads", [False, True], ids=["plain", "flat"])
+@pytest.mark.parametrize("kind", ["p.data", "p.grad", "p.grad.data"])
+def test_replaced_tensors_are_detected_among_many(kind, flat_grads):
+    """A p.data or p.grad replaced by a tensor at a new address, among 1,000 parameters, is
+    followed: the step matches bit for bit a twin optimizer whose tensors stayed in place,
+    on that step and the next ones (or, for a re-pointed flat-grads view, raises and
+    writes nothing)."""
+    import warnings
+
+    from fusedwd.optim import _flat
+
+    shapes = [(1 + (7 * k) % 23,) for k in range(1000)]
+    a, b = make_params(shapes), make_params(shapes)
+    opt_a = fusedwd.AdamW(a, lr=1e-2, weight_decay=0.1, backend="cpu", flat_grads=flat_grads)
+    opt_b = fusedwd.AdamW(b, lr=1e-2, weight_decay=0.1, backend="cpu", flat_grads=flat_grads)
+    old = {}
+    for t in range(4):
+        grads = random_grads(a, t)
+        for params in (a, b):
+            for p, g in zip(params, grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)  # keeps flat_grads' views
+        if t == 2:
+            for i in REPLACED:
+                old[i] = (a[i].data_ptr(), a[i].grad.data_ptr())
+                _replace(kind, a[i])
+                assert (a[i].data_ptr(), a[i].grad.data_ptr()) != old[i], "the replacement has a new address"
+            if flat_grads and kind == "p.grad.data":
+                before = [p.detach().clone() for p in a]
+                with pytest.raises(RuntimeError, match="re-pointed"):
+                    opt_a.step()
+                assert all(torch.equal(p, q) for p, q in zip(a, before)), "a step that raised wrote"
+                return
+        _flat._warned_replaced = True  # flat_grads' one warning for replaced gradients is tested elsewhere
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt_a.step()
+        opt_b.step()
+        for k, (p, q) in enumerate(zip(a, b)):
+            assert torch.equal(p, q), f"step {t}: parameter {k} differs"
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt_a.state[p][name], opt_b.state[q][name]), f"step {t}: {name} of {k}"
+    if kind == "p.data":
+        for i in REPLACED:
+            assert a[i].data_ptr() != old[i][0]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_half_precision_matches_torch_fused(dtype, amsgrad):

@@ -574,6 +574,31 @@ def test_q8_optimizer_matches_the_cpu_backend(options):
     assert float(opt_a.state[a[0]]["step"]) == 4.0  # one of the five steps was skipped
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_q8_level_is_the_spec_code_next_to_every_threshold(signed, triton_kernels):
+    """_q8_level, the Triton copy of quant.h's square-root-free encode, against the spec's count
+    of thresholds: every float32 within 48 ulps of each threshold (where a wrong guess or a
+    constant copied wrong would show, and where the square-root definition differed), 0, 1,
+    subnormals, and 2^16 values spread over every binade in [2^-40, 1]."""
+    import _triton_level
+
+    importlib.reload(_triton_level)  # defined in this module's Triton mode
+    from fusedwd import quant
+
+    thr = quant.thresholds(signed)
+    near = (thr.view(torch.int32)[:, None] + torch.arange(-48, 49, dtype=torch.int32)).reshape(-1)
+    gen = torch.Generator().manual_seed(5)
+    spread = torch.rand(1 << 16, generator=gen, dtype=torch.float64).mul(-40).exp2().float()
+    special = torch.tensor([0.0, 1.0, 1e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 0.99999994])
+    y = torch.cat([near.view(torch.float32), spread, special])
+    want = torch.searchsorted(thr.double(), y.double(), right=True).int()
+    got = _triton_level.levels(y.to(DEVICE), signed).cpu()
+    wrong = (got != want).nonzero().flatten()
+    assert wrong.numel() == 0, f"{wrong.numel()} wrong, first y = {y[wrong[:3]].tolist()}: {got[wrong[:3]].tolist()} " \
+                               f"instead of {want[wrong[:3]].tolist()}"
+    assert len(set(want[: near.numel()].tolist())) == len(thr) + 1  # both sides of every threshold
+
+
 def test_q8_launcher_rejects_bad_layouts(triton_kernels):
     bucket = _q8_bucket("sgdw", (True, False), Q8_LAYOUTS[0])
     args = (bucket.table(), bucket.hyper, DEVICE)

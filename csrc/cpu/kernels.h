@@ -55,6 +55,15 @@ struct Kernels {
   void (*step)(int rule, const StepArgs&, unsigned switches);
   void (*traffic)(const TrafficArgs&);
   double (*sumsq)(const StepArgs&);  // sum of squares of every segment's gradient
+  // For the tests, this variant's own compiled 8-bit encode: how many float32 y in
+  // [0, 1] q_level codes differently from the number of the given K thresholds (the
+  // spec's, increasing) that y reaches (every such y is tried), and the bit pattern of
+  // the first (0 when none).
+  int64_t (*q_level_errors)(bool is_signed, const float* thresholds, uint32_t* first_bad);
+  // For the tests: this variant's fp16 conversions as its loops run them (bulk F16C /
+  // AVX-512 where it has them, common.h's bit arithmetic elsewhere), over n values.
+  void (*f16_to_f32)(const uint16_t* in, float* out, int64_t n);
+  void (*f32_to_f16)(const float* in, uint16_t* out, int64_t n);
 };
 
 // The variant in use; chosen at first use from the CPU features unless

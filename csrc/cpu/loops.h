@@ -93,19 +93,147 @@ void for_each_slice(const StepArgs& a, Seg seg) {
 // staging cost fp32 GPT-2 8% and gained the master-weight layout nothing.
 // Always inlined: compiled out of line, the update read the segment's scalars
 // through the lambda's captured pointer and GCC left SGDW's fp16 loop scalar.
+//
+// The buffers are read and written through streams (In, Io, ParamIo below).
+// An fp16 stream of a variant with F16C is chunked: each chunk of it is
+// converted in bulk into fp32 scratch before the element loops (common.h
+// f16_to_float_n) and back after them, since GCC leaves scalar fp16
+// conversions one element per instruction and common.h's portable bit
+// arithmetic cost ~11 vector operations per load and ~22 per store. Any
+// chunked stream makes the loop run by chunks (fused, unless STAGED).
 constexpr int64_t kStageChunk = 1024;
 
-template <bool STAGED, typename M, typename Elem, typename Put>
-__attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put) {
+template <DType D>
+constexpr bool chunked() {
+#if defined(FUSEDWD_HW_F16)
+  return D == DType::F16;
+#else
+  return false;
+#endif
+}
+
+// A buffer the loop only reads (the gradient).
+template <DType D, bool CHUNKED = chunked<D>()>
+struct In {
+  static constexpr bool kChunked = false;
+  const storage_t<D>* __restrict__ ptr;
+  explicit In(const storage_t<D>* p) : ptr(p) {}
+  math_t<D> load(int64_t i) const { return fusedwd::load<D>(ptr, i); }
+  void fill(int64_t, int64_t) {}
+  void flush(int64_t, int64_t) {}
+};
+
+// A buffer the loop reads and writes (a state), or 0 when the rule has no such state.
+template <DType D, bool CHUNKED = chunked<D>()>
+struct Io {
+  static constexpr bool kChunked = false;
+  storage_t<D>* __restrict__ ptr;
+  explicit Io(storage_t<D>* p) : ptr(p) {}
+  math_t<D> load(int64_t i) const { return fusedwd::load<D>(ptr, i); }
+  void store(int64_t i, math_t<D> x) { fusedwd::store<D>(ptr, i, x); }
+  void fill(int64_t, int64_t, bool = true) {}
+  void flush(int64_t, int64_t) {}
+};
+
+#if defined(FUSEDWD_HW_F16)
+template <DType D>
+struct In<D, true> {
+  static constexpr bool kChunked = true;
+  const uint16_t* __restrict__ ptr;
+  int64_t base = 0;
+  alignas(64) float buf[kStageChunk];  // left uninitialized: every chunk fills what it reads
+  explicit In(const uint16_t* p) : ptr(p) {}
+  float load(int64_t i) const { return buf[i - base]; }
+  void fill(int64_t c, int64_t e) {
+    base = c;
+    if (ptr != nullptr) f16_to_float_n(ptr + c, buf, e - c);
+  }
+  void flush(int64_t, int64_t) {}
+};
+
+template <DType D>
+struct Io<D, true> {
+  static constexpr bool kChunked = true;
+  uint16_t* __restrict__ ptr;
+  int64_t base = 0;
+  alignas(64) float buf[kStageChunk];  // left uninitialized: every chunk fills what it reads
+  explicit Io(uint16_t* p) : ptr(p) {}
+  float load(int64_t i) const { return buf[i - base]; }
+  void store(int64_t i, float x) { buf[i - base] = x; }
+  // chunk [c, e) starts: converted into buf unless the loop only writes it (read false)
+  void fill(int64_t c, int64_t e, bool read = true) {
+    base = c;
+    if (read && ptr != nullptr) f16_to_float_n(ptr + c, buf, e - c);
+  }
+  void flush(int64_t c, int64_t e) {
+    if (ptr != nullptr) float_to_f16_n(buf, ptr + c, e - c);
+  }
+};
+#endif
+
+// The parameter: read from its fp32 master copy when there is one (MASTER), written
+// to both (common.h load_param / store_param), its own buffer through an Io.
+template <DType P, bool MASTER, bool SR>
+struct ParamIo {
+  static constexpr bool kChunked = Io<P>::kChunked;
+  Io<P> p;
+  float* __restrict__ master;
+  uint32_t key;  // stochastic rounding
+  ParamIo(storage_t<P>* ptr, float* m, uint32_t k) : p(ptr), master(m), key(k) {}
+  math_t<P> load(int64_t i) const {
+    if constexpr (MASTER) {
+      return master[i];
+    } else {
+      return p.load(i);
+    }
+  }
+  void store(int64_t i, math_t<P> x) {
+    if constexpr (MASTER) {
+      master[i] = x;
+      p.store(i, x);
+    } else if constexpr (SR) {
+      static_assert(!chunked<P>(), "stochastic rounding stores bf16 parameters");
+      store_param<P, false, true>(p.ptr, nullptr, i, x, key);
+    } else {
+      p.store(i, x);
+    }
+  }
+  void fill(int64_t c, int64_t e) { p.fill(c, e, !MASTER); }  // with a master, p is only written
+  void flush(int64_t c, int64_t e) { p.flush(c, e); }
+};
+
+template <typename... Streams>
+constexpr bool any_chunked() {
+  return (Streams::kChunked || ...);
+}
+
+template <bool STAGED, typename M, typename Elem, typename Put, typename... Streams>
+__attribute__((always_inline)) inline void element_loop(int64_t lo, int64_t hi, Elem elem, Put put,
+                                                        Streams&... streams) {
   if constexpr (STAGED) {
     static_assert(sizeof(M) == 4, "16-bit storage computes in fp32");
     alignas(64) M x0[kStageChunk], x1[kStageChunk], x2[kStageChunk], x3[kStageChunk];
     for (int64_t c = lo; c < hi; c += kStageChunk) {
       const int64_t e = min_i64(c + kStageChunk, hi);
+      (streams.fill(c, e), ...);
 #pragma omp simd
       for (int64_t i = c; i < e; ++i) elem(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
 #pragma omp simd
       for (int64_t i = c; i < e; ++i) put(i, x0[i - c], x1[i - c], x2[i - c], x3[i - c]);
+      (streams.flush(c, e), ...);
+    }
+  } else if constexpr (any_chunked<Streams...>()) {
+    // fused, by chunks: only the chunked streams (an fp16 parameter, gradient) go through scratch
+    for (int64_t c = lo; c < hi; c += kStageChunk) {
+      const int64_t e = min_i64(c + kStageChunk, hi);
+      (streams.fill(c, e), ...);
+#pragma omp simd
+      for (int64_t i = c; i < e; ++i) {
+        M x0, x1, x2, x3;
+        elem(i, x0, x1, x2, x3);
+        put(i, x0, x1, x2, x3);
+      }
+      (streams.flush(c, e), ...);
     }
   } else {
 #pragma omp simd
@@ -136,29 +264,28 @@ void pass(const StepArgs& a) {
   const uint64_t seed = a.seed;
   for_each_slice<Rule::kHpCols>(a, [gm, seed](const int64_t* row, const double* hp, double t,
                                               int64_t lo, int64_t hi) {
-    TP* __restrict__ p = column_ptr<TP>(row, SEG_P);
-    float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-    const uint32_t key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    const TP* __restrict__ g = column_ptr<const TP>(row, SEG_G);
-    TS* __restrict__ s0 = column_ptr<TS>(row, SEG_S0);
-    TS* __restrict__ s1 = column_ptr<TS>(row, SEG_S1);
-    TS* __restrict__ s2 = column_ptr<TS>(row, SEG_S2);
+    ParamIo<L::P, L::MASTER, L::SR> p(column_ptr<TP>(row, SEG_P), column_ptr<float>(row, SEG_MASTER),
+                                      L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u);
+    In<L::P> g(column_ptr<const TP>(row, SEG_G));
+    // a state the rule does not keep has a 0 column: never touched (its stream neither)
+    Io<L::S> s0(column_ptr<TS>(row, SEG_S0)), s1(column_ptr<TS>(row, SEG_S1)), s2(column_ptr<TS>(row, SEG_S2));
     const typename Rule::Scalars sc = Rule::scalars(hp, t, gm);
     element_loop<staged<L::S>() && kStates, M>(
         lo, hi,
         [&](int64_t i, M& pi, M& x0, M& x1, M& x2) {
-          pi = load_param<L::P, L::MASTER>(p, master, i);
-          x0 = Rule::kS0 ? load<L::S>(s0, i) : M(0);
-          x1 = Rule::kS1 ? load<L::S>(s1, i) : M(0);
-          x2 = Rule::kS2 ? load<L::S>(s2, i) : M(0);
-          Rule::update(pi, load<L::P>(g, i), x0, x1, x2, sc);
+          pi = p.load(i);
+          x0 = Rule::kS0 ? s0.load(i) : M(0);
+          x1 = Rule::kS1 ? s1.load(i) : M(0);
+          x2 = Rule::kS2 ? s2.load(i) : M(0);
+          Rule::update(pi, g.load(i), x0, x1, x2, sc);
         },
         [&](int64_t i, const M& pi, const M& x0, const M& x1, const M& x2) {
-          store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
-          if (Rule::kS0) store<L::S>(s0, i, x0);
-          if (Rule::kS1) store<L::S>(s1, i, x1);
-          if (Rule::kS2) store<L::S>(s2, i, x2);
-        });
+          p.store(i, pi);
+          if (Rule::kS0) s0.store(i, x0);
+          if (Rule::kS1) s1.store(i, x1);
+          if (Rule::kS2) s2.store(i, x2);
+        },
+        p, g, s0, s1, s2);
   });
 }
 
@@ -491,6 +618,67 @@ inline void traffic(const TrafficArgs& a) {
   }
 }
 
+// Every float32 y in [0, 1] through this variant's encode, against the definition:
+// the count of thresholds reached. Both paths are tried: q_level's portable guess
+// and, where the variant has one, the vector guess of q_encode_values. The
+// thresholds are float32 values themselves and non-negative floats order as their
+// bit patterns, so the count is j on the bit range [bits(thresholds[j - 1]),
+// bits(thresholds[j])): no search per value.
+inline int64_t q_level_errors(bool is_signed, const float* thresholds, uint32_t* first_bad) {
+  const int levels = is_signed ? kSignedLevels : kUnsignedLevels;
+  const uint32_t last = float_bits(1.0f);
+  constexpr int64_t kChunk = 4096;
+  // the bit range where the count is j
+  auto range = [&](int j, uint32_t* lo, uint32_t* hi) {
+    *lo = j == 0 ? 0u : float_bits(thresholds[j - 1]);
+    *hi = j < levels ? float_bits(thresholds[j]) : last + 1;
+  };
+  int64_t errors = 0;
+  uint32_t first = 0xFFFFFFFFu;
+  for (int path = 0; path < 2; ++path) {
+#pragma omp parallel for schedule(dynamic) reduction(+ : errors) reduction(min : first)
+    for (int j = 0; j <= levels; ++j) {
+      uint32_t lo, hi;
+      range(j, &lo, &hi);
+      alignas(64) float y[kChunk];
+      alignas(64) int32_t k[kChunk];
+      for (uint64_t c = lo; c < hi; c += kChunk) {
+        const int64_t n = static_cast<int64_t>(hi - c < static_cast<uint64_t>(kChunk) ? hi - c : kChunk);
+        for (int64_t i = 0; i < n; ++i) y[i] = bits_float(static_cast<uint32_t>(c + i));
+        q_levels(y, n, k, is_signed, path == 1);
+        for (int64_t i = 0; i < n; ++i) {
+          if (k[i] != j) {
+            ++errors;
+            first = first < static_cast<uint32_t>(c + i) ? first : static_cast<uint32_t>(c + i);
+          }
+        }
+      }
+    }
+  }
+  *first_bad = errors == 0 ? 0u : first;
+  return errors;
+}
+
+// The conversions a chunked fp16 stream makes (Io, In), or the element loops'
+// portable ones where the variant has no F16C.
+inline void f16_to_f32(const uint16_t* in, float* out, int64_t n) {
+#if defined(FUSEDWD_HW_F16)
+  f16_to_float_n(in, out, n);
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_float(in[i]);
+#endif
+}
+
+inline void f32_to_f16(const float* in, uint16_t* out, int64_t n) {
+#if defined(FUSEDWD_HW_F16)
+  float_to_f16_n(in, out, n);
+#else
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_f16(in[i]);
+#endif
+}
+
 }  // namespace cpu_loops
 FUSEDWD_NS_END
 
@@ -506,6 +694,7 @@ FUSEDWD_NS_END
   extern const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels);                          \
   const Kernels FUSEDWD_CAT(FUSEDWD_ISA_NS, _kernels) = {                              \
       FUSEDWD_STR(FUSEDWD_ISA_NS), &cpu_loops::step, &cpu_loops::traffic,             \
-      &cpu_loops::sumsq};                                                            \
+      &cpu_loops::sumsq, &cpu_loops::q_level_errors, &cpu_loops::f16_to_f32,          \
+      &cpu_loops::f32_to_f16};                                                        \
   }                                                                                   \
   }

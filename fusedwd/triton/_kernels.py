@@ -13,7 +13,7 @@ the same block function, ``_block``, which loads the states the rule keeps,
 calls the rule's helper and stores what it returns.
 
 Parameters and gradients are stored in one dtype (``P``), the states in
-another (``S``, the same or float32 / 16-bit, csrc/cpu/loops.h by_layout);
+another (``S``, the same or float32 / 16-bit, csrc/include/fusedwd/precision.h with_layout);
 with ``MASTER`` a 16-bit parameter is read from its fp32 master copy and both
 are written, with ``SR`` a bf16 parameter is rounded stochastically
 (``_load_param`` / ``_store_param``, as csrc/include/fusedwd/common.h's
@@ -380,10 +380,33 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _q8_level(y, SIGNED: tl.constexpr):
+    """quant.h q_level: the code of a normalized magnitude 0 <= y <= 1, the number of thresholds
+    T_j = ((j - 1/2)/K)^4 (the decode's products of the half code) that y reaches. No square
+    root: s ~ y^(-1/4) from the bit pattern, x = y s^3 times a quadratic in z = y s^4 guesses
+    K y^(1/4) within 0.06 codes, which leaves one threshold to compare with. The same fp32
+    operations as the C++ helper (its portable guess), constants by their bits; int32 result."""
+    s = (tl.full((), 0x4F500000, tl.uint32) - (y.to(tl.uint32, bitcast=True) >> 2)).to(tl.float32, bitcast=True)
+    s2 = s * s
+    ys2 = y * s2
+    z = ys2 * s2
+    if SIGNED:
+        c2, c1, c0, rcp = _f32(0x4303CF1A), _f32(0xC3AFDC45), _f32(0x43AD98A0), _f32(0x3C010204)
+    else:
+        c2, c1, c0, rcp = _f32(0x438453F3), _f32(0xC4308D84), _f32(0x442E4796), _f32(0x3B808081)
+    x = (ys2 * s) * ((c2 * z + c1) * z + c0)
+    # quant.h q_settle: f = floor(x) (x >= 0), then the one threshold in doubt, f + 1's
+    f = x.to(tl.int32)
+    t = (f.to(tl.float32) + 0.5) * rcp
+    t2 = t * t
+    return tl.where(y >= t2 * t2, f + 1, f)
+
+
+@triton.jit
 def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.constexpr):
     """quant.h q_encode_block per quant block (one row of the tile): the block's absmax, NaN (every
     byte the zero code) if an element is NaN or infinite, 0 below the smallest normal; then
-    k = rint(sqrt(sqrt(min(|x|/absmax, 1))) * K) per element (the zero rule for the unsigned code)."""
+    k = _q8_level(min(|x|/absmax, 1)) per element (the zero rule for the unsigned code)."""
     m = tl.abs(x)
     # NaN and +-inf reduce as +inf (quant.h q_absmax_key): the max needs no NaN semantics
     key = tl.where(m <= _f32(0x7F7FFFFF), m, _f32(0x7F800000))
@@ -401,14 +424,8 @@ def _q8_encode(codes_ptr, absmax_ptr, x, offs, mask, qblocks, qmask, SIGNED: tl.
     else:
         mag = tl.where(x > 0.0, x, 0.0)
     y = mag * inv[:, None]
-    y = tl.where(y < 1.0, y, 1.0)
-    if SIGNED:
-        r = tl.sqrt_rn(tl.sqrt_rn(y)) * 127.0  # SIGNED_LEVELS, exact in fp32
-    else:
-        r = tl.sqrt_rn(tl.sqrt_rn(y)) * 255.0  # UNSIGNED_LEVELS
-    # rint for 0 <= r <= 255: adding 2^23 rounds to an integer, half to even, and the sum's low
-    # mantissa bits are that integer (libdevice's rint does not run in the interpreter)
-    k = ((r + 8388608.0).to(tl.uint32, bitcast=True) - 0x4B000000).to(tl.int32)
+    y = tl.where(y < 1.0, y, 1.0)  # NaN (a poisoned block's lanes, whose bytes are replaced below) too
+    k = _q8_level(y, SIGNED)  # int32, 0..K
     if SIGNED:
         byte = tl.where(x > 0.0, SIGNED_ZERO + k, SIGNED_ZERO - k)
         byte = tl.where(ok[:, None], byte, SIGNED_ZERO)

@@ -11,6 +11,11 @@
 #include <cstdint>
 #include <cstring>
 
+#if !defined(__CUDACC__) && defined(__F16C__)
+#include <immintrin.h>  // the bulk fp16 conversions below
+#define FUSEDWD_HW_F16 1
+#endif
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -89,8 +94,9 @@ FUSEDWD_HD inline float f16_to_float(uint16_t h) {
   const uint32_t body = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
   const uint32_t exp = body & shifted_exp;
   const uint32_t normal = body + ((127u - 15u) << 23);
-  // Inf/NaN: push the exponent to 255, mantissa (NaN payload) kept
-  const uint32_t inf_nan = normal + ((128u - 16u) << 23);
+  // Inf/NaN: push the exponent to 255, mantissa (NaN payload) kept; a NaN comes
+  // out quiet (bit 22 set), as from F16C's vcvtph2ps and IEEE 754's conversions
+  const uint32_t inf_nan = (normal + ((128u - 16u) << 23)) | (body == shifted_exp ? 0u : 0x00400000u);
   // zero/subnormal: exact fp32 subtraction renormalizes the mantissa
   const uint32_t subnormal =
       float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
@@ -110,8 +116,9 @@ FUSEDWD_HD inline uint16_t float_to_f16(float x) {
   const uint32_t f16_overflow = (127u + 16u) << 23;  // 65536.0f: rounds to Inf
   const uint32_t f16_min_normal = 113u << 23;        // 2^-14
   const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;  // 0.5f
-  // NaN -> quiet NaN, Inf and overflow -> Inf
-  const uint32_t special = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // NaN -> quiet NaN keeping the payload's top 9 bits (F16C's vcvtps2ph, IEEE 754's
+  // conversion), Inf and overflow -> Inf
+  const uint32_t special = u > 0x7f800000u ? (0x7e00u | ((u >> 13) & 0x3ffu)) : 0x7c00u;
   // subnormal: the fp32 adder rounds (to nearest even) at the fp16 subnormal ulp
   const uint32_t subnormal = float_bits(bits_float(u) + bits_float(denorm_magic)) - denorm_magic;
   // normal: rebias, then round to nearest even on the 13 dropped bits
@@ -122,6 +129,48 @@ FUSEDWD_HD inline uint16_t float_to_f16(float x) {
   return static_cast<uint16_t>(magnitude | (sign >> 16));
 #endif
 }
+
+// Bulk fp16 <-> fp32 conversions for the CPU variants with F16C (and AVX-512):
+// one instruction per 8 or 16 values. GCC does not vectorize scalar fp16
+// conversions (F16C intrinsics and _Float16 casts stay one element per
+// instruction, GCC 12, also with AVX512-FP16), so the CPU loops convert their
+// fp16 buffers a chunk at a time with these (csrc/cpu/loops.h Io / In). Rounding
+// to nearest even whatever MXCSR says; NaN, infinities, subnormals and ties as
+// f16_to_float / float_to_f16 above, bit for bit (tests/test_cpu_ext.py tries
+// every half and a sweep of floats on each variant); the tails take those.
+#if defined(FUSEDWD_HW_F16)
+
+inline void f16_to_float_n(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    // (maskz with every lane: the plain intrinsic starts from GCC 12's _mm512_undefined_ps,
+    // which -Wmaybe-uninitialized reports)
+    _mm512_storeu_ps(out + i,
+                     _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
+  }
+#endif
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) out[i] = f16_to_float(in[i]);
+}
+
+inline void float_to_f16_n(const float* in, uint16_t* out, int64_t n) {
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(in + i), kRne));
+  }
+#endif
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(in + i), kRne));
+  }
+  for (; i < n; ++i) out[i] = float_to_f16(in[i]);
+}
+#endif
 
 // Storage type and math type of each DType: 16-bit formats compute in fp32,
 // fp64 in fp64.
