@@ -42,8 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from bench import cases, measure, report
-from bench import providers
+from bench import cases, measure, providers, report
 from bench.providers import HYPERPARAMETERS, make_base
 
 MAX_NORM = 1.0
