@@ -226,7 +226,7 @@ def run_case(case, names, implicit_reference, judge, args, device, dtype, bar) -
         with measure.Contention() as contention:
             samples = measure.interleaved(
                 {p.name: p.step for p in built}, device, args.warmup, args.repeats, args.budget, args.min_repeats,
-                on_round=lambda: (bar.update(1), bar.set_description(f"{label}: timing")),
+                on_round=lambda label=label: (bar.update(1), bar.set_description(f"{label}: timing")),
             )
         # Rounds a case did not need (every provider over budget) still count towards the bar.
         bar.update(args.repeats - max((len(s) for s in samples.values()), default=0))
@@ -296,15 +296,16 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
         results["cases"].extend(run_case(case, names, implicit_reference, judge, args, device, dtype, bar))
     bar.close()
 
-    misses = [f"{report.case_label(c, results)}/{n}" for c in results["cases"] for n, r in c["providers"].items() if r["status"] == "MISS"]
+    misses = [f"{report.case_label(c, results)}/{n}" for c in results["cases"] for n, r in c["providers"].items()
+              if r["status"] == "MISS"]
     results["misses"] = misses
     results["elapsed_s"] = time.perf_counter() - t_start
     print(report.table(results))
     if len(args.threads) > 1:
         print()
         print(report.scaling_table(results))
-    short = [f"{report.case_label(c, results)}/{n} n={r['n']}" for c in results["cases"] for n, r in c["providers"].items()
-             if r["n"] < args.repeats]
+    short = [f"{report.case_label(c, results)}/{n} n={r['n']}" for c in results["cases"]
+             for n, r in c["providers"].items() if r["n"] < args.repeats]
     if short:
         print(f"fewer than {args.repeats} repeats (time budget {args.budget:g} s per provider and case): "
               f"{', '.join(short)}")

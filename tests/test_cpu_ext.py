@@ -505,9 +505,11 @@ def test_fp16_conversions_every_variant_every_half_and_float_class(restore_isa, 
                                want_f[:1021]), isa
             for name, got, want, src in (("f16->f32", got_f, want_f, halves), ("f32->f16", got_h, want_h, floats)):
                 bad = (got != want).nonzero().flatten()
+                bits = src.view(torch.int16 if src.dtype == torch.int16 else torch.int32)[bad[:4]]
                 assert bad.numel() == 0, (f"{isa} {name}: {bad.numel()} differ, e.g. input bits "
-                                          f"{[hex(int(b) & 0xFFFFFFFF) for b in src.view(torch.int16 if src.dtype == torch.int16 else torch.int32)[bad[:4]]]}: "
-                                          f"{[hex(int(v)) for v in got[bad[:4]]]} instead of {[hex(int(v)) for v in want[bad[:4]]]}")
+                                          f"{[hex(int(b) & 0xFFFFFFFF) for b in bits]}: "
+                                          f"{[hex(int(v)) for v in got[bad[:4]]]} instead of "
+                                          f"{[hex(int(v)) for v in want[bad[:4]]]}")
     finally:
         if flush_denormal:
             torch.set_flush_denormal(False)
