@@ -66,6 +66,14 @@ def check_range(name: str, value: Any, lo: float, hi: float | None = None, hi_op
     return x
 
 
+def check_betas(betas: Any) -> None:
+    """A pair (beta1, beta2), each in [0, 1): the rules with two moment coefficients."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range("betas[0]", betas[0], 0.0, 1.0)
+    check_range("betas[1]", betas[1], 0.0, 1.0)
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

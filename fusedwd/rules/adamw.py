@@ -13,6 +13,7 @@ from torch import Tensor
 from .._spec import (
     DECOUPLED_KEY,
     check_adam_tensor_flags,
+    check_betas,
     check_bool,
     check_common,
     check_decoupled_key,
@@ -36,10 +37,7 @@ def check(group: Mapping[str, Any]) -> None:
     check_common(group)
     check_range("eps", group["eps"], 0.0)
     betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_range("betas[0]", betas[0], 0.0, 1.0)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
+    check_betas(betas)
     if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
         # torch.optim.Adam's rule (it also rejects ints; fusedwd takes any real number)
         raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._spec import Decay, check_bool, check_common, check_range, decay_factors, group_lr_max
+from .._spec import Decay, check_betas, check_bool, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store, tensor_sum
 from ..reference import lerp as lerp_tensor
 from ._rule import Rule, State
@@ -26,11 +26,7 @@ from ._rule import Rule, State
 def check(group: Mapping[str, Any]) -> None:
     check_common(group)
     check_range("eps", group["eps"], 0.0)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_range("betas[0]", betas[0], 0.0, 1.0)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
+    check_betas(group["betas"])
     check_bool("bias_correction", group["bias_correction"])
     check_bool("always_adapt", group["always_adapt"])
     if group["max_trust_ratio"] is not None:

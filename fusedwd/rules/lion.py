@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._spec import check_common, check_range, decay_factors, group_lr_max
+from .._spec import check_betas, check_common, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store
 from ..reference import lerp as lerp_tensor  # (the Triton helper below uses the Triton lerp)
 from ._rule import Rule, State
@@ -26,11 +26,7 @@ if TYPE_CHECKING:  # what fusedwd.triton compiles triton_update with (docs/addin
 
 def check(group: Mapping[str, Any]) -> None:
     check_common(group)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_range("betas[0]", betas[0], 0.0, 1.0)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
+    check_betas(group["betas"])
 
 
 def values(group: Mapping[str, Any]) -> dict[str, float]:
