@@ -103,6 +103,12 @@ class Bucket:
     signed: tuple[bool, ...]  # per state column: its 8-bit code is signed (m, momentum) or not (v)
     storage: Storage
     dtensor: bool = False  # DTensor parameters (FSDP2): shapes, pointers and states are their local shards
+    # a two-phase rule's DTensor bucket: the (mesh, mesh_dim) its per-tensor sums are added over
+    # (fusedwd/optim/_dtensor.py reduction), None where each rank holds whole tensors
+    reduce_over: Any = None
+    # with reduce_over: float64 [n, sums], what each added sum is multiplied by before phase 2
+    # (the shard's numel / the tensor's for a mean, else 1: fusedwd/optim/_dtensor.py sum_scale)
+    sum_scale: Optional[Tensor] = None
     flat_grads: bool = False  # p.grad re-homed into one flat buffer (fusedwd/optim/_flat.py)
     params: list[Tensor] = field(default_factory=list)
     group_rows: list[int] = field(default_factory=list)  # index of each param's group

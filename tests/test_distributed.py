@@ -2,7 +2,9 @@
 
 Each check trains the same model on the same global batch twice: once in a
 single process, once split across 2 ranks by the engine. The results must
-agree to rounding (all-reduce sums in another order).
+agree to rounding (all-reduce sums in another order). ZeroRedundancyOptimizer
+hands each rank whole tensors, so a two-phase rule (LAMB) needs no cross-rank
+reduction of its per-tensor sums there.
 """
 
 import os
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 2
 STEPS = 6
 TIMEOUT_S = 120
+OPTIMIZERS = {"AdamW": fusedwd.AdamW, "LAMB": fusedwd.LAMB}
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -41,9 +44,9 @@ def _loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def _single_process(opt_kwargs) -> list[torch.Tensor]:
+def _single_process(opt_kwargs, optimizer: str = "AdamW") -> list[torch.Tensor]:
     model = _model()
-    opt = fusedwd.AdamW(param_groups(model, weight_decay=0.1), **opt_kwargs)
+    opt = OPTIMIZERS[optimizer](param_groups(model, weight_decay=0.1), **opt_kwargs)
     for t in range(STEPS):
         x, y = _batch(t)
         opt.zero_grad()
@@ -52,7 +55,7 @@ def _single_process(opt_kwargs) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, engine: str, opt_kwargs: dict, out_dir: str) -> None:
+def _worker(rank: int, engine: str, opt_kwargs: dict, out_dir: str, optimizer: str = "AdamW") -> None:
     try:
         torch.set_num_threads(1)
         # a file rendezvous: no TCP store living in rank 0 while rank 1 tears down
@@ -61,13 +64,13 @@ def _worker(rank: int, engine: str, opt_kwargs: dict, out_dir: str) -> None:
         model = _model()
         if engine == "ddp":
             net = torch.nn.parallel.DistributedDataParallel(model)
-            opt = fusedwd.AdamW(param_groups(model, weight_decay=0.1), **opt_kwargs)
+            opt = OPTIMIZERS[optimizer](param_groups(model, weight_decay=0.1), **opt_kwargs)
         else:  # zero
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             net = torch.nn.parallel.DistributedDataParallel(model)
             opt = ZeroRedundancyOptimizer(
-                param_groups(model, weight_decay=0.1), optimizer_class=fusedwd.AdamW, **opt_kwargs
+                param_groups(model, weight_decay=0.1), optimizer_class=OPTIMIZERS[optimizer], **opt_kwargs
             )
         half = 16 // WORLD
         for t in range(STEPS):
@@ -95,9 +98,10 @@ def _worker(rank: int, engine: str, opt_kwargs: dict, out_dir: str) -> None:
     os._exit(0)
 
 
-def _run(engine: str, opt_kwargs: dict, tmp_path) -> list[torch.Tensor]:
+def _run(engine: str, opt_kwargs: dict, tmp_path, optimizer: str = "AdamW") -> list[torch.Tensor]:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, engine, opt_kwargs, str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, engine, opt_kwargs, str(tmp_path), optimizer))
+             for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -123,6 +127,22 @@ def test_engine_matches_single_process(engine, backend, tmp_path):
     for k, (a, b) in enumerate(zip(got, expected)):
         # all-reduce sums the halves in another order than one process does: a few ulps per step
         assert_close(a, b, f"parameter {k}", scale=1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_zero_steps_lamb_as_one_process(backend, tmp_path):
+    # ZeRO gives each rank whole tensors: LAMB's trust ratios are each tensor's own, with no
+    # collective of ours (all-reduce sums the gradients' halves in another order: a few ulps per step)
+    if backend == "cpu" and "cpu" not in fusedwd.available_backends("cpu"):
+        pytest.skip("fusedwd._C is not built")
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), always_adapt=True, backend=backend)
+    expected = _single_process(kwargs, "LAMB")
+    got = _run("zero", kwargs, tmp_path, "LAMB")
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert_close(a, b, f"LAMB under ZeRO: parameter {k}", scale=1.0)
+    # the trust ratio acted: the same run with Adam's step lands elsewhere
+    adam = _single_process(dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, backend=backend), "AdamW")
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(adam, expected))
 
 
 def _one_step(opt, model):

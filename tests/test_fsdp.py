@@ -4,6 +4,10 @@ One pair of ranks per backend runs every scenario in turn and writes full
 (gathered) parameters, states and state_dict layouts to a file; the tests below
 read that file. The model's shapes shard unevenly over 2 ranks (33 rows: 17 and
 16; 5: 3 and 2) and one parameter of a single row leaves rank 1 an empty shard.
+
+The two-phase rules (LAMB, StableAdamW) sum over each whole tensor: their runs
+also step with the cross-rank reduction disabled (and StableAdamW with the
+shard's element count for its mean), to show the comparison catches it.
 """
 
 import os
@@ -28,6 +32,14 @@ BATCH = 16
 TIMEOUT_S = 120
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-7, amsgrad=True)
 STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+TWO_PHASE = ("LAMB", "StableAdamW")
+TWO_PHASE_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _growth(t: int) -> float:
+    """A loss scale that grows each step: gradients larger than v remembers, so StableAdamW's RMS
+    exceeds 1 and its per-tensor clipping (a mean over the whole tensor) acts."""
+    return float((1 + t) ** 2)
 
 
 class _Gain(torch.nn.Module):
@@ -61,7 +73,17 @@ def _lion(model, backend):
     return fusedwd.Lion(param_groups(model, weight_decay=0.5), lr=1e-3, betas=(0.9, 0.95), backend=backend)
 
 
-def _train(model, opt, steps, rank=None) -> None:
+def _two_phase(name, model, backend):
+    groups = param_groups(model, weight_decay=0.1)
+    if name == "LAMB":  # always_adapt: the trust ratio scales the biases, norms and the empty shard's tensor too
+        return fusedwd.LAMB(groups, lr=1e-2, betas=(0.9, 0.99), always_adapt=True, backend=backend)
+    if name == "StableAdamW":
+        return fusedwd.StableAdamW(groups, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, backend=backend)
+    # AdamW with StableAdamW's numbers: where they differ, StableAdamW's clipping acted
+    return fusedwd.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, backend=backend)
+
+
+def _train(model, opt, steps, rank=None, scale=None) -> None:
     """Steps on the global batch; with ``rank``, on this rank's half (FSDP averages the halves)."""
     for t in steps:
         x, y = _batch(t)
@@ -69,7 +91,8 @@ def _train(model, opt, steps, rank=None) -> None:
             half = BATCH // WORLD
             x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        (loss if scale is None else loss * scale(t)).backward()
         opt.step()
 
 
@@ -106,7 +129,7 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
             set_optimizer_state_dict,
         )
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import DTensor, Replicate, Shard
 
         def sharded(model, per_layer=True):
             if per_layer:
@@ -239,6 +262,48 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
         _train(model, opt, range(STEPS), rank)
         out["lion"] = _gathered(model, opt)
 
+        # (i) the two-phase rules: each tensor's sums added over the ranks between the phases
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Partial
+
+        from fusedwd.optim import _dtensor
+
+        out["two_phase"], out["two_phase_errors"] = {}, {}
+        variants = {"reduced": {}, "unreduced": {"reduce_sums": lambda sums, over: None},
+                    "shard_count": {"sum_scale": lambda rule, bucket: torch.ones(len(bucket.params), len(rule.sums),
+                                                                                dtype=torch.float64)}}
+        for name in TWO_PHASE:
+            for variant, patches in variants.items():
+                if variant == "shard_count" and name != "StableAdamW":
+                    continue  # LAMB's sums are no means
+                saved = {attr: getattr(_dtensor, attr) for attr in patches}
+                for attr, fake in patches.items():
+                    setattr(_dtensor, attr, fake)
+                try:
+                    model = sharded(_model())
+                    opt = _two_phase(name, model, backend)
+                    _train(model, opt, range(STEPS), rank, scale=_growth)
+                    out["two_phase"][name, variant] = _gathered(model, opt)
+                except ValueError as e:  # the reference backend refuses sharded parameters
+                    out["two_phase_errors"][name, variant] = str(e)
+                finally:
+                    for attr, real in saved.items():
+                        setattr(_dtensor, attr, real)
+        # parameters whose sums cannot be added over the ranks: a Partial() placement, and elements
+        # split over two mesh dimensions
+        mesh, mesh2 = init_device_mesh("cpu", (WORLD,)), init_device_mesh("cpu", (1, WORLD))
+        odd = {"partial": DTensor.from_local(torch.randn(4, 3), mesh, [Partial()], run_check=False),
+               "two_dims": DTensor.from_local(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)], run_check=False)}
+        out["placement_errors"] = {}
+        for kind, value in odd.items():
+            p = torch.nn.Parameter(value)
+            p.grad = torch.ones_like(p)
+            try:
+                fusedwd.LAMB([p], backend="cpu").step()
+                out["placement_errors"][kind] = None
+            except ValueError as e:
+                out["placement_errors"][kind] = str(e)
+
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "results.pt"))
         dist.barrier()
@@ -282,10 +347,18 @@ def run(request, tmp_path_factory):
         "params": [p.detach().clone() for p in model.parameters()],
         "states": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
     }
+    for name in (*TWO_PHASE, "AdamW"):
+        model = _model()
+        opt = _two_phase(name, model, backend)
+        _train(model, opt, range(STEPS), scale=_growth)
+        single[name] = {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "states": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
+        }
     return backend, torch.load(out_dir / "results.pt"), single
 
 
-def _assert_same_run(got: dict, expected: dict, what: str, exact: bool = False) -> None:
+def _assert_same_run(got: dict, expected: dict, what: str, exact: bool = False, states=STATES) -> None:
     for k, (a, b) in enumerate(zip(got["params"], expected["params"], strict=True)):
         if exact:
             assert torch.equal(a, b), f"{what}: parameter {k} differs"
@@ -293,9 +366,9 @@ def _assert_same_run(got: dict, expected: dict, what: str, exact: bool = False) 
             # reduce-scatter sums the halves in another order than one process does: a few ulps per step
             assert_close(a, b, f"{what}: parameter {k}", scale=1.0)
     for k, (sa, sb) in enumerate(zip(got["states"], expected["states"], strict=True)):
-        assert set(sa) == set(sb) == {"step", *STATES}, f"{what}: parameter {k} states {set(sa)} vs {set(sb)}"
+        assert set(sa) == set(sb) == {"step", *states}, f"{what}: parameter {k} states {set(sa)} vs {set(sb)}"
         assert float(sa["step"]) == float(sb["step"]) == STEPS, f"{what}: parameter {k} step count"
-        for name in STATES:
+        for name in states:
             if exact:
                 assert torch.equal(sa[name], sb[name]), f"{what}: parameter {k} state {name} differs"
             else:
@@ -376,3 +449,53 @@ def test_get_optimizer_state_dict_initialization_leaves_parameters(run):
 def test_flat_grads_rejects_dtensor_parameters(run):
     _, out, _ = run
     assert out["flat_grads_error"] is not None and "flat_grads" in out["flat_grads_error"]
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_rules_match_unsharded(run, name):
+    # each rank sums its shard of every tensor; the bucket's sums are added over the ranks (one
+    # all-gather, in rank order) between the kernel's phases. Not bitwise: FSDP2's reduce-scatter
+    # already sums the gradients' halves in another order (as for AdamW above), and the two ranks'
+    # partial sums are added as two terms where one process adds the tensor's chunk sums in one
+    # sequence (docs/design.md#per-tensor-reductions)
+    backend, out, single = run
+    if backend == "reference":
+        # the reference sums inside each tensor's step: it refuses sharded parameters of these rules
+        message = out["two_phase_errors"][name, "reduced"]
+        assert "is a sharded DTensor (FSDP2)" in message and "backend='cpu'" in message, message
+        return
+    _assert_same_run(out["two_phase"][name, "reduced"], single[name], f"{name} under FSDP2 vs one process",
+                     states=TWO_PHASE_STATES)
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_rules_unreduced_sums_train_differently(run, name):
+    # the failure the reduction prevents: a shard's own sums give another step, and the comparison
+    # above catches it (the same runs, the reduction disabled in the ranks)
+    backend, out, single = run
+    if backend == "reference":
+        pytest.skip("the reference refuses sharded parameters of a two-phase rule")
+    with pytest.raises(AssertionError):
+        _assert_same_run(out["two_phase"][name, "unreduced"], single[name], f"{name}, shard sums",
+                         states=TWO_PHASE_STATES)
+
+
+def test_stableadamw_mean_is_over_the_whole_tensor(run):
+    # StableAdamW's RMS is a mean: its added sum over the tensor's numel, not the shard's
+    backend, out, single = run
+    if backend == "reference":
+        pytest.skip("the reference refuses sharded parameters of a two-phase rule")
+    # its clipping acted in these runs: AdamW with the same numbers ends elsewhere
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+               for a, b in zip(single["StableAdamW"]["params"], single["AdamW"]["params"]))
+    with pytest.raises(AssertionError):
+        _assert_same_run(out["two_phase"]["StableAdamW", "shard_count"], single["StableAdamW"],
+                         "StableAdamW, the shard's count", states=TWO_PHASE_STATES)
+
+
+def test_two_phase_rules_refuse_sums_they_cannot_add(run):
+    _, out, _ = run
+    partial, two_dims = out["placement_errors"]["partial"], out["placement_errors"]["two_dims"]
+    assert partial is not None and "(Partial(sum),)" in partial and "holds addends" in partial, partial
+    assert two_dims is not None and "split over several mesh dimensions" in two_dims, two_dims
+    assert "LAMB: parameter 0 of param group 0" in partial, partial

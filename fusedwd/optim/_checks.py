@@ -26,9 +26,12 @@ class Checks:
 
     def describe(self, bucket: Bucket, i: int) -> str:
         """'parameter 3 'fc.weight' of param group 0': the bucket's parameter i as the user knows it."""
-        row = bucket.group_rows[i]
+        return self.describe_param(bucket.group_rows[i], bucket.params[i])
+
+    def describe_param(self, row: int, p: Tensor) -> str:
+        """The same, for parameter ``p`` of param group ``row`` (before it has a bucket)."""
         group = self.param_groups[row]
-        position = next((k for k, q in enumerate(group["params"]) if q is bucket.params[i]), "?")
+        position = next((k for k, q in enumerate(group["params"]) if q is p), "?")
         names = group.get("param_names")
         name = f" '{names[position]}'" if names and isinstance(position, int) else ""
         return f"parameter {position}{name} of param group {row}"

@@ -6,16 +6,25 @@ and addresses), its kernels and the reference see only plain tensors, and the
 states in ``optimizer.state[p]`` are DTensors over the flat views with the
 parameter's mesh and placements, so ``torch.distributed.checkpoint`` and
 ``get_optimizer_state_dict`` find the layout torch.optim.AdamW gives them.
+
+A two-phase rule (LAMB, StableAdamW) sums over each whole tensor, and a shard's
+sums are partial: ``reduction`` finds the mesh dimension a parameter's elements
+are split over, and ``reduce_sums`` adds a bucket's per-tensor sums over it
+between the two phases, in one collective and in rank order
+(docs/design.md#per-tensor-reductions).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # torch built without distributed support: no DTensor can reach us
     DTensor = None
     distribute_tensor = None
@@ -70,3 +79,57 @@ def check_flat_grads(optimizer: str, group: dict[str, Any], p: Tensor) -> None:
             f"{optimizer}: flat_grads=True does not support DTensor parameters (FSDP2's fully_shard "
             "hands each backward's sharded gradient to the parameter itself); use flat_grads=False"
         )
+
+
+def reduction(who: str, rule: str, p: Tensor) -> Optional[tuple[Any, int]]:
+    """``(mesh, mesh_dim)`` over which the per-tensor sums of DTensor ``p`` must be added, or None
+    where every rank holds the whole tensor (only ``Replicate()``).
+
+    A ``Shard(d)`` (or strided shard) placement splits the elements between the ranks of its mesh
+    dimension, whatever ``d``: the sums over the shards add up to the sum over the tensor. A
+    ``Replicate()`` dimension holds copies, which must not be added. Anything else (``Partial()``:
+    each rank holds an addend of every element, not a part of the elements), or elements split over
+    more than one mesh dimension, is a ValueError.
+    """
+    placements = tuple(p.placements)
+    split = [d for d, pl in enumerate(placements) if isinstance(pl, (Shard, _StridedShard))]
+    other = [pl for pl in placements if not isinstance(pl, (Shard, _StridedShard, Replicate))]
+    if other or len(split) > 1:
+        why = "a Partial() placement holds addends, not parts of the elements" if other \
+            else "its elements are split over several mesh dimensions"
+        raise ValueError(
+            f"{who} is placed as {placements} on {p.device_mesh}, and {rule} cannot add its per-tensor sums "
+            f"over the ranks: {why}; expected Shard(d) on one mesh dimension (as FSDP2 and HSDP place "
+            "parameters) and Replicate() on the others"
+        )
+    return (p.device_mesh, split[0]) if split else None
+
+
+def sum_scale(rule: Any, bucket: Any) -> Tensor:
+    """float64 ``[n, len(rule.sums)]``: what each parameter's added sums are multiplied by before
+    phase 2. Phase 2 divides a mean's sum (``rule.means``: StableAdamW's RMS) by the segment's
+    element count, the shard's; the mean is over the whole tensor, so that sum is scaled by
+    shard numel / tensor numel (1 for the other sums, and exactly 1 for an unsplit tensor)."""
+    means = [j for j, name in enumerate(rule.sums) if name in rule.means]
+    scale = torch.ones(len(bucket.params), len(rule.sums), dtype=torch.float64)
+    for i, (p, n) in enumerate(zip(bucket.params, bucket.numels)):
+        scale[i, means] = n / p.numel() if p.numel() else 1.0
+    return scale.to(bucket.device)
+
+
+def reduce_sums(sums: Tensor, over: tuple[Any, int]) -> None:
+    """Add ``sums`` (a bucket's float64 per-tensor sums, on its device) over the ranks of mesh
+    dimension ``over``, in place: one all-gather, then the ranks' rows added in rank order, so every
+    rank gets the same bits whatever the collective's algorithm. Nothing is read on the host (a GPU
+    collective is enqueued on the device)."""
+    mesh, mesh_dim = over
+    group = mesh.get_group(mesh_dim)
+    world = dist.get_world_size(group)
+    gathered = sums.new_empty((world * sums.shape[0], *sums.shape[1:]))
+    # the ranks' buffers end to end (all_gather_into_tensor before torch 2.13 named it all_gather_single)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, sums.contiguous(), group=group)
+    gathered = gathered.view(world, *sums.shape)
+    sums.copy_(gathered[0])
+    for r in range(1, world):
+        sums.add_(gathered[r])

@@ -97,10 +97,13 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
             backend = resolve_backend(group["backend"], p, rule)
             _dtensor.check_flat_grads(who, group, p)
             dtensor = _dtensor.is_dtensor(p)
+            # a two-phase rule adds a shard's sums over the ranks that hold the tensor's other elements
+            over = _dtensor.reduction(f"{who}: {checks.describe_param(row, p)}", rule.name, p) \
+                if dtensor and rule.reduces else None
             # flat_grads: contiguous parameters of a compiled backend (check_views is in fusedwd._C)
             flat = bool(group.get("flat_grads")) and backend != Backend.REFERENCE and _ext.has_cpu() \
                 and p.is_contiguous()
-            key = (p.device, p.dtype, backend, structure, flat, dtensor, layout)
+            key = (p.device, p.dtype, backend, structure, flat, dtensor, layout, over)
             bucket = buckets.get(key)
             if bucket is None:
                 storage = Storage(*layout)
@@ -108,17 +111,18 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
                     raise ValueError(f"{who}: state_dtype='int8' is not supported by {rule.name} yet: its per-tensor "
                                      "sums would read the 8-bit codes; use state_dtype=None, torch.float32 or "
                                      "torch.bfloat16")
-                if dtensor and rule.reduces:
-                    # each rank holds a shard: its sums are partial, and a step on them would silently differ
-                    raise ValueError(f"{who}: DTensor parameters (FSDP2) are not supported by {rule.name} yet: its "
-                                     "per-tensor norms would be each shard's own (the cross-rank reduction is "
-                                     "not implemented)")
+                if over is not None and backend != Backend.CPU:
+                    # the reference sums each tensor inside its own step: it has no place for one collective
+                    raise ValueError(f"{who}: {checks.describe_param(row, p)} is a sharded DTensor (FSDP2), which "
+                                     f"{rule.name} steps on the CPU kernel only (its per-tensor sums are added "
+                                     f"over the ranks between the kernel's two phases); backend {backend!r} "
+                                     "would use this shard's sums alone: use backend='cpu' (CPU parameters)")
                 if storage.quantized and dtensor:
                     raise ValueError(f"{who}: state_dtype='int8' does not take DTensor parameters (FSDP2) yet: "
                                      "their shards would cut the 256-element blocks")
                 bucket = buckets[key] = Bucket(key, p.device, p.dtype, backend, structure, rule.slots(structure),
                                                tuple(s.signed for s in rule.states), storage, dtensor=dtensor,
-                                               flat_grads=flat)
+                                               flat_grads=flat, reduce_over=over)
             bucket.params.append(p)
             bucket.salts.append(salt)
             salt += 1
@@ -131,6 +135,8 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
         _state.adopt(rule, state, bucket, who, checks.describe)
         if bucket.flat_grads:
             _flat.attach(bucket)
+        if bucket.reduce_over is not None:
+            bucket.sum_scale = _dtensor.sum_scale(rule, bucket)
         if bucket.backend != Backend.REFERENCE:
             bucket.build_tables(bucket.grads.views if bucket.grads is not None else None)
         _graphs.attach(bucket)  # GPU backends: the launch's tables, kept on the device

@@ -193,7 +193,7 @@ class KernelRunner(Runner):
 
     def run(self, step: Step, bucket: Bucket, work: tuple[int, Staged]) -> list[int]:
         n_active, staged = work
-        if not n_active:
+        if not n_active and bucket.reduce_over is None:  # a reduced bucket joins its collective all the same
             return []
         self.launch(step, bucket, n_active)
         for p, p_c, _ in staged:
@@ -237,9 +237,30 @@ class CpuRunner(KernelRunner):
         precision = self.precision(step, bucket, DTYPE_CODES.__getitem__)
         ctl = precision.pop("ctl", None)  # a CPU tensor, alive until the call returns
         hyper = step.hyper(bucket.device)
-        _ext.cpu().step(step.rule.name, bucket.tables.table_out.data_ptr(), n_active, hyper.data_ptr(),
-                        DTYPE_CODES[bucket.dtype], bucket.structure, threads(bucket),
-                        ctl=0 if ctl is None else ctl.data_ptr(), **precision)
+
+        def kernel(**kw: Any) -> None:
+            _ext.cpu().step(step.rule.name, bucket.tables.table_out.data_ptr(), n_active, hyper.data_ptr(),
+                            DTYPE_CODES[bucket.dtype], bucket.structure, threads(bucket),
+                            ctl=0 if ctl is None else ctl.data_ptr(), **precision, **kw)
+
+        if bucket.reduce_over is None:
+            kernel()
+            return
+        # FSDP2 shards: phase 1 sums this rank's part of each tensor; the parts are added over the
+        # ranks (one collective per bucket); phase 2 steps with the whole tensors' sums
+        # (docs/design.md#per-tensor-reductions)
+        k = len(step.rule.sums)
+        rows = bucket.tables.table_out[:n_active, SEG_INDEX]
+        active = torch.zeros(n_active, k, dtype=torch.float64)  # stays 0 where a skipped step writes none
+        if n_active:
+            kernel(sums=active.data_ptr(), phases=1)
+        # by parameter, so that ranks agree row for row (a parameter without a gradient adds 0)
+        sums = torch.zeros(len(bucket.params), k, dtype=torch.float64).index_copy_(0, rows, active)
+        _dtensor.reduce_sums(sums, bucket.reduce_over)
+        sums.mul_(bucket.sum_scale)
+        if n_active:
+            torch.index_select(sums, 0, rows, out=active)
+            kernel(sums=active.data_ptr(), phases=2)
 
     def sumsq(self, bucket: Bucket, work: tuple[int, Staged]) -> Optional[Tensor]:
         """max_grad_norm's read pass over this step's segment table, summing squares in double."""

@@ -55,7 +55,9 @@ class Rule:
     ``sums`` names the per-tensor sums of a two-phase rule (LAMB, StableAdamW;
     docs/design.md#per-tensor-reductions): its first phase updates the states and sums
     these over each tensor, its second applies an update scaled by what they give.
-    An elementwise rule has none.
+    An elementwise rule has none. ``means`` names those of them that phase 2 divides
+    by the tensor's element count: on a shard (FSDP2) that count must be the whole
+    tensor's, not the shard's (fusedwd/optim/_dtensor.py).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Rule:
     triton_scalars: Optional[Callable] = None
     triton_update: Optional[Callable] = None
     sums: tuple[str, ...] = ()
+    means: tuple[str, ...] = ()
     _switch_index: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class Rule:
         missing = [c for c in SHARED_COLUMNS if c not in self.columns]
         if missing or len(set(self.columns)) != len(self.columns):
             raise ValueError(f"rule {self.name!r}: columns must be unique and include {SHARED_COLUMNS}")
+        if not set(self.means) <= set(self.sums):
+            raise ValueError(f"rule {self.name!r}: means {self.means} must be among its sums {self.sums}")
         index = {s.name: k for k, s in enumerate(self.switches)}
         for state in self.states:
             if state.when is not None and state.when not in index:

@@ -111,4 +111,5 @@ RULE = Rule(
     check=check,
     reference=_reference,
     sums=("ratio_sum",),
+    means=("ratio_sum",),  # RMS = sqrt(ratio_sum / numel)
 )
