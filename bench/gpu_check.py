@@ -21,7 +21,12 @@ Rebuilds ``fusedwd._C_cuda`` in place for the present GPU only
 - timing against torch fused and foreach on GPT-2 small and 10,000 x 1,000,
   fp32 and bf16 + master (and int8 + master), beside a device copy of the same
   bytes (the floor): ms/step, GB/s, % of floor, device launches per step, and
-  the issue's targets as PASS/MISS lines.
+  the issue's targets as PASS/MISS lines;
+- the two-phase rules (LAMB, StableAdamW) on GPT-2 small and the deep MLP, fp32:
+  each backend's fused step against fusedwd's AdamW step on the same backend,
+  the pure-torch rule (foreach ops + torch._foreach_norm, bench/providers.py)
+  and a device copy of the rule's bytes, with issue 16's targets as PASS/MISS
+  lines (a backend without a kernel for the rule yet is reported as such).
 
 Writes everything to bench/results/gpu_check.json. Without a GPU it says so in
 one line and exits 0. Every check is bounded so that the whole run, build
@@ -603,6 +608,87 @@ def targets(report: Report, results: dict, backends: list[str]) -> None:
                 f"{r['torch-fused'] / r[key]:.2f}x")
 
 
+def timing_two_phase(report: Report, backends: list[str], repeats: int = 20) -> None:
+    """LAMB and StableAdamW (fp32) on GPT-2 small and the deep MLP: each backend's fused step against
+    its AdamW step, the pure-torch rule and a device copy of the rule's bytes (issue 16)."""
+    import fusedwd
+    from bench import cases, providers
+
+    results = {}
+    for case in (cases.gpt2_small(), cases.deep_mlp()):
+        for rule in providers.TWO_PHASE_RULES:
+            if report.left() < 30:
+                report.record(f"timing {case.name} {rule}", False, "skipped: out of time")
+                continue
+            hyper = providers.TWO_PHASE_HYPERPARAMETERS[rule]
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            base = [torch.randn(s, device="cuda", generator=gen).mul_(0.02) for s in case.shapes]
+            grads = [torch.randn(s, device="cuda", generator=gen).mul_(1e-3) for s in case.shapes]
+            fns: dict[str, Callable[[], None]] = {}
+            keep = []
+
+            def params(base=base, grads=grads, keep=keep):
+                ps = [torch.nn.Parameter(x.clone()) for x in base]
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                keep.append(ps)
+                return ps
+
+            for backend in backends:
+                try:
+                    opt = getattr(fusedwd, rule)(params(), backend=backend, **hyper)
+                    opt.step()  # the plan, where a backend without the rule's kernel says so
+                    fns[f"fusedwd-{backend}"] = opt.step
+                except RuntimeError as e:  # no kernel for the rule on this backend (yet)
+                    report.record(f"timing {case.name} {rule} fusedwd-{backend}", True, f"not timed: {e}")
+                fns[f"adamw-fusedwd-{backend}"] = fusedwd.AdamW(params(), backend=backend, **hyper).step
+            fns["torch-foreach"] = providers.FOREACH_RULES[rule](params(), **hyper).step
+            moved = providers.two_phase_bytes_per_param(rule, torch.float32) * case.num_params
+            src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            fns["floor"] = lambda dst=dst, src=src: dst.copy_(src)  # reads and writes moved/2 bytes each
+            seconds = _time(fns, repeats)
+            launches = {name: _launches(fn) for name, fn in fns.items()}
+            for name, s in seconds.items():
+                row = dict(case=case.name, layout=f"{rule} fp32", provider=name, ms=s * 1e3, gb_s=moved / s / 1e9,
+                           pct_of_floor=100 * seconds["floor"] / s, launches=launches[name],
+                           speedup_vs_torch_foreach=seconds["torch-foreach"] / s)
+                report.timing.append(row)
+                print(f"    {case.name:5} {rule:12} {name:22} {row['ms']:8.3f} ms  {row['gb_s']:7.0f} GB/s  "
+                      f"{row['pct_of_floor']:5.1f}% of floor  {row['launches']:5} launches  "
+                      f"{row['speedup_vs_torch_foreach']:5.2f}x pure torch", flush=True)
+            results[(case.name, rule)] = seconds
+            del keep, fns, src, dst, params
+            torch.cuda.empty_cache()
+    two_phase_targets(report, results, backends)
+
+
+# issue 16: (at most x AdamW's step, at most over the floor, at least x pure torch) per case and rule
+TWO_PHASE_TARGETS = {("gpt2", "LAMB"): (1.5, 0.15, 3.0), ("mlp", "LAMB"): (1.5, 0.15, 5.0),
+                     ("gpt2", "StableAdamW"): (1.4, 0.15, 3.0), ("mlp", "StableAdamW"): (1.4, 0.15, 5.0)}
+
+
+def two_phase_targets(report: Report, results: dict, backends: list[str]) -> None:
+    """Issue 16's targets for LAMB and StableAdamW, PASS or MISS, for each backend that stepped them."""
+    def add(name, ok, detail):
+        report.targets.append(dict(target=name, result="PASS" if ok else "MISS", detail=detail))
+        print(f"{'PASS' if ok else 'MISS'} {name}: {detail}", flush=True)
+
+    for (case, rule), (vs_adamw, over_floor, vs_torch) in TWO_PHASE_TARGETS.items():
+        r = results.get((case, rule))
+        title = {"gpt2": "GPT-2", "mlp": "deep MLP"}[case]
+        for backend in backends:
+            key, adamw = f"fusedwd-{backend}", f"adamw-fusedwd-{backend}"
+            if not r or key not in r:
+                continue
+            add(f"{backend} {title} {rule} <= {vs_adamw:g}x the AdamW step", r[key] <= vs_adamw * r[adamw],
+                f"{r[key] / r[adamw]:.2f}x")
+            add(f"{backend} {title} {rule} within {over_floor:.0%} of its byte floor",
+                r[key] <= (1 + over_floor) * r["floor"], f"{r[key] * 1e3:.3f} ms vs floor {r['floor'] * 1e3:.3f} ms")
+            add(f"{backend} {title} {rule} >= {vs_torch:g}x pure torch", vs_torch * r[key] <= r["torch-foreach"],
+                f"{r['torch-foreach'] / r[key]:.2f}x")
+
+
 # ---------------------------------------------------------------------- driver
 def no_gpu_reason() -> Optional[str]:
     if not torch.cuda.is_available():
@@ -628,7 +714,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: only the correctness checks, on the CPU backend (what the tests run)")
     ap.add_argument("--repeats", type=int, default=20, help="timed steps per provider")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: correctness,sync,graphs,huge,timing")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: correctness,sync,graphs,huge,timing,two-phase")
     ap.add_argument("--build-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     start = time.perf_counter() - args.build_seconds
@@ -670,6 +757,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 report.run(f"{backend} check_huge", check_huge, backend)
         if "timing" not in skip:
             report.run("timing", timing, backends, args.repeats)
+        if "two-phase" not in skip:
+            report.run("timing two-phase rules", timing_two_phase, backends, args.repeats)
     seconds = time.perf_counter() - start
     summary = f"{len(report.checks) - report.bad} OK, {report.bad} BAD, " \
               f"{sum(t['result'] == 'MISS' for t in report.targets)} targets missed, {seconds:.0f} s"

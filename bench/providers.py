@@ -240,3 +240,144 @@ def estimate_memory(case, dtype: torch.dtype, n_optimizers: int, amsgrad: bool) 
     per_buffer = param_bytes(case, dtype)
     return per_buffer * (1 + n_optimizers * (reads - 1) + reads)
 
+
+
+# ------------------------------------------------------------ two-phase rules
+# LAMB and StableAdamW (docs/math.md#lamb, #stableadamw) with the shared hyperparameters,
+# decay="decoupled": fusedwd's kernel against the best pure-torch step (foreach ops and
+# torch._foreach_norm; torch.optim has neither rule), beside fusedwd's own AdamW step.
+TWO_PHASE_RULES = ("LAMB", "StableAdamW")
+# StableAdamW's paper and optimi use beta2 = 0.99 and eps = 1e-6; LAMB's apex and timm eps = 1e-6.
+TWO_PHASE_HYPERPARAMETERS = {
+    "LAMB": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 1e-2},
+    "StableAdamW": {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 1e-2},
+}
+# The buffers each phase reads and writes (docs/backends.md): LAMB's phase 1 reads p, g, m, v and
+# writes m, v, phase 2 reads p, m, v and writes p (40 B per fp32 parameter); StableAdamW's phase 1
+# does not read p (36 B).
+TWO_PHASE_TRAFFIC = {
+    "LAMB": ((("p", "g", "m", "v"), ("m", "v")), (("p", "m", "v"), ("p",))),
+    "StableAdamW": ((("g", "m", "v"), ("m", "v")), (("p", "m", "v"), ("p",))),
+}
+TORCH_FOREACH = "torch-foreach"
+
+
+class ForeachLAMB:
+    """LAMB in pure torch: foreach ops and torch._foreach_norm, every per-tensor scalar kept in a
+    tensor (no host read), as apex's and timm's semantics: bias correction, trust ratio
+    ||p|| / ||r + wd*p||, 1 where either norm is 0."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay) -> None:
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        p, g, m, v = self.params, [q.grad for q in self.params], self.m, self.v
+        self.t += 1
+        bc1, bc2 = 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
+        torch._foreach_lerp_(m, g, 1.0 - self.beta1)
+        torch._foreach_mul_(v, self.beta2)
+        torch._foreach_addcmul_(v, g, g, 1.0 - self.beta2)
+        u = torch._foreach_sqrt(v)  # then sqrt(v_hat) + eps, then r, then u = r + wd*p
+        torch._foreach_div_(u, bc2**0.5)
+        torch._foreach_add_(u, self.eps)
+        torch._foreach_div_(u, m)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, 1.0 / bc1)
+        torch._foreach_add_(u, p, alpha=self.wd)
+        p_norm, u_norm = torch.stack(torch._foreach_norm(p)), torch.stack(torch._foreach_norm(u))
+        trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
+        torch._foreach_mul_(u, list((-self.lr * trust).unbind()))
+        torch._foreach_add_(p, u)
+
+
+class ForeachStableAdamW:
+    """StableAdamW in pure torch: foreach ops and torch._foreach_norm (the 1-norm of the nonnegative
+    ratios is their sum); lr_t = lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2)))."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay) -> None:
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.numel = torch.tensor([float(p.numel()) for p in self.params], dtype=torch.float32)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        p, g, m, v = self.params, [q.grad for q in self.params], self.m, self.v
+        self.t += 1
+        bc1, bc2 = 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
+        torch._foreach_lerp_(m, g, 1.0 - self.beta1)
+        torch._foreach_mul_(v, self.beta2)
+        torch._foreach_addcmul_(v, g, g, 1.0 - self.beta2)
+        ratio = torch._foreach_div(v, bc2)  # v_hat, floored at eps^2, then g^2 / it
+        torch._foreach_clamp_min_(ratio, self.eps * self.eps)
+        torch._foreach_reciprocal_(ratio)
+        torch._foreach_mul_(ratio, g)
+        torch._foreach_mul_(ratio, g)
+        rms = (torch.stack(torch._foreach_norm(ratio, 1)) / self.numel).sqrt()
+        lr_t = self.lr / torch.clamp(rms, min=1.0)
+        torch._foreach_mul_(p, list((1.0 - lr_t * self.wd).unbind()))
+        denom = ratio  # reused: sqrt(v)/sqrt(bc2) + eps
+        torch._foreach_copy_(denom, v)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_div_(denom, bc2**0.5)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(p, m, denom, -lr_t / bc1)
+
+
+FOREACH_RULES = {"LAMB": ForeachLAMB, "StableAdamW": ForeachStableAdamW}
+
+
+def two_phase_traffic(rule: str) -> int:
+    """Buffer passes per parameter of a two-phase rule's step: reads + writes over both phases."""
+    return sum(len(r) + len(w) for r, w in TWO_PHASE_TRAFFIC[rule])
+
+
+def two_phase_bytes_per_param(rule: str, dtype: torch.dtype) -> int:
+    return two_phase_traffic(rule) * torch.empty((), dtype=dtype).element_size()
+
+
+def foreach_two_phase(rule: str, base, grads) -> Provider:
+    opt = FOREACH_RULES[rule](_copy_params(base, grads), **TWO_PHASE_HYPERPARAMETERS[rule])
+    return Provider(TORCH_FOREACH, opt.step, f"pure torch {rule}: foreach ops + torch._foreach_norm "
+                                             "(bench/providers.py)")
+
+
+def fusedwd_two_phase(rule: str, base, grads, backend: str = "cpu") -> Provider:
+    import fusedwd
+
+    cls = getattr(fusedwd, rule)
+    opt = cls(_copy_params(base, grads), backend=backend, **TWO_PHASE_HYPERPARAMETERS[rule])
+    return Provider(FUSEDWD_PREFIX + backend, opt.step, f"fusedwd.{rule}(backend={backend!r})")
+
+
+def fusedwd_adamw_rows(backend: str, base, grads) -> Provider:
+    """fusedwd's own AdamW step on the same tensors: the yardstick of the two-phase rules' cost."""
+    provider = fusedwd_adamw(backend, base, grads, amsgrad=False)
+    provider.name = "adamw-" + provider.name
+    return provider
+
+
+def two_phase_floor(rule: str, num_params: int, dtype: torch.dtype, device: torch.device) -> Provider:
+    """Two passes over flat buffers moving a two-phase step's bytes (TWO_PHASE_TRAFFIC): phase 1's
+    reads and writes, then phase 2's, each one fusedwd._C.traffic_pass."""
+    from fusedwd import _C
+
+    bufs = {name: torch.empty(num_params, dtype=dtype, device=device).normal_() for name in "pgmv"}
+    elem = bufs["p"].element_size()
+    passes = [([bufs[n].data_ptr() for n in reads], [bufs[n].data_ptr() for n in writes])
+              for reads, writes in TWO_PHASE_TRAFFIC[rule]]
+
+    def step() -> None:
+        threads = torch.get_num_threads()  # as the optimizers read it
+        for reads, writes in passes:
+            _C.traffic_pass(reads, writes, num_params, elem, threads)
+
+    text = ", then ".join(f"{len(r)} reads + {len(w)} writes" for r, w in TWO_PHASE_TRAFFIC[rule])
+    return Provider(FLOOR, step, f"fusedwd._C.traffic_pass twice: {text}", keepalive=tuple(bufs.values()))

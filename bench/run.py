@@ -3,6 +3,10 @@
     python -m bench.run                         # every case, every provider, fp32, CPU
     python -m bench.run --sizes gpt2,mlp --optimizers fusedwd-cpu,torch-fused,floor
     python -m bench.run --quick --sizes mlp --scale 0.05
+    python -m bench.run --sizes gpt2,mlp --rules LAMB   # the two-phase rows: LAMB only
+
+On the CPU, the GPT-2 and deep-MLP cases also time the two-phase rules (LAMB,
+StableAdamW: bench/two_phase.py) against fusedwd's AdamW step and pure torch.
 
 Prints a table, writes results.json and speedup.png under --out. See docs/benchmarks.md.
 """
@@ -24,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from bench import cases as cases_mod
-from bench import measure, providers, report
+from bench import measure, providers, report, two_phase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Above this share of the CPUs used by other processes during a case, its times are flagged.
@@ -64,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=DEFAULT_OUT, help="directory for results.json and speedup.png")
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--rules", type=_comma_list, default=list(providers.TWO_PHASE_RULES),
+                    help=f"two-phase rules timed on the {','.join(two_phase.CASES)} cases (CPU), comma list of "
+                         f"{','.join(providers.TWO_PHASE_RULES)}, or none (default: both)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -72,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, flag, quick if args.quick else normal)
     if args.quick:
         args.min_repeats = min(args.min_repeats, args.repeats)
+    if args.rules == ["none"]:
+        args.rules = []
+    if not set(args.rules) <= set(providers.TWO_PHASE_RULES):
+        ap.error(f"unknown rule(s) {sorted(set(args.rules) - set(providers.TWO_PHASE_RULES))}; choose from "
+                 f"{list(providers.TWO_PHASE_RULES)} or none")
     known = [providers.FUSEDWD_PREFIX + b for b in providers.FUSEDWD_BACKENDS]
     known += [providers.FUSEDWD_PREFIX + b + providers.FLAT_SUFFIX
               for b in providers.FUSEDWD_BACKENDS if b != "reference"]
@@ -298,9 +310,20 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
 
     misses = [f"{report.case_label(c, results)}/{n}" for c in results["cases"] for n, r in c["providers"].items()
               if r["status"] == "MISS"]
+    print(report.table(results))
+    # the two-phase rules run on the CPU kernel only; their targets are stated for fp32 full-size cases
+    why_not = "" if device.type == "cpu" else "they run on the CPU kernel only"
+    why_not = why_not or two_phase.unavailable()
+    results["config"]["rules"] = args.rules
+    results["two_phase"], rule_misses = [], []
+    if args.rules and why_not:
+        print(f"note: two-phase rows ({', '.join(args.rules)}) skipped: {why_not}")
+    elif args.rules:
+        results["two_phase"], rule_misses = two_phase.run(args, cases, dtype,
+                                                          judge and args.threads == [args.default_threads])
+    misses += rule_misses
     results["misses"] = misses
     results["elapsed_s"] = time.perf_counter() - t_start
-    print(report.table(results))
     if len(args.threads) > 1:
         print()
         print(report.scaling_table(results))
@@ -314,6 +337,8 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> dict:
         print(f"floor: {d}")
     busy = [f"{report.case_label(c, results)} {c['other_cpu_share']:.0%}" for c in results["cases"]
             if c["other_cpu_share"] is not None and c["other_cpu_share"] > BUSY_SHARE]
+    busy += [f"{c['name']} {c['rule']} {c['other_cpu_share']:.0%}" for c in results["two_phase"]
+             if c["other_cpu_share"] is not None and c["other_cpu_share"] > BUSY_SHARE]
     if busy:
         print(f"WARNING: other processes used the CPUs while timing ({', '.join(busy)} of capacity): "
               "these times are not comparable; rerun on a quiet machine")

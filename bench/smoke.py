@@ -13,7 +13,7 @@ import json
 import math
 import os
 
-from bench import providers
+from bench import providers, two_phase
 from bench.run import parse_args, run
 
 SMOKE_ARGS = ["--quick", "--sizes", "mlp,synthetic", "--scale", "0.01", "--repeats", "2", "--warmup", "1",
@@ -35,6 +35,15 @@ def run_smoke(out_dir: str | os.PathLike) -> dict:
         for name, row in case["providers"].items():
             assert row["n"] == 2 and all(s > 0 and math.isfinite(s) for s in row["samples_ms"]), (name, row)
             assert row["speedup_vs_torch_fused"] > 0 and row["pct_of_floor"] > 0, (name, row)
+    # the two-phase rules' rows (bench/two_phase.py) on the mlp case, where the CPU kernel is built
+    rows = {(c["name"], c["rule"]): c for c in results["two_phase"]}
+    if not two_phase.unavailable():
+        assert set(rows) == {("mlp", rule) for rule in providers.TWO_PHASE_RULES}, set(rows)
+        for (_, rule), case in rows.items():
+            assert set(case["providers"]) == {providers.FLOOR, two_phase.ADAMW, two_phase.RULE_ROW,
+                                              providers.TORCH_FOREACH}, (rule, case["skipped"])
+            for name, row in case["providers"].items():
+                assert row["vs_adamw"] > 0 and row["pct_of_floor"] > 0 and row["speedup_vs_torch"] > 0, (name, row)
     with open(os.path.join(out_dir, "results.json")) as f:
         assert json.load(f)["cases"][0]["num_params"] == results["cases"][0]["num_params"]
     assert os.path.getsize(os.path.join(out_dir, "speedup.png")) > 0

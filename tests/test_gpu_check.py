@@ -69,3 +69,23 @@ def test_targets_pass_and_miss():
         "cuda GPT-2 bf16 + master within 10% of its byte floor": "PASS",
         "cuda GPT-2 int8 + master >= 1.4x torch fused fp32": "MISS",
     }
+
+
+def test_two_phase_targets_pass_and_miss():
+    # issue 16's rows: a backend that steps the rule gets three lines per case and rule, one without
+    # a kernel for it (no row) none
+    report = gpu_check.Report(deadline=float("inf"))
+    good = {"fusedwd-cuda": 1.2, "adamw-fusedwd-cuda": 1.0, "floor": 1.1, "torch-foreach": 6.1}
+    slow = {"fusedwd-cuda": 1.6, "adamw-fusedwd-cuda": 1.0, "floor": 1.1, "torch-foreach": 4.0}
+    gpu_check.two_phase_targets(report, {("gpt2", "LAMB"): good, ("mlp", "StableAdamW"): slow,
+                                         ("mlp", "LAMB"): {"adamw-fusedwd-cuda": 1.0, "floor": 1.0,
+                                                           "torch-foreach": 2.0}}, ["cuda"])
+    results = {t["target"]: t["result"] for t in report.targets}
+    assert results == {
+        "cuda GPT-2 LAMB <= 1.5x the AdamW step": "PASS",
+        "cuda GPT-2 LAMB within 15% of its byte floor": "PASS",
+        "cuda GPT-2 LAMB >= 3x pure torch": "PASS",
+        "cuda deep MLP StableAdamW <= 1.4x the AdamW step": "MISS",
+        "cuda deep MLP StableAdamW within 15% of its byte floor": "MISS",
+        "cuda deep MLP StableAdamW >= 5x pure torch": "MISS",
+    }
