@@ -24,10 +24,15 @@ from torch import Tensor
 try:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # torch built without distributed support: no DTensor can reach us
     DTensor = None
     distribute_tensor = None
+try:  # FSDP2 over tensor parallelism shards a shard: still a split of the elements
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    SPLITS: tuple = (Shard, _StridedShard)
+except ImportError:  # a torch without it (or without distributed support)
+    SPLITS = (Shard,) if DTensor is not None else ()
 
 
 def is_dtensor(t: Any) -> bool:
@@ -92,8 +97,8 @@ def reduction(who: str, rule: str, p: Tensor) -> Optional[tuple[Any, int]]:
     more than one mesh dimension, is a ValueError.
     """
     placements = tuple(p.placements)
-    split = [d for d, pl in enumerate(placements) if isinstance(pl, (Shard, _StridedShard))]
-    other = [pl for pl in placements if not isinstance(pl, (Shard, _StridedShard, Replicate))]
+    split = [d for d, pl in enumerate(placements) if isinstance(pl, SPLITS)]
+    other = [pl for pl in placements if not isinstance(pl, (*SPLITS, Replicate))]
     if other or len(split) > 1:
         why = "a Partial() placement holds addends, not parts of the elements" if other \
             else "its elements are split over several mesh dimensions"
@@ -126,7 +131,7 @@ def reduce_sums(sums: Tensor, over: tuple[Any, int]) -> None:
     group = mesh.get_group(mesh_dim)
     world = dist.get_world_size(group)
     gathered = sums.new_empty((world * sums.shape[0], *sums.shape[1:]))
-    # the ranks' buffers end to end (all_gather_into_tensor before torch 2.13 named it all_gather_single)
+    # the ranks' buffers end to end (all_gather_single; all_gather_into_tensor before torch 2.13)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(gathered, sums.contiguous(), group=group)
     gathered = gathered.view(world, *sums.shape)
