@@ -142,6 +142,7 @@ def run(args, cases, dtype: torch.dtype, judge: bool) -> tuple[list[dict], list[
             continue
         for rule in args.rules:
             results.append(run_rule(rule, case, args, dtype, judge))
+            tqdm.write(table(results[-1:]))  # as it comes: a long run that is cut short keeps its rows
     if not results:
         return [], []
     print()

@@ -129,7 +129,7 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
             set_optimizer_state_dict,
         )
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
         def sharded(model, per_layer=True):
             if per_layer:
@@ -294,6 +294,28 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
         mesh, mesh2 = init_device_mesh("cpu", (WORLD,)), init_device_mesh("cpu", (1, WORLD))
         odd = {"partial": DTensor.from_local(torch.randn(4, 3), mesh, [Partial()], run_check=False),
                "two_dims": DTensor.from_local(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)], run_check=False)}
+        # other placements whose shards split the elements: columns (Shard(1)), and HSDP's
+        # (Replicate(), Shard(0)) on a 2-D mesh (added over its second dimension only); the same
+        # gradients as one process, so only the sums' association differs
+        out["placements"] = {}
+        # (with the ranks on the replicated dimension, adding over it would double StableAdamW's mean)
+        splits = {"shard1": (mesh, [Shard(1)]), "hsdp": (mesh2, [Replicate(), Shard(0)]),
+                  "hsdp_replicas": (init_device_mesh("cpu", (WORLD, 1)), [Replicate(), Shard(0)])}
+        for kind, (on, placements) in splits.items():
+            gen = torch.Generator().manual_seed(7)
+            full = [torch.randn(9, 130, generator=gen), torch.randn(5, 3, generator=gen)]
+            grads = [[torch.randn(t.shape, generator=gen) for t in full] for _ in range(3)]
+            for name in TWO_PHASE:
+                got = [torch.nn.Parameter(distribute_tensor(t, on, placements)) for t in full]
+                want = [torch.nn.Parameter(t.clone()) for t in full]
+                opts = [getattr(fusedwd, name)(ps, lr=1e-2, weight_decay=0.1, backend=backend if ps is want else "cpu")
+                        for ps in (got, want)]
+                for step_grads in grads:
+                    for p, q, g in zip(got, want, step_grads):
+                        p.grad, q.grad = distribute_tensor(g, on, placements), g.clone()
+                    for opt in opts:
+                        opt.step()
+                out["placements"][kind, name] = ([p.full_tensor() for p in got], [q.detach() for q in want])
         out["placement_errors"] = {}
         for kind, value in odd.items():
             p = torch.nn.Parameter(value)
@@ -499,3 +521,14 @@ def test_two_phase_rules_refuse_sums_they_cannot_add(run):
     assert partial is not None and "(Partial(sum),)" in partial and "holds addends" in partial, partial
     assert two_dims is not None and "split over several mesh dimensions" in two_dims, two_dims
     assert "LAMB: parameter 0 of param group 0" in partial, partial
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
+@pytest.mark.parametrize("kind", ["shard1", "hsdp", "hsdp_replicas"])
+def test_two_phase_rules_on_other_splits(run, kind, name):
+    # Shard(1) splits each row; HSDP replicates over one mesh dimension and shards over the other:
+    # the sums are added over the sharding dimension only (over both, each would count twice)
+    _, out, _ = run
+    got, want = out["placements"][kind, name]
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_close(a, b, f"{name}, {kind}: parameter {k}", scale=1.0)
