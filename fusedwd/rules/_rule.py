@@ -51,13 +51,16 @@ class PhaseHelpers(NamedTuple):
     - ``terms(p, g, s0, s1, hp, t, MATH) -> (term, ...)``: each sum's float64 term of an element,
       from the states as stored, one per name of ``Rule.sums`` (a second, unused one where the
       rule has one sum: the kernel always takes two);
-    - ``apply(p, s0, s1, hp, t, sum0, sum1, n, MATH) -> p``: phase 2, from the segment's sums
-      (float64 scalars) and its element count n.
+    - ``apply_scalars(hp, t, sum0, sum1, n, MATH) -> (scalar, ...)``: phase 2's per-segment scalars
+      from the segment's sums (float64) and its element count n, formed before any element is
+      loaded (their float64 divisions and square roots are calls on NVIDIA GPUs);
+    - ``apply(p, s0, s1, scalars) -> p``: phase 2's element math.
     """
 
     reads_p: Callable
     moments: Callable
     terms: Callable
+    apply_scalars: Callable
     apply: Callable
 
 

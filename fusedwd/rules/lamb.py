@@ -184,9 +184,9 @@ def triton_terms(p, g, m, v, hp, t, MATH: tl.constexpr):
     return p64 * p64, u64 * u64
 
 
-def triton_apply(p, m, v, hp, t, param_sq, update_sq, n, MATH: tl.constexpr):
-    """lamb.h apply_scalars and apply: p*decay_mult - lr*trust*u, trust = ||p|| / ||u|| (1 where
-    either is 0 or NaN, or the tensor does not adapt), at most max_trust."""
+def triton_apply_scalars(hp, t, param_sq, update_sq, n, MATH: tl.constexpr):
+    """lamb.h apply_scalars: lr*trust, trust = ||p|| / ||u|| (1 where either is 0 or NaN, or the tensor
+    does not adapt), at most max_trust; and the direction's scalars (a tuple for triton_apply)."""
     p_norm = tl.sqrt(param_sq)  # float64: correctly rounded
     u_norm = tl.sqrt(update_sq)
     trust = tl.where((p_norm > 0.0) & (u_norm > 0.0), p_norm / tl.where(u_norm > 0.0, u_norm, 1.0), 1.0)
@@ -195,6 +195,12 @@ def triton_apply(p, m, v, hp, t, param_sq, update_sq, n, MATH: tl.constexpr):
     trust = tl.where(tl.load(hp + COL.adapt) != 0.0, trust, 1.0)
     lr_trust = (tl.load(hp + COL.lr) * trust).to(MATH)
     decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd = triton_direction(hp, t, MATH)
+    return lr_trust, decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd
+
+
+def triton_apply(p, m, v, scalars):
+    """lamb.h apply: p*decay_mult - lr*trust*u."""
+    lr_trust, decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd = scalars
     p = p * decay_mult
     return p - lr_trust * triton_update_of(p, m, v, inv_bc1, bc2_sqrt, eps, wd, has_wd)
 
@@ -211,5 +217,5 @@ RULE = Rule(
     check=check,
     reference=_reference,
     sums=("param_sq", "update_sq"),
-    triton_phases=PhaseHelpers(triton_reads_p, triton_moments, triton_terms, triton_apply),
+    triton_phases=PhaseHelpers(triton_reads_p, triton_moments, triton_terms, triton_apply_scalars, triton_apply),
 )

@@ -138,9 +138,9 @@ def triton_terms(p, g, m, v, hp, t, MATH: tl.constexpr):
     return ratio, tl.zeros_like(ratio)
 
 
-def triton_apply(p, m, v, hp, t, ratio_sum, unused, n, MATH: tl.constexpr):
-    """stableadamw.h apply_scalars and apply: AdamW's step and decay with lr_t = lr / max(1, RMS),
-    RMS = sqrt(ratio_sum / n) (a NaN RMS leaves lr)."""
+def triton_apply_scalars(hp, t, ratio_sum, unused, n, MATH: tl.constexpr):
+    """stableadamw.h apply_scalars: AdamW's scalars with lr_t = lr / max(1, RMS), RMS = sqrt(ratio_sum / n)
+    (a NaN RMS leaves lr), as a tuple for triton_apply."""
     lr = tl.load(hp + COL.lr)
     rms = tl.where(n > 0, tl.sqrt(ratio_sum / tl.maximum(n, 1).to(tl.float64)), 0.0)
     lr_t = tl.where(rms > 1.0, lr / tl.where(rms > 1.0, rms, 1.0), lr)
@@ -151,7 +151,12 @@ def triton_apply(p, m, v, hp, t, ratio_sum, unused, n, MATH: tl.constexpr):
     step = t.to(tl.int64)
     step_size = div_rn(lr_t, 1.0 - pow_int(tl.load(hp + COL.beta1), step)).to(MATH)
     bc2_sqrt = sqrt_rn(1.0 - pow_int(tl.load(hp + COL.beta2), step)).to(MATH)
-    eps = tl.load(hp + COL.eps).to(MATH)
+    return decay_mult, step_size, bc2_sqrt, tl.load(hp + COL.eps).to(MATH)
+
+
+def triton_apply(p, m, v, scalars):
+    """stableadamw.h apply: AdamW's step and decay with the clipped lr."""
+    decay_mult, step_size, bc2_sqrt, eps = scalars
     p = p * decay_mult
     denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
     return p - div_rn(step_size * m, denom)
@@ -167,5 +172,5 @@ RULE = Rule(
     check=check,
     reference=_reference,
     sums=("ratio_sum",),
-    triton_phases=PhaseHelpers(triton_reads_p, triton_moments, triton_terms, triton_apply),
+    triton_phases=PhaseHelpers(triton_reads_p, triton_moments, triton_terms, triton_apply_scalars, triton_apply),
 )

@@ -225,11 +225,11 @@ def phase_constants(rule: str, dtype: torch.dtype, state_dtype: torch.dtype, mas
     """The constexpr arguments of a two-phase rule's kernels (phase 1, phase 2) for one storage layout:
     what a launch passes, and what bench/gpu_static.py compiles ahead of time."""
     spec = rules.get(rule)
-    reads_p, moments, terms, apply = PHASES[rule]
+    reads_p, moments, terms, apply_scalars, apply = PHASES[rule]
     common = dict(P=_STORAGE[dtype], S=_STORAGE[state_dtype], MATH=tl.float64 if dtype == torch.float64 else tl.float32,
                   MASTER=bool(master), BLOCK_SIZE=BLOCK_SIZE, HP_COLS=len(spec.columns), K=len(spec.sums))
     return (dict(common, READS_P=reads_p, MOMENTS=moments, TERMS=terms),
-            dict(common, SR=bool(stochastic_rounding), APPLY=apply))
+            dict(common, SR=bool(stochastic_rounding), APPLY_SCALARS=apply_scalars, APPLY=apply))
 
 
 def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_blocks: int, device: torch.device,

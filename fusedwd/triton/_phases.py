@@ -58,7 +58,7 @@ LANES = tl.constexpr(16)  # loops.h chunk_sum: lanes of CHUNK // LANES sequentia
 
 
 def compile_phases(rule: rules.Rule) -> tuple[triton.JITFunction, ...]:
-    """The rule's ``triton_phases`` (reads_p, moments, terms, apply), compiled with ``triton.jit``.
+    """The rule's ``triton_phases`` (reads_p, moments, terms, apply_scalars, apply), compiled with ``triton.jit``.
 
     As ``_kernels.compile_rule``, but every ``triton_*`` function of the rule's module is
     rebuilt into one shared namespace, so the helpers can call the module's own pieces
@@ -258,15 +258,14 @@ def _moments_kernel(
 
 # ------------------------------------------------------------------ phase 2
 @triton.jit
-def _apply_block(row, start, offs, mask, t, hp, key, sum0, sum1, n, P: tl.constexpr, S: tl.constexpr,
-                 MATH: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr,
-                 APPLY: tl.constexpr):
+def _apply_block(row, start, offs, mask, key, scalars, P: tl.constexpr, S: tl.constexpr, MATH: tl.constexpr,
+                 MASTER: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, APPLY: tl.constexpr):
     """Phase 2 over one block: p (as stored) and the states phase 1 stored -> the new p."""
     p_ptr, master_ptr = _param_pointers(row, start, P, MASTER, ALIGNED)
     p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     m = _load(_pointer(row, SEG_S0, start, S, ALIGNED), offs, mask, S, MATH)
     v = _load(_pointer(row, SEG_S1, start, S, ALIGNED), offs, mask, S, MATH)
-    p = APPLY(p, m, v, hp, t, sum0, sum1, n, MATH)
+    p = APPLY(p, m, v, scalars)
     _store_param(p_ptr, master_ptr, offs, p, mask, key, start, P, MASTER, SR)
 
 
@@ -286,6 +285,7 @@ def _apply_kernel(
     MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy too
     SR: tl.constexpr,  # bf16 p is rounded stochastically
     BLOCK_SIZE: tl.constexpr,
+    APPLY_SCALARS: tl.constexpr,  # the rule's apply_scalars helper
     APPLY: tl.constexpr,  # the rule's apply helper
     HP_COLS: tl.constexpr,
     K: tl.constexpr,  # the rule's sums per segment (1 or 2)
@@ -296,10 +296,11 @@ def _apply_kernel(
         t = _take_step(row, arrivals_ptr + seg, nblocks)
         _, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         hp = hp_ptr + tl.load(row + SEG_HP) * HP_COLS
-        sum0 = tl.load(sums_ptr + seg * K)
-        sum1 = tl.load(sums_ptr + seg * K + (K - 1))
-        n = tl.load(row + SEG_N)
+        # the segment's scalars before any element is loaded: their float64 divisions and square
+        # roots are calls on NVIDIA GPUs, across which live element registers would be spilled
+        scalars = APPLY_SCALARS(hp, t, tl.load(sums_ptr + seg * K), tl.load(sums_ptr + seg * K + (K - 1)),
+                                tl.load(row + SEG_N), MATH)
         if vector:
-            _apply_block(row, start, offs, None, t, hp, key, sum0, sum1, n, P, S, MATH, MASTER, SR, True, APPLY)
+            _apply_block(row, start, offs, None, key, scalars, P, S, MATH, MASTER, SR, True, APPLY)
         else:
-            _apply_block(row, start, offs, mask, t, hp, key, sum0, sum1, n, P, S, MATH, MASTER, SR, False, APPLY)
+            _apply_block(row, start, offs, mask, key, scalars, P, S, MATH, MASTER, SR, False, APPLY)
