@@ -15,9 +15,9 @@ global loads and stores of the machine code against the buffers the aligned
 fast path touches, and, for Triton, the layout conversions left in that fast
 path (``ttg.convert_layout``: each moves data between threads through shared
 memory; must be 0), with the PTX properties the kernels' rounding relies on
-(IEEE division and square root, no contracted multiply-add, the acq_rel
-arrival, the logical shifts of stochastic rounding and the square-root-free
-8-bit encode). ``problems()`` turns an entry into the list of what is wrong
+(IEEE division and square root, no contracted multiply-add, the release
+arrival with an acquiring last arriver, the logical shifts of stochastic
+rounding and the square-root-free 8-bit encode). ``problems()`` turns an entry into the list of what is wrong
 with it; tests/test_gpu_static.py runs this module and asserts on it.
 
 Compiling the ~120 Triton variants twice takes minutes on two cores: results
@@ -269,8 +269,10 @@ def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
         # IEEE division and square root, no contracted multiply-add (enable_fp_fusion=False)
         "approximate_math": sorted(set(re.findall(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)\.\S+", ptx))),
         "fma": len(re.findall(r"\bfma\.\S+", ptx)),
-        # the step counts' arrival (fusedwd/triton/_kernels.py _take_step)
-        "acq_rel_arrival": "atom.global.gpu.acq_rel.add" in ptx,
+        # the step counts' arrival after the stores (fusedwd/triton/_kernels.py _arrive): every block
+        # releases, the last one acquires (its counter reset); the key keeps its first name
+        "acq_rel_arrival": "atom.global.gpu.release.add" in ptx and bool(re.search(r"atom\.global\.gpu\.acquire"
+                                                                                    r"\.exch", ptx)),
         # stochastic rounding's hash in uint32: logical shifts, as C++'s
         "arithmetic_shift": bool(variant.sr and "shr.s32" in ptx),
         # the 8-bit encode without square roots (fusedwd/triton/_kernels.py _q8_level): the guess
@@ -497,7 +499,7 @@ def problems(entry: dict[str, Any]) -> dict[str, list[str]]:
         if ptx["fma"]:
             out["ptx"].append(f"{ptx['fma']} contracted multiply-adds")
         if not ptx["acq_rel_arrival"]:
-            out["ptx"].append("no acq_rel arrival atomic")
+            out["ptx"].append("no release arrival with an acquiring last arriver")
         if ptx["arithmetic_shift"]:
             out["ptx"].append("arithmetic shifts in stochastic rounding's hash")
         if not ptx["q8_encode"]:

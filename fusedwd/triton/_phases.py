@@ -39,6 +39,7 @@ from ._kernels import (
     SEG_S0,
     SEG_S1,
     SEG_STEP,
+    _arrive,
     _grad_mult,
     _load,
     _load_param,
@@ -46,10 +47,10 @@ from ._kernels import (
     _param_pointers,
     _pointer,
     _precision,
+    _read_step,
     _skipped,
     _store,
     _store_param,
-    _take_step,
     _vector_width,
 )
 
@@ -244,12 +245,13 @@ def _moments_kernel(
         if K > 1:
             tl.store(partials_ptr + chunk * K + 1, _chunk_sums(term1, BLOCK_SIZE))
         # Arrive after the stores: the barrier orders every thread's stores before the one
-        # atomic, whose release makes them visible to the last block, which acquires.
+        # atomic, whose release makes them visible to the last block, which alone acquires
+        # (an exchange that also resets the counter).
         tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + seg, 1, sem="acq_rel")
+        arrived = tl.atomic_add(arrivals_ptr + seg, 1, sem="release")
         if arrived == nblocks - 1:
             # every block of the segment has stored its chunk sums: combine them, in order
-            tl.store(arrivals_ptr + seg, tl.full((), 0, tl.int64))
+            tl.atomic_xchg(arrivals_ptr + seg, tl.full((), 0, tl.int64), sem="acquire")
             first = tl.load(block_start_ptr + seg)
             tl.store(sums_ptr + seg * K, _segment_sum(partials_ptr, first, nblocks, 0, K, CHUNKS))
             if K > 1:
@@ -273,7 +275,7 @@ def _apply_block(row, start, offs, mask, key, scalars, P: tl.constexpr, S: tl.co
 def _apply_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the segment rows phase 1 read
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros, left at zero
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that are done; zeros, left at zero
     hp_ptr,  # float64 [groups, HP_COLS]
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: the control block phase 1 read
@@ -293,7 +295,8 @@ def _apply_kernel(
     if not _skipped(ctl_ptr):
         row, start, offs, mask, _, _, vector, seg, nblocks = _locate(
             seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, False, _vector_width(P, S, MASTER, False))
-        t = _take_step(row, arrivals_ptr + seg, nblocks)
+        step_ptr, t0 = _read_step(row)
+        t = t0.to(tl.float64) + 1.0
         _, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         hp = hp_ptr + tl.load(row + SEG_HP) * HP_COLS
         # the segment's scalars before any element is loaded: their float64 divisions and square
@@ -304,3 +307,4 @@ def _apply_kernel(
             _apply_block(row, start, offs, None, key, scalars, P, S, MATH, MASTER, SR, True, APPLY)
         else:
             _apply_block(row, start, offs, mask, key, scalars, P, S, MATH, MASTER, SR, False, APPLY)
+        _arrive(step_ptr, t0, arrivals_ptr + seg, nblocks)  # after the stores (issue 14 defect 5)
