@@ -113,8 +113,9 @@ struct AdamW {
   };
 
   // The switch bits (bit 0: amsgrad) -> f(Rule<D, ...>{}).
+  FUSEDWD_HD_CALLS_ANY
   template <DType D, typename F>
-  static decltype(auto) with_switches(unsigned switches, F&& f) {
+  FUSEDWD_HD static decltype(auto) with_switches(unsigned switches, F&& f) {
     if (switches & 1u) return f(Rule<D, true>{});
     return f(Rule<D, false>{});
   }
