@@ -83,7 +83,8 @@ def is_x86_64():
 
 
 # ------------------------------------------------------------------ CUDA
-# one translation unit per rule (csrc/cuda/<rule>.cu), compiled in parallel
+# a fixed set of translation units (csrc/cuda/{f32,f16,bf16,f64,q8}.cu: the kernels of each
+# group of storage layouts, every rule in each), compiled in parallel
 CUDA_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
 CUDA_BINDINGS = os.path.join(CSRC, "cuda", "bindings.cpp")
 DEFAULT_CUDA_ARCHS = "80;90"

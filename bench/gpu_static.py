@@ -6,11 +6,12 @@
 Every Triton kernel variant (the generic kernel for each rule of the registry
 x switches x storage layout, 8-bit states included) is compiled ahead of time for each architecture with Triton's own
 toolchain (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
-its bundled ptxas), and every kernel of the built ``fusedwd._C_cuda`` is read
-from the module (``cuobjdump --dump-resource-usage`` and its SASS). Per
-variant and architecture it reports registers, spill bytes (the machine code's
-local stores; with its stack frame and local memory: must be 0), shared memory,
-stack frame, the 128-bit (and 64-bit)
+its bundled ptxas), and every kernel of the built ``fusedwd._C_cuda`` (one per
+storage layout, holding a path per rule and switch combination) is read from the
+module (``cuobjdump --dump-resource-usage`` and its SASS). Per variant (CUDA: per
+kernel, its expected wide accesses summed over its paths) and architecture it
+reports registers, spill bytes (the machine code's local stores; with its stack
+frame and local memory: must be 0), shared memory, stack frame, the 128-bit (and 64-bit)
 global loads and stores of the machine code against the buffers the aligned
 fast path touches, and, for Triton, the layout conversions left in that fast
 path (``ttg.convert_layout``: each moves data between threads through shared
@@ -395,23 +396,48 @@ def triton_report(archs=ARCHS, jobs: int = 1, dump: Optional[str] = None, cache:
 
 
 # ---------------------------------------------------------------------- CUDA
-# step_kernel<Layout<P, S, MASTER, SR>, <Rule>::Rule<P, switches...>, Q8>, mangled (as tests/test_cuda_ext.py reads it);
-# <Rule> is the C++ struct of csrc/include/fusedwd/<rule>.h (AdamW, Sgdw, Rmspropw, Lion: the rule's name, any case)
-_KERNEL_NAME = re.compile(r"6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEENS\w+?_\d+(\w+?)"
-                          r"4RuleILS\w+?_\dE((?:Lb[01]E)*)EELb([01])E")
+# step_kernel<Layout<P, S, MASTER, SR>, Q8>, mangled (as tests/test_cuda_ext.py reads it): one kernel per
+# storage layout, whose rule and switches are launch arguments (csrc/cuda/step.cuh), so no rule in the name
+_KERNEL_NAME = re.compile(r"11step_kernelINS\w+?6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEELb([01])EE")
 _DTYPE = {0: "float32", 1: "float16", 2: "bfloat16", 3: "float64"}
 
 
-def cuda_variant(mangled: str) -> Optional[Variant]:
+@dataclasses.dataclass(frozen=True)
+class CudaKernel:
+    """One CUDA kernel: a storage layout, with a path per rule of the registry and switch combination."""
+
+    p: str
+    s: str  # "uint8": 8-bit codes with fp32 block absmax
+    master: bool
+    sr: bool
+
+    @property
+    def q8(self) -> bool:
+        return self.s == "uint8"
+
+    @property
+    def name(self) -> str:
+        return "step " + Variant("", (), self.p, self.s, self.master, self.sr).name.split(" ", 1)[1]
+
+    def paths(self) -> list[Variant]:
+        """The (rule, switches) paths the kernel holds: every GPU rule's valid switch combinations."""
+        return [Variant(rule, switches, self.p, self.s, self.master, self.sr)
+                for rule in RULES for switches in SWITCHES[rule]]
+
+
+def cuda_kernel(mangled: str) -> Optional[CudaKernel]:
     m = _KERNEL_NAME.search(mangled)
     if m is None:
         return None
-    p, s, master, sr, rule, switches, q8 = m.groups()
-    if rule.lower() not in RULES:
-        return None
-    return Variant(rule.lower(), tuple(b == "1" for b in re.findall(r"Lb([01])E", switches)), _DTYPE[int(p)],
-                   "uint8" if q8 == "1" else _DTYPE[int(s)], master == "1", sr == "1")
+    p, s, master, sr, q8 = m.groups()
+    return CudaKernel(_DTYPE[int(p)], "uint8" if q8 == "1" else _DTYPE[int(s)], master == "1", sr == "1")
 
+
+def cuda_kernels() -> list[CudaKernel]:
+    """The kernels the CUDA build instantiates: one per storage layout the launchers accept."""
+    plain, q8 = layouts()
+    return [CudaKernel(str(p).removeprefix("torch."), str(s).removeprefix("torch."), master, sr)
+            for p, s, master, sr in plain + q8]
 
 def _module_code(module: str) -> tuple[dict, dict]:
     """(resource usage, SASS access counts) per architecture and function of a fat binary, read once
@@ -439,7 +465,9 @@ def _module_code(module: str) -> tuple[dict, dict]:
 
 
 def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
-    """Every kernel of the built fusedwd._C_cuda, for every architecture it holds machine code for."""
+    """Every kernel of the built fusedwd._C_cuda, for every architecture it holds machine code for.
+    A kernel holds one aligned vector path per (rule, switches): the 128-bit (64-bit) accesses it
+    must have are the sum over its paths of what each path's buffers need."""
     if module is None:
         import importlib.util
 
@@ -451,27 +479,36 @@ def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
     out = []
     for arch, functions in sorted(usage.items()):
         for name, use in sorted(functions.items()):
-            variant = cuda_variant(name)
-            if variant is None:
+            kernel = cuda_kernel(name)
+            if kernel is None:
                 continue
-            reads, writes = variant.buffers()
-            widest = max(variant.widths())
+            expected = dict(loads_128=0, stores_128=0, loads_64=0, stores_64=0)
+            for variant in kernel.paths():
+                if variant.q8:
+                    continue  # 8-bit states move one element per thread and quant block
+                reads, writes = variant.buffers()
+                widest = max(variant.widths())
 
-            def count(buffers, size):
-                return sum(1 for _, d in buffers if d != "uint8" and _SIZE[d] == size)
+                def count(buffers, size):
+                    return sum(1 for _, d in buffers if d != "uint8" and _SIZE[d] == size)
 
-            out.append(dict(
-                kind="cuda", variant=variant.name, rule=variant.rule, switches=list(variant.switches),
-                layout=dict(p=variant.p, s=variant.s, master=variant.master, sr=variant.sr, q8=variant.q8),
-                arch=arch, **use, **accesses[arch][name],
                 # one 16-byte vector per thread of the widest buffer, 8 bytes of a 16-bit one beside fp32
-                # (csrc/cuda/step.cuh kElemSize); 8-bit states move one element per thread and quant block
-                expected_loads_128=0 if variant.q8 else count(reads, widest),
-                expected_stores_128=0 if variant.q8 else count(writes, widest),
-                expected_loads_64=0 if variant.q8 or widest == 2 else count(reads, widest // 2),
-                expected_stores_64=0 if variant.q8 or widest == 2 else count(writes, widest // 2),
-                buffers_read=[f"{n}:{d}" for n, d in reads], buffers_written=[f"{n}:{d}" for n, d in writes],
-                fast_path_conversions=[], mixed_width=variant.mixed_width(),
+                # (csrc/cuda/step.cuh kElemSize)
+                expected["loads_128"] += count(reads, widest)
+                expected["stores_128"] += count(writes, widest)
+                if widest != 2:
+                    expected["loads_64"] += count(reads, widest // 2)
+                    expected["stores_64"] += count(writes, widest // 2)
+            richest = [v for v in kernel.paths() if v.switches == RICHEST[v.rule]]
+            reads = sorted({f"{n}:{d}" for v in richest for n, d in v.buffers()[0]})
+            writes = sorted({f"{n}:{d}" for v in richest for n, d in v.buffers()[1]})
+            out.append(dict(
+                kind="cuda", variant=kernel.name, rules=list(RULES), paths=len(kernel.paths()),
+                layout=dict(p=kernel.p, s=kernel.s, master=kernel.master, sr=kernel.sr, q8=kernel.q8),
+                arch=arch, **use, **accesses[arch][name],
+                **{f"expected_{k}": v for k, v in expected.items()},
+                buffers_read=reads, buffers_written=writes,
+                fast_path_conversions=[], mixed_width=False,
             ))
     return out
 

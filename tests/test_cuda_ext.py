@@ -78,40 +78,33 @@ def cuobjdump(*args):
 def test_machine_code_for_every_requested_arch():
     requested = C.ARCHS.split(";")
     elf = re.findall(r"\.sm_(\w+)\.cubin", cuobjdump("--list-elf"))
-    # one cubin per rule's translation unit and architecture (a two-phase rule's too, without a kernel yet)
-    assert sorted(elf) == sorted(requested * len(C.RULES))
+    # one cubin per translation unit (csrc/cuda/{f32,f16,bf16,f64,q8}.cu: a group of layouts each, not
+    # a rule) and architecture
+    assert sorted(elf) == sorted(requested * 5)
     ptx = set(re.findall(r"\.sm_(\w+)\.ptx", cuobjdump("--list-ptx")))
     # PTX of the highest architecture (without an arch-specific suffix), for newer GPUs
     assert ptx == {re.sub(r"[af]$", "", requested[-1])}
 
 
-# every rule's kernels (one per Rule type its switches select: csrc/include/fusedwd/<rule>.h
-# with_switches) in each of precision.h's 16 storage layouts, and in each of the 6 layouts of
-# 8-bit states (q8_layout_supported)
-# (a two-phase rule has no CUDA kernel yet)
-KERNELS = sum(info["kernels"] for info in C.RULES.values() if not info["sums"]) * (16 + 6) if C is not None else 0
-# step_kernel<Layout<P, S, MASTER, SR>, <Rule>::Rule<P, switches...>, Q8>, mangled
-KERNEL_NAME = re.compile(r"6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEENS\w+?_\d+([A-Za-z]+)"
-                         r"4RuleILS\w+?_\dE((?:Lb[01]E)*)EELb([01])E")
+# one kernel per storage layout: precision.h's 16 and the 6 layouts of 8-bit states
+# (q8_layout_supported), each running every elementwise rule (its id and switch bits are launch
+# arguments; csrc/cuda/step.cuh), so that adding a rule adds no kernel
+KERNELS = 16 + 6
+# step_kernel<Layout<P, S, MASTER, SR>, Q8>, mangled
+KERNEL_NAME = re.compile(r"11step_kernelINS\w+?6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEELb([01])EE")
 
 
 def kernel_of(name):
-    """(param DType, state DType, master, stochastic rounding, rule, switches, q8) of a kernel's mangled name."""
-    p, s, master, sr, rule, switches, q8 = KERNEL_NAME.search(name).groups()
-    return (int(p), int(s), master == "1", sr == "1", rule, tuple(b == "1" for b in re.findall(r"Lb([01])E", switches)),
-            q8 == "1")
-
-
-def keeps_states(rule, switches):
-    """Whether a kernel of this rule ("Sgdw", its name in C++) and switches reads any state."""
-    return any(C.RULES[rule.lower()]["states"][switches])
+    """(param DType, state DType, master, stochastic rounding, q8) of a kernel's mangled name."""
+    p, s, master, sr, q8 = KERNEL_NAME.search(name).groups()
+    return int(p), int(s), master == "1", sr == "1", q8 == "1"
 
 
 @needs_module
 def test_every_kernel_within_its_register_budget():
-    """KERNELS kernels (rule x switches x layout, 8-bit states among them) per architecture,
-    each within its launch bounds without spilling: 64 registers per thread, 85 for fp64 and
-    8-bit states (three blocks per SM, see csrc/cuda/step.cuh)."""
+    """KERNELS kernels (one per layout, 8-bit states among them, whatever the rules) per
+    architecture, each within its launch bounds without spilling: 64 registers per thread, 85
+    for fp64 and 8-bit states (three blocks per SM, see csrc/cuda/step.cuh)."""
     usage = cuobjdump("--dump-resource-usage")
     per_arch = {}
     for block in usage.split("arch = sm_")[1:]:
@@ -125,7 +118,7 @@ def test_every_kernel_within_its_register_budget():
         assert len({kernel_of(name) for name in kernels}) == KERNELS, arch
         for name, (regs, stack, local) in kernels.items():
             kernel = kernel_of(name)
-            three_per_sm = kernel[0] == 3 or kernel[6]  # DType::F64 parameters, or 8-bit states
+            three_per_sm = kernel[0] == 3 or kernel[4]  # DType::F64 parameters, or 8-bit states
             assert regs <= (85 if three_per_sm else 64), (arch, name, regs)
             assert stack == 0 and local == 0, (arch, name, "spills", stack, local)
 
@@ -134,24 +127,24 @@ def test_every_kernel_within_its_register_budget():
 def test_every_kernel_moves_data_in_128_bit_accesses():
     """The vector path compiles to 16-byte global loads and stores of its widest buffers
     (the gradient's evict-first), and to 8-byte ones of the 16-bit buffers beside fp32
-    ones (csrc/cuda/step.cuh kElemSize), never to a split into scalar accesses."""
+    ones (csrc/cuda/step.cuh kElemSize), never to a split into scalar accesses. Every
+    kernel holds a path of a rule with states (AdamW's), so its widest buffer counts them."""
     ptx = cuobjdump("--dump-ptx")
     # each kernel's text runs from its .entry to the next one
     bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
     assert len(bodies) == KERNELS
     size = {0: 4, 1: 2, 2: 2, 3: 8}  # bytes per element of each DType
     for name, body in bodies:
-        p, s, master, _, rule, switches, q8 = kernel_of(name)
+        p, s, master, _, q8 = kernel_of(name)
         if q8:
             continue  # 8-bit states: one element per thread and quant block, coalesced (test below)
-        has_states = keeps_states(rule, switches)
-        widest = max(size[p], 4 if master else 0, size[s] if has_states else 0)
+        widest = max(size[p], 4 if master else 0, size[s])
         g = "v4" if size[p] == widest else "v2"
         assert f"ld.global.cs.{g}.u32" in body, name
         assert "ld.global.ca.v4.u32" in body and "st.global.wb.v4.u32" in body, name
         # a 16-bit buffer beside fp32 ones moves in 8-byte accesses
-        assert ("ld.global.ca.v2.u32" in body or "st.global.wb.v2.u32" in body) == (widest > 2 and min(
-            size[p], size[s] if has_states else size[p]) == 2), name
+        assert ("ld.global.ca.v2.u32" in body or "st.global.wb.v2.u32" in body) == (
+            widest > 2 and min(size[p], size[s]) == 2), name
 
 
 @needs_module
@@ -160,17 +153,15 @@ def test_q8_kernels_encode_with_ieee_arithmetic_and_shuffles():
     root (the guess starts from y's bit pattern, 0x4F500000 - bits/4, and truncates to the
     candidate code), an IEEE reciprocal of the absmax, no approximate division, no contracted
     multiply-add in fp32; the block absmax by warp butterfly shuffles; byte loads and stores of
-    the codes. The only square root left is the update's (AdamW, RMSpropW)."""
+    the codes. The only square roots left are the updates' (AdamW, RMSpropW: every kernel holds
+    every rule's path)."""
     ptx = cuobjdump("--dump-ptx")
     bodies = [part.split("(", 1) for part in ptx.split(".entry ")[1:]]
-    q8 = [(name, body) for name, body in bodies if kernel_of(name)[6]]
-    assert len(q8) == KERNELS // (16 + 6) * 6
+    q8 = [(name, body) for name, body in bodies if kernel_of(name)[4]]
+    assert len(q8) == 6
     for name, body in q8:
         assert not re.search(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)\.f32|fma\.rn\.f32", body), name
-        _, _, _, _, rule, switches, _ = kernel_of(name)
-        if not keeps_states(rule, switches):
-            continue  # no state to encode (SGDW without momentum)
-        assert ("sqrt.rn.f32" in body) == (rule.lower() in ("adamw", "rmspropw")), name  # the update's own root
+        assert "sqrt.rn.f32" in body, name  # the updates' own roots
         assert "rcp.rn.f32" in body or "div.rn.f32" in body, name
         assert "1330642944" in body and "cvt.rzi.s32.f32" in body, name  # 0x4F500000; floor of the guess
         assert "shfl.sync.bfly.b32" in body, name

@@ -62,13 +62,13 @@ def _variants() -> list[Variant]:
     return out
 
 
-def _cuda_variants() -> list[Variant]:
-    return [Variant(rule, switches, _name(p), _name(s), master, sr)
-            for p, s, master, sr in LAYOUTS + Q8_LAYOUTS for rule in RULES for switches in SWITCHES[rule]]
+def _cuda_kernels() -> list[gpu_static.CudaKernel]:
+    """One CUDA kernel per storage layout, whatever the rules (csrc/cuda/step.cuh step_kernel<L, Q8>)."""
+    return [gpu_static.CudaKernel(_name(p), _name(s), master, sr) for p, s, master, sr in LAYOUTS + Q8_LAYOUTS]
 
 
 TRITON = _variants()
-CUDA = _cuda_variants()
+CUDA = _cuda_kernels()
 try:
     import fusedwd._C_cuda as _C_cuda
 
@@ -111,8 +111,14 @@ def test_the_variants_are_every_layout(report):
     # every rule of the registry, elementwise or two-phase
     assert set(RULES) == {n for n, r in fusedwd.rules.RULES.items() if not r.reduces}, "every rule is compiled"
     assert set(TWO_PHASE_RULES) == {n for n, r in fusedwd.rules.RULES.items() if r.reduces}
+    # one CUDA kernel per storage layout (16 + 6), each with a path per rule and switch combination
+    assert len(CUDA) == len(LAYOUTS) + len(Q8_LAYOUTS) == 22
+    assert {k.name for k in CUDA} == {k.name for k in gpu_static.cuda_kernels()}
     if _C_cuda is not None:
         assert {(k[1], k[2]) for k in report if k[0] == "cuda"} == {(v.name, a) for v in CUDA for a in CUDA_ARCHS}
+        for (kind, _, _), entry in report.items():
+            if kind == "cuda":
+                assert entry["paths"] == sum(len(SWITCHES[rule]) for rule in RULES)
 
 
 def _triton_params():

@@ -1,6 +1,8 @@
 // The interface between the pybind11 bindings (compiled by the host compiler)
-// and the CUDA kernels (compiled by nvcc, one translation unit per rule).
-// Plain types only, and one entry point per rule of csrc/include/fusedwd/rules.h.
+// and the CUDA kernels (compiled by nvcc). Plain types only. The kernels are one
+// per storage layout, each running every elementwise rule of
+// csrc/include/fusedwd/rules.h (the rule's id and switch bits are launch arguments),
+// compiled in a fixed set of translation units, one per KernelGroup: none per rule.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -28,39 +30,60 @@ struct LaunchArgs {
   cudaStream_t stream;
 };
 
-// step_<Rule>: one launch of the rule over every segment, its switches as bits (bit k:
-// switch k); returns the launch's error (cudaSuccess when queued). Callers validated the
-// layout (precision.h check_layout, or check_q8_layout for 8-bit states) and the
-// addresses. Defined by csrc/cuda/<rule>.cu (launch.cuh FUSEDWD_CUDA_RULE).
-#define FUSEDWD_DECLARE_STEP(R) cudaError_t step_##R(const LaunchArgs& a, unsigned switches);
-FUSEDWD_RULES(FUSEDWD_DECLARE_STEP)
-#undef FUSEDWD_DECLARE_STEP
+// The translation units the kernels are split into, so that nvcc builds them in parallel:
+// the layouts of each parameter dtype (csrc/cuda/{f32,f16,bf16,f64}.cu) and every layout
+// of 8-bit states (csrc/cuda/q8.cu). X(group) for each.
+#define FUSEDWD_KERNEL_GROUPS(X) X(F32) X(F16) X(BF16) X(F64) X(Q8)
 
-// One launch of the rule with this id (rules.h).
-inline cudaError_t step(int rule, const LaunchArgs& a, unsigned switches) {
-  cudaError_t err = cudaErrorInvalidValue;
-#define FUSEDWD_STEP_CASE(R) \
-  if (rule == static_cast<int>(RuleId::R)) err = step_##R(a, switches);
-  FUSEDWD_RULES(FUSEDWD_STEP_CASE)
-#undef FUSEDWD_STEP_CASE
-  return err;
+enum class KernelGroup : int {
+#define FUSEDWD_GROUP_ID(G) G,
+  FUSEDWD_KERNEL_GROUPS(FUSEDWD_GROUP_ID)
+#undef FUSEDWD_GROUP_ID
+};
+
+// The group holding the kernel of parameters of dtype p (q8: with 8-bit states).
+FUSEDWD_HD constexpr KernelGroup kernel_group(DType p, bool q8) {
+  return q8 ? KernelGroup::Q8
+            : (p == DType::F32 ? KernelGroup::F32
+                               : (p == DType::F16 ? KernelGroup::F16
+                                                  : (p == DType::BF16 ? KernelGroup::BF16 : KernelGroup::F64)));
 }
 
-// probe_<Rule>: whether `device` can run the rule's kernels: cudaFuncGetAttributes on one
-// of them, which fails (cudaErrorNoKernelImageForDevice, cudaErrorInvalidDeviceFunction)
-// when the module holds neither machine code for the device's architecture nor PTX it can
-// compile. Restores the current device.
-#define FUSEDWD_DECLARE_PROBE(R) cudaError_t probe_##R(int device);
-FUSEDWD_RULES(FUSEDWD_DECLARE_PROBE)
-#undef FUSEDWD_DECLARE_PROBE
+// The parameter dtype of the kernel each group's probe reads (Q8: fp32 parameters).
+constexpr DType kGroupDType[] = {DType::F32, DType::F16, DType::BF16, DType::F64, DType::F32};
 
-// Whether `device` can run the kernels: one kernel of each rule (each rule's translation unit
-// is its own device module; all are built for the same architectures).
+// step_<group>: one launch of the rule with this id (rules.h) and switch bits (bit k:
+// switch k) over every segment, with the group's kernel for the step's layout; returns the
+// launch's error (cudaSuccess when queued). Callers validated the rule (elementwise), the
+// layout (precision.h check_layout, or check_q8_layout for 8-bit states) and the addresses.
+// probe_<group>: whether `device` can run the group's kernels: cudaFuncGetAttributes on one of
+// them, which fails (cudaErrorNoKernelImageForDevice, cudaErrorInvalidDeviceFunction) when the
+// module holds neither machine code for the device's architecture nor PTX it can compile;
+// restores the current device. Both defined by csrc/cuda/<group>.cu (launch.cuh
+// FUSEDWD_CUDA_KERNELS).
+#define FUSEDWD_DECLARE_GROUP(G)                                          \
+  cudaError_t step_##G(const LaunchArgs& a, int rule, unsigned switches); \
+  cudaError_t probe_##G(int device);
+FUSEDWD_KERNEL_GROUPS(FUSEDWD_DECLARE_GROUP)
+#undef FUSEDWD_DECLARE_GROUP
+
+// One launch of the rule with this id.
+inline cudaError_t step(int rule, const LaunchArgs& a, unsigned switches) {
+  const KernelGroup group = kernel_group(static_cast<DType>(a.dtype), a.quantized);
+#define FUSEDWD_STEP_CASE(G) \
+  if (group == KernelGroup::G) return step_##G(a, rule, switches);
+  FUSEDWD_KERNEL_GROUPS(FUSEDWD_STEP_CASE)
+#undef FUSEDWD_STEP_CASE
+  return cudaErrorInvalidValue;
+}
+
+// Whether `device` can run the kernels: one kernel of each group (each group's translation
+// unit is its own device module; all are built for the same architectures).
 inline cudaError_t probe(int device) {
   cudaError_t err = cudaSuccess;
-#define FUSEDWD_PROBE(R) \
-  if (err == cudaSuccess) err = probe_##R(device);
-  FUSEDWD_RULES(FUSEDWD_PROBE)
+#define FUSEDWD_PROBE(G) \
+  if (err == cudaSuccess) err = probe_##G(device);
+  FUSEDWD_KERNEL_GROUPS(FUSEDWD_PROBE)
 #undef FUSEDWD_PROBE
   return err;
 }

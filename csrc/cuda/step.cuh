@@ -1,8 +1,11 @@
 // The CUDA step kernel shared by every rule: one persistent grid-stride launch
 // per bucket per step over the int64 segment table and the float64 hyper table
 // the CPU kernel reads (docs/design.md), the element math from the shared
-// __host__ __device__ helpers of csrc/include/fusedwd/<rule>.h: Segment<L, Rule>
-// runs any Rule<D, switches...> of csrc/include/fusedwd/rule.h.
+// __host__ __device__ helpers of csrc/include/fusedwd/<rule>.h: a Segment<L>'s
+// element and vector functions run any Rule<D, switches...> of
+// csrc/include/fusedwd/rule.h. One kernel per storage layout L: the rule's id
+// and switch bits are launch arguments, and the kernel runs the path compiled
+// for them (with_elementwise_rule; docs/backends.md#one-kernel-per-layout).
 //
 // Geometry (csrc/include/fusedwd/launch.h): the grid is sized from the SM
 // count, not from the work, and each block walks the table in tiles of
@@ -68,6 +71,16 @@ constexpr int kQ8Blocks = 2;
 constexpr int64_t kQ8Chunk = kQ8Blocks * kQuantBlock;
 static_assert(kQuantBlock == kCudaThreads, "a thread updates one element of each quant block");
 
+// The control block's address, opaque to the compiler: read where a segment is opened, so
+// that no test of it (ctl != nullptr) is hoisted to the kernel's entry and held across
+// every rule's path (ptxas spilled that predicate, 4 bytes, in the bf16 SR kernel).
+__device__ inline const float* opaque(const float* ctl) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("mov.b64 %0, %0;" : "+l"(ctl));
+#endif
+  return ctl;
+}
+
 template <typename T>
 __device__ inline T* column(const int64_t* row, int col) {
   // the table stores raw device addresses as int64
@@ -117,6 +130,31 @@ struct Vector {
   }
 };
 
+// The per-segment scalars of any elementwise rule of rules.h (a two-phase rule has no
+// CUDA kernel yet and no member): a segment holds those of the launch's rule, so its size,
+// and the kernels' shared memory, is the same for every rule (that of the largest Scalars).
+template <class R, typename M>
+using ElementwiseScalars = std::conditional_t<kSumsOf<R> == 0, typename R::template Scalars<M>, char>;
+
+template <typename M>
+union AnyScalars {
+#define FUSEDWD_SCALARS_MEMBER(R) ElementwiseScalars<R, M> R##_;
+  FUSEDWD_RULES(FUSEDWD_SCALARS_MEMBER)
+#undef FUSEDWD_SCALARS_MEMBER
+
+  // The member of type T (every member starts at the union's address).
+  template <class T>
+  __device__ T& get() {
+    static_assert(sizeof(T) <= sizeof(AnyScalars) && alignof(T) <= alignof(AnyScalars), "not a member");
+    return *reinterpret_cast<T*>(this);
+  }
+  template <class T>
+  __device__ const T& get() const {
+    static_assert(sizeof(T) <= sizeof(AnyScalars) && alignof(T) <= alignof(AnyScalars), "not a member");
+    return *reinterpret_cast<const T*>(this);
+  }
+};
+
 // A segment as the block's threads use it: its addresses and scalars, in
 // shared memory. The kernel opens the segments of a table tile that the block
 // will visit in parallel, each by the thread of its tile position (row, step
@@ -125,7 +163,7 @@ struct Vector {
 // current segment, one 8-byte word each, between two barriers. The data path
 // then reads the current segment at a fixed shared address, so it holds no
 // more registers than it would with one segment.
-template <class L, class Rule>
+template <class L>
 struct Segment {
   using TP = storage_t<L::P>;
   using TS = storage_t<L::S>;
@@ -140,8 +178,14 @@ struct Segment {
   float* master;  // the fp32 master copy of p (MASTER)
   uint32_t key;   // the stochastic rounding key of this segment and step (SR)
   bool aligned;
-  typename Rule::Scalars sc;
+  AnyScalars<M> any;  // the scalars of the launch's rule
 
+  template <class Rule>
+  __device__ const typename Rule::Scalars& sc() const {
+    return any.template get<typename Rule::Scalars>();
+  }
+
+  template <class Rule>
   __device__ void open(const int64_t* table, const double* hyper, int64_t s, const float* ctl,
                        uint64_t seed) {
     const int64_t* row = table + s * SEG_COLS;
@@ -165,16 +209,18 @@ struct Segment {
     const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
     key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
     // 1/grad_scale times the clip coefficient (layout.h ctl_grad_mult, as the CPU kernel)
-    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(ctl));
+    any.template get<typename Rule::Scalars>() =
+        Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(opaque(ctl)));
   }
 
   // One element: storage -> math type, the rule, math -> storage (rounded once).
+  template <class Rule>
   __device__ void element(int64_t i) const {
     M pi = load_param<L::P, L::MASTER>(p, master, i);
     M a = Rule::kS0 ? load<L::S>(s0, i) : M(0);
     M b = Rule::kS1 ? load<L::S>(s1, i) : M(0);
     M c = Rule::kS2 ? load<L::S>(s2, i) : M(0);
-    Rule::update(pi, load<L::P>(g, i), a, b, c, sc);
+    Rule::update(pi, load<L::P>(g, i), a, b, c, sc<Rule>());
     store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
     if (Rule::kS0) store<L::S>(s0, i, a);
     if (Rule::kS1) store<L::S>(s1, i, b);
@@ -183,6 +229,7 @@ struct Segment {
 
   // kVec elements of every buffer starting at element i (all aligned): every
   // load issued before any math, so each thread has them all in flight.
+  template <class Rule>
   __device__ void vector(int64_t i) const {
     constexpr int kVec = static_cast<int>(vector_elems(kElemSize<L, Rule>));
     Vector<TP, kVec> pp, gg;
@@ -204,7 +251,7 @@ struct Segment {
       M a = Rule::kS0 ? load<L::S>(aa.v, e) : M(0);
       M b = Rule::kS1 ? load<L::S>(bb.v, e) : M(0);
       M c = Rule::kS2 ? load<L::S>(cc.v, e) : M(0);
-      Rule::update(pe, load<L::P>(gg.v, e), a, b, c, sc);
+      Rule::update(pe, load<L::P>(gg.v, e), a, b, c, sc<Rule>());
       if constexpr (L::SR) {
         // store_param's rounding, keyed by the element's index in its segment, i + e
         pp.v[e] = float_to_bf16_sr(pe, sr_bits(key, i + e));
@@ -225,7 +272,7 @@ struct Segment {
 
 // The 8-bit form of Segment: codes and block absmax instead of S-typed states.
 // L::S is unused (the q8 layouts carry S == P).
-template <class L, class Rule>
+template <class L>
 struct Q8Segment {
   using TP = storage_t<L::P>;
   using M = math_t<L::P>;
@@ -242,8 +289,14 @@ struct Q8Segment {
   float* a2;
   float* master;
   uint32_t key;
-  typename Rule::Scalars sc;
+  AnyScalars<M> any;  // the scalars of the launch's rule
 
+  template <class Rule>
+  __device__ const typename Rule::Scalars& sc() const {
+    return any.template get<typename Rule::Scalars>();
+  }
+
+  template <class Rule>
   __device__ void open(const int64_t* table, const double* hyper, int64_t s, const float* ctl,
                        uint64_t seed) {
     const int64_t* row = table + s * SEG_COLS;
@@ -262,7 +315,8 @@ struct Q8Segment {
     // t0 is read here by every block touching the segment (see the top of this file)
     const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
     key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    sc = Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(ctl));
+    any.template get<typename Rule::Scalars>() =
+        Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(opaque(ctl)));
   }
 
   // One chunk [r.begin, r.end) of up to kQ8Blocks quant blocks (r.begin a multiple of
@@ -270,6 +324,7 @@ struct Q8Segment {
   // not read since the block's previous barrier; held: this thread's new states across
   // the barrier, in shared memory so they take no registers (each thread reads only
   // what it wrote, so no barrier guards them).
+  template <class Rule>
   __device__ void chunk(ChunkRange r, int tid, float (*red)[kWarps], float (*held)[kCudaThreads]) const {
     const int64_t qb0 = r.begin / kQuantBlock;
     // every load of the chunk first, so each thread has them all in flight
@@ -301,7 +356,7 @@ struct Q8Segment {
         if (Rule::kS1) b = q_decode(c1[q], a1[qb], Rule::kSigned1);
         if (Rule::kS2) c = q_decode(c2[q], a2[qb], Rule::kSigned2);
         M pi = pv[q];
-        Rule::update(pi, gv[q], a, b, c, sc);
+        Rule::update(pi, gv[q], a, b, c, sc<Rule>());
         store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
       }
       if (Rule::kS0) held[0 * kQ8Blocks + q][tid] = a;
@@ -387,17 +442,43 @@ __device__ inline int64_t block_exclusive_sum(int64_t x, int64_t* warp_sums, int
 template <DType P, bool Q8 = false>
 constexpr int kMinBlocksPerSm = P == DType::F64 || Q8 ? 3 : kCudaBlocksPerSm;
 
-// ctl: the control block (layout.h Ctl), or nullptr; seed: the stochastic rounding seed.
-// Q8: 8-bit states (Q8Segment), in chunks of kQ8Blocks quant blocks.
-template <class L, class Rule, bool Q8>
+// Whether the rule with this id (rules.h) has a path in the kernels: an elementwise rule (a
+// two-phase rule, kSums > 0, has no CUDA kernel yet).
+FUSEDWD_HD constexpr bool has_cuda_path(int rule) {
+#define FUSEDWD_RULE_HAS_PATH(R) (rule == static_cast<int>(RuleId::R) && kSumsOf<R> == 0) ||
+  return FUSEDWD_RULES(FUSEDWD_RULE_HAS_PATH) false;
+#undef FUSEDWD_RULE_HAS_PATH
+}
+
+// The rule with this id (rules.h) and switch bits -> f(Rule<D, switches...>{}), for a rule
+// with has_cuda_path: the launch's rule, a runtime-uniform value, picks one of the compiled
+// paths once per launch (each path the whole walk over the segment table, specialized for its
+// rule and switches, so the data path holds no test of the rule). Nothing the caller uses
+// after the call is computed in it, so no register is held across the path (a flag returned
+// from here was: ptxas spilled it, 2 bytes per path, in 20 of the 22 kernels).
+template <DType D, typename F>
+__device__ __forceinline__ void with_elementwise_rule(int rule, unsigned switches, F&& f) {
+#define FUSEDWD_RULE_PATH(R)                                                  \
+  if constexpr (kSumsOf<R> == 0) {                                            \
+    if (rule == static_cast<int>(RuleId::R)) R::template with_switches<D>(switches, f); \
+  }
+  FUSEDWD_RULES(FUSEDWD_RULE_PATH)
+#undef FUSEDWD_RULE_PATH
+}
+
+// ctl: the control block (layout.h Ctl), or nullptr; seed: the stochastic rounding seed;
+// rule, switches: the rule's id (rules.h) and its switch bits (bit k: switch k), the same
+// for every thread. One kernel per storage layout L (and Q8: 8-bit states, Q8Segment, in
+// chunks of kQ8Blocks quant blocks) runs every elementwise rule: adding a rule adds a path
+// to each kernel and no kernel (docs/backends.md#one-kernel-per-layout).
+template <class L, bool Q8>
 __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
     step_kernel(const int64_t* __restrict__ table, int64_t nseg, const double* __restrict__ hyper,
-                unsigned int* arrivals, const float* __restrict__ ctl, uint64_t seed) {
-  // found_inf: the same value for every block, which leaves before anything is read or written
-  if (ctl_skips(ctl)) return;
-  // 8-bit chunks are whole quant blocks from the segment's start (a multiple of kQuantBlock)
-  constexpr int64_t kChunk = Q8 ? kQ8Chunk : chunk_elems(kElemSize<L, Rule>);
-  constexpr int64_t kVec = vector_elems(kElemSize<L, Rule>);
+                unsigned int* arrivals, const float* __restrict__ ctl, uint64_t seed, int rule,
+                unsigned switches) {
+  // found_inf: the same value for every block, which leaves before anything is read or written;
+  // likewise an id the host did not validate: no block arrives, no count advances
+  if (ctl_skips(ctl) || !has_cuda_path(rule)) return;
   __shared__ int64_t starts[kCudaThreads + 1];  // chunk prefix sums of the current tile
   __shared__ int64_t warp_sums[kWarps];
   // Each thread fetches its segment's size of the next tile while the block works
@@ -406,8 +487,9 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
   // thread issues a copy exactly when it has a segment in that tile (tid < count).
   __shared__ int64_t sizes[2][kCudaThreads];
   // The tile's segments this block visits, opened in parallel (one thread each) after the scan,
-  // and the one the block is working on, copied from its slot.
-  using Seg = std::conditional_t<Q8, Q8Segment<L, Rule>, Segment<L, Rule>>;
+  // and the one the block is working on, copied from its slot. Their size does not depend on
+  // the rule (AnyScalars), so neither does the kernel's shared memory.
+  using Seg = std::conditional_t<Q8, Q8Segment<L>, Segment<L>>;
   static_assert(sizeof(Seg) % sizeof(int64_t) == 0 && sizeof(Seg) / sizeof(int64_t) <= kCudaThreads,
                 "a segment is copied one 8-byte word per thread");
   constexpr int kSegWords = static_cast<int>(sizeof(Seg) / sizeof(int64_t));
@@ -418,72 +500,78 @@ __global__ void __launch_bounds__(kCudaThreads, kMinBlocksPerSm<L::P, Q8>)
   __shared__ float red[Q8 ? 2 : 1][Q8 ? 3 * kQ8Blocks : 1][kWarps];
   // 8-bit states: each thread's new states of the chunk (6 KB), held across the reduction
   __shared__ float held[Q8 ? 3 * kQ8Blocks : 1][Q8 ? kCudaThreads : 1];
-  int parity = 0;
   __shared__ bool last;
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t block = blockIdx.x;
   const int64_t grid = gridDim.x;
 
-  if (tid == 0) seg.index = -1;  // published by the first barrier of the scan
-  if (tid < nseg) __pipeline_memcpy_async(&sizes[0][tid], &table[tid * SEG_COLS + SEG_N], sizeof(int64_t));
-  __pipeline_commit();
-  for (int64_t base = 0; base < nseg; base += kCudaThreads) {
-    const int64_t count = nseg - base < kCudaThreads ? nseg - base : kCudaThreads;
-    // chunks of all earlier tiles: where the previous tile's prefix sums ended (read before the
-    // scan's barriers, rewritten after them), so no register holds it across the chunk loop
-    const int64_t running = base == 0 ? 0 : starts[kCudaThreads];
-    const int buffer = static_cast<int>((base / kCudaThreads) % 2);
-    __pipeline_wait_prior(0);
-    const int64_t n = tid < count ? sizes[buffer][tid] : 0;
-    const int64_t ahead = base + kCudaThreads + tid;
-    if (ahead < nseg) {
-      __pipeline_memcpy_async(&sizes[1 - buffer][tid], &table[ahead * SEG_COLS + SEG_N], sizeof(int64_t));
-    }
+  with_elementwise_rule<L::P>(rule, switches, [&](auto rule_tag) {
+    using Rule = decltype(rule_tag);
+    // 8-bit chunks are whole quant blocks from the segment's start (a multiple of kQuantBlock)
+    constexpr int64_t kChunk = Q8 ? kQ8Chunk : chunk_elems(kElemSize<L, Rule>);
+    constexpr int64_t kVec = vector_elems(kElemSize<L, Rule>);
+    [[maybe_unused]] int parity = 0;  // 8-bit states: which red buffer this chunk uses
+    if (tid == 0) seg.index = -1;  // published by the first barrier of the scan
+    if (tid < nseg) __pipeline_memcpy_async(&sizes[0][tid], &table[tid * SEG_COLS + SEG_N], sizeof(int64_t));
     __pipeline_commit();
-    int64_t total = 0;
-    const int64_t prefix = block_exclusive_sum(chunks_of(n, kChunk), warp_sums, &total);
-    starts[tid] = running + prefix;
-    if (tid == 0) starts[kCudaThreads] = running + total;  // == starts[count]
-    __syncthreads();
-    // Each thread opens the segment of its tile position if the block owns one of its chunks
-    // [starts[tid], starts[tid + 1]): row, step count, hyper row and the scalars (two double
-    // pow's) of every segment the block will visit, in parallel, behind one barrier.
-    if (tid < count && first_owned_chunk(starts[tid], block, grid) < starts[tid + 1]) {
-      slots[tid].open(table, hyper, base + tid, ctl, seed);
-    }
-    __syncthreads();
-    for_each_owned_chunk(starts, count, block, grid, [&](int64_t i, int64_t j) {
-      // (i, j) is the same for every thread of the block, so the barriers below
-      // are reached by all of them
-      if (seg.index != base + i) {
-        __syncthreads();  // every thread is done with the previous segment
-        if (tid < kSegWords) {
-          reinterpret_cast<int64_t*>(&seg)[tid] = reinterpret_cast<const int64_t*>(&slots[i])[tid];
-        }
-        __syncthreads();
+    for (int64_t base = 0; base < nseg; base += kCudaThreads) {
+      const int64_t count = nseg - base < kCudaThreads ? nseg - base : kCudaThreads;
+      // chunks of all earlier tiles: where the previous tile's prefix sums ended (read before the
+      // scan's barriers, rewritten after them), so no register holds it across the chunk loop
+      const int64_t running = base == 0 ? 0 : starts[kCudaThreads];
+      const int buffer = static_cast<int>((base / kCudaThreads) % 2);
+      __pipeline_wait_prior(0);
+      const int64_t n = tid < count ? sizes[buffer][tid] : 0;
+      const int64_t ahead = base + kCudaThreads + tid;
+      if (ahead < nseg) {
+        __pipeline_memcpy_async(&sizes[1 - buffer][tid], &table[ahead * SEG_COLS + SEG_N], sizeof(int64_t));
       }
-      const ChunkRange r = chunk_range(seg.n, kChunk, j);
-      if constexpr (Q8) {
-        seg.chunk(r, tid, red[parity], held);
-        parity ^= 1;
-      } else if (seg.aligned) {
-        const ChunkRange v = thread_vector(r, tid, kVec);
-        if (v.end - v.begin == kVec) {
-          seg.vector(v.begin);
+      __pipeline_commit();
+      int64_t total = 0;
+      const int64_t prefix = block_exclusive_sum(chunks_of(n, kChunk), warp_sums, &total);
+      starts[tid] = running + prefix;
+      if (tid == 0) starts[kCudaThreads] = running + total;  // == starts[count]
+      __syncthreads();
+      // Each thread opens the segment of its tile position if the block owns one of its chunks
+      // [starts[tid], starts[tid + 1]): row, step count, hyper row and the scalars (two double
+      // pow's) of every segment the block will visit, in parallel, behind one barrier.
+      if (tid < count && first_owned_chunk(starts[tid], block, grid) < starts[tid + 1]) {
+        slots[tid].template open<Rule>(table, hyper, base + tid, ctl, seed);
+      }
+      __syncthreads();
+      for_each_owned_chunk(starts, count, block, grid, [&](int64_t i, int64_t j) {
+        // (i, j) is the same for every thread of the block, so the barriers below
+        // are reached by all of them
+        if (seg.index != base + i) {
+          __syncthreads();  // every thread is done with the previous segment
+          if (tid < kSegWords) {
+            reinterpret_cast<int64_t*>(&seg)[tid] = reinterpret_cast<const int64_t*>(&slots[i])[tid];
+          }
+          __syncthreads();
+        }
+        const ChunkRange r = chunk_range(seg.n, kChunk, j);
+        if constexpr (Q8) {
+          seg.template chunk<Rule>(r, tid, red[parity], held);
+          parity ^= 1;
+        } else if (seg.aligned) {
+          const ChunkRange v = thread_vector(r, tid, kVec);
+          if (v.end - v.begin == kVec) {
+            seg.template vector<Rule>(v.begin);
+          } else {
+            // the segment's last, partial vector
+            for (int64_t e = v.begin; e < v.end; ++e) seg.template element<Rule>(e);
+          }
         } else {
-          // the segment's last, partial vector
-          for (int64_t e = v.begin; e < v.end; ++e) seg.element(e);
-        }
-      } else {
 #pragma unroll
-        for (int64_t k = 0; k < kVec; ++k) {
-          const int64_t e = thread_scalar(r, tid, k);
-          if (e < r.end) seg.element(e);
+          for (int64_t k = 0; k < kVec; ++k) {
+            const int64_t e = thread_scalar(r, tid, k);
+            if (e < r.end) seg.template element<Rule>(e);
+          }
         }
-      }
-    });
-    __syncthreads();  // starts, warp_sums and slots are rewritten by the next tile
-  }
+      });
+      __syncthreads();  // starts, warp_sums and slots are rewritten by the next tile
+    }
+  });
 
   // Every thread of this block has read its step counts (the barrier above).
   if (tid == 0) {

@@ -19,6 +19,7 @@
 
 #define __global__
 #define __device__
+#define __forceinline__ inline
 #define __host__
 #define __shared__ static
 #define __launch_bounds__(...)

@@ -76,13 +76,14 @@ class Block {
 
 Block* g_block = nullptr;
 
-template <class L, class Rule, bool Q8 = false>
-void launch(const int64_t* table, int64_t nseg, const double* hyper, unsigned* arrivals, unsigned grid,
-            const float* ctl = nullptr, uint64_t seed = 0) {
+// One launch of layout L's kernel for the rule with this id and switch bits.
+template <class L, bool Q8 = false>
+void launch(int rule, unsigned switches, const int64_t* table, int64_t nseg, const double* hyper,
+            unsigned* arrivals, unsigned grid, const float* ctl = nullptr, uint64_t seed = 0) {
   gridDim.x = grid;
   for (unsigned b = 0; b < grid; ++b) {
     blockIdx.x = b;
-    g_block->run([=] { step_kernel<L, Rule, Q8>(table, nseg, hyper, arrivals, ctl, seed); });
+    g_block->run([=] { step_kernel<L, Q8>(table, nseg, hyper, arrivals, ctl, seed, rule, switches); });
   }
 }
 
@@ -126,8 +127,9 @@ std::vector<double> hyper_rows() {
   return rows;
 }
 
+// bits: the switch bits that select Rule (R::with_switches).
 template <DType D, class R, class Rule>
-int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bool misaligned) {
+int check(const char* name, unsigned bits, const std::vector<int64_t>& sizes, unsigned grid, bool misaligned) {
   using L = Layout<D, D, false, false>;
   using T = storage_t<D>;
   using M = math_t<D>;
@@ -175,7 +177,7 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
   unsigned arrivals = 0;
   int failures = 0;
   for (int step = 0; step < 2; ++step) {
-    launch<L, Rule>(table.data(), nseg, hyper.data(), &arrivals, grid);
+    launch<L>(rule_id<R>(), bits, table.data(), nseg, hyper.data(), &arrivals, grid);
     for (int64_t s = 0; s < nseg; ++s) {
       const auto sc = Rule::scalars(&hyper[(s % 2) * Rule::kHpCols], double(want_steps[s]) + 1.0, 1.0);
       T* b[kBuffers];
@@ -204,23 +206,17 @@ int check(const char* name, const std::vector<int64_t>& sizes, unsigned grid, bo
   return failures;
 }
 
-// Runtime rule id (csrc/include/fusedwd/rules.h) and switch bits -> the Rule the .cu files
-// instantiate for them (launch.cuh launch_rule).
+// Runtime rule id (csrc/include/fusedwd/rules.h) and switch bits -> one launch of layout L's
+// kernel, which picks the rule's path itself (the rule is checked first, as the bindings do).
 template <class L, bool Q8>
 int launch_rule(int rule, unsigned switches, const int64_t* table, int64_t nseg, const double* hyper,
                 unsigned* arrivals, unsigned grid, const float* ctl, uint64_t seed) {
   bool two_phase = false;
-  const bool known = with_rule(rule, [&](auto r) {
-    using R = decltype(r);
-    if constexpr (kSumsOf<R> > 0) {
-      two_phase = true;  // no CUDA kernel for a two-phase rule yet
-    } else {
-      R::template with_switches<L::P>(switches, [&](auto rule_tag) {
-        launch<L, decltype(rule_tag), Q8>(table, nseg, hyper, arrivals, grid, ctl, seed);
-      });
-    }
-  });
-  return !known ? -1 : (two_phase ? -3 : 0);
+  const bool known = with_rule(rule, [&](auto r) { two_phase = kSumsOf<decltype(r)> > 0; });
+  if (!known) return -1;
+  if (two_phase) return -3;  // no CUDA kernel for a two-phase rule yet
+  launch<L, Q8>(rule, switches, table, nseg, hyper, arrivals, grid, ctl, seed);
+  return 0;
 }
 
 }  // namespace
@@ -258,7 +254,7 @@ template <DType D, class R>
 int check_rule(const std::string& name, unsigned bits, const std::vector<int64_t>& sizes, unsigned grid,
                bool misaligned) {
   return R::template with_switches<D>(bits, [&](auto rule) {
-    return check<D, R, decltype(rule)>(name.c_str(), sizes, grid, misaligned);
+    return check<D, R, decltype(rule)>(name.c_str(), bits, sizes, grid, misaligned);
   });
 }
 

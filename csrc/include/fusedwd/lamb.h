@@ -4,6 +4,7 @@
 // over the tensor; phase 2 steps by lr * trust * u.
 #pragma once
 
+#include "fusedwd/adamw.h"
 #include "fusedwd/common.h"
 #include "fusedwd/rule.h"
 
@@ -44,18 +45,14 @@ struct Lamb {
   // u from p (decayed) and the states as stored
   template <typename M>
   FUSEDWD_HD static M update_of(M p, M m, M v, const Direction<M>& d) {
-    const M r = (m * d.inv_bc1) / (sqrt_m(v) / d.bc2_sqrt + d.eps);
+    const M r = (m * d.inv_bc1) / adam_denom(v, d.bc2_sqrt, d.eps);
     return d.has_wd ? r + d.wd * p : r;
   }
 
   // Phase 1's per-segment scalars.
   template <typename M>
   struct Scalars {
-    M grad_sign;  // -1 under maximize, times 1/grad_scale and the clip coefficient
-    M l2;         // coupled L2 coefficient ("l2"), else 0
-    bool has_l2;
-    LerpWeight<M> m_weight;  // exp_avg <- lerp(exp_avg, g, 1 - beta1)
-    M beta2, one_minus_beta2;
+    AdamMoments<M> moments;  // coupled L2 ("l2"), else 0
     Direction<M> dir;
   };
 
@@ -79,12 +76,7 @@ struct Lamb {
 
     FUSEDWD_HD static Scalars scalars(const double* hp, double t, double grad_mult) {
       Scalars s;
-      s.grad_sign = static_cast<M>(hp[Col::grad_sign] * grad_mult);
-      s.l2 = static_cast<M>(hp[Col::l2]);
-      s.has_l2 = hp[Col::l2] != 0.0;
-      s.m_weight = lerp_weight<M>(1.0 - hp[Col::beta1]);
-      s.beta2 = static_cast<M>(hp[Col::beta2]);
-      s.one_minus_beta2 = static_cast<M>(1.0 - hp[Col::beta2]);
+      s.moments = AdamMoments<M>::template from<Col>(hp, grad_mult);
       s.dir = direction<M>(hp, t);
       return s;
     }
@@ -95,10 +87,9 @@ struct Lamb {
     // Phase 1, one element: the moments, as AdamW's; p decayed as phase 2 will decay it.
     FUSEDWD_HD static void moments(M& p, M& g, M& m, M& v, M&, const Scalars& s) {
       // docs/math.md#lamb; reference: fusedwd.reference.lamb
-      g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
+      g = s.moments.grad(g, p);
       p = p * s.dir.decay_mult;
-      m = lerp_m(m, g, s.m_weight);
-      v = s.beta2 * v + (s.one_minus_beta2 * g) * g;
+      s.moments.update(g, m, v);
     }
 
     // Phase 1, one element: its terms of ||p||^2 and ||u||^2 (exact squares of M in double),
@@ -132,8 +123,9 @@ struct Lamb {
     }
   };
 
+  FUSEDWD_HD_CALLS_ANY
   template <DType D, typename F>
-  static decltype(auto) with_switches(unsigned /*switches*/, F&& f) {
+  FUSEDWD_HD static decltype(auto) with_switches(unsigned /*switches*/, F&& f) {
     return f(Rule<D>{});
   }
 };

@@ -64,8 +64,9 @@ struct Lion {
   };
 
   // No switches: one Rule per dtype.
+  FUSEDWD_HD_CALLS_ANY
   template <DType D, typename F>
-  static decltype(auto) with_switches(unsigned /*switches*/, F&& f) {
+  FUSEDWD_HD static decltype(auto) with_switches(unsigned /*switches*/, F&& f) {
     return f(Rule<D>{});
   }
 };

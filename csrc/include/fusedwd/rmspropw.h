@@ -79,8 +79,9 @@ struct Rmspropw {
   };
 
   // The switch bits (bit 0: centered, bit 1: has_momentum) -> f(Rule<D, ...>{}).
+  FUSEDWD_HD_CALLS_ANY
   template <DType D, typename F>
-  static decltype(auto) with_switches(unsigned switches, F&& f) {
+  FUSEDWD_HD static decltype(auto) with_switches(unsigned switches, F&& f) {
     const bool centered = switches & 1u, momentum = switches & 2u;
     if (centered) return momentum ? f(Rule<D, true, true>{}) : f(Rule<D, true, false>{});
     return momentum ? f(Rule<D, false, true>{}) : f(Rule<D, false, false>{});

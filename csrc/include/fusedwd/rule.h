@@ -10,7 +10,8 @@
 //   kSwitchNames    its structural switches, comma-separated, in the spec's order
 //   Scalars<M>      its per-segment scalars, derived in double and rounded to M
 //   Rule<D, ...>    per parameter dtype D and switch values: what a kernel runs
-//   with_switches   the switch bits (bit k: switch k) -> f(Rule<D, ...>{})
+//   with_switches   the switch bits (bit k: switch k) -> f(Rule<D, ...>{}); FUSEDWD_HD
+//                   (the CUDA kernel picks its path with it), after FUSEDWD_HD_CALLS_ANY
 //
 // and Rule<D, ...> holds
 //
@@ -48,6 +49,15 @@
 #define FUSEDWD_COLUMNS(...)                                        \
   enum : int { __VA_ARGS__, kCount };                               \
   static const char* names() { return #__VA_ARGS__; }
+
+// Before a FUSEDWD_HD function template that calls a callable it is given (with_switches):
+// the CUDA kernels call it with device lambdas, the host code with host ones, and nvcc would
+// otherwise warn that a __host__ __device__ function calls a __host__ one (#20013-D).
+#if defined(__CUDACC__)
+#define FUSEDWD_HD_CALLS_ANY _Pragma("nv_exec_check_disable")
+#else
+#define FUSEDWD_HD_CALLS_ANY
+#endif
 
 FUSEDWD_NS_BEGIN
 

@@ -1,6 +1,6 @@
 // Every rule, in one list. The CPU kernel table (csrc/cpu/loops.h), both
-// modules' bindings and the CUDA translation units (csrc/cuda/<rule>.cu) are
-// instantiated from it; a rule's id is its position here.
+// modules' bindings and the CUDA kernels' paths (csrc/cuda/step.cuh
+// with_elementwise_rule) are instantiated from it; a rule's id is its position here.
 #pragma once
 
 #include "fusedwd/adamw.h"

@@ -66,8 +66,9 @@ struct Sgdw {
 
   // The switch bits (bit 0: has_momentum, bit 1: nesterov) -> f(Rule<D, ...>{}). nesterov
   // needs momentum (validated in Python): without it d = g either way.
+  FUSEDWD_HD_CALLS_ANY
   template <DType D, typename F>
-  static decltype(auto) with_switches(unsigned switches, F&& f) {
+  FUSEDWD_HD static decltype(auto) with_switches(unsigned switches, F&& f) {
     if (!(switches & 1u)) return f(Rule<D, false, false>{});
     if (switches & 2u) return f(Rule<D, true, true>{});
     return f(Rule<D, true, false>{});

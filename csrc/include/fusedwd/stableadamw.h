@@ -4,6 +4,7 @@
 // over the tensor; phase 2 takes AdamW's step with lr / max(1, RMS).
 #pragma once
 
+#include "fusedwd/adamw.h"
 #include "fusedwd/common.h"
 #include "fusedwd/rule.h"
 
@@ -20,11 +21,7 @@ struct StableAdamW {
   // Phase 1's per-segment scalars.
   template <typename M>
   struct Scalars {
-    M grad_sign;  // -1 under maximize, times 1/grad_scale and the clip coefficient
-    M l2;         // coupled L2 coefficient ("l2"), else 0
-    bool has_l2;
-    LerpWeight<M> m_weight;  // exp_avg <- lerp(exp_avg, g, 1 - beta1)
-    M beta2, one_minus_beta2;
+    AdamMoments<M> moments;  // coupled L2 ("l2"), else 0
     M bc2;     // 1 - beta2^t: v_hat = v / bc2
     M eps_sq;  // eps^2, the floor of v_hat in the ratio
   };
@@ -51,26 +48,20 @@ struct StableAdamW {
 
     FUSEDWD_HD static Scalars scalars(const double* hp, double t, double grad_mult) {
       Scalars s;
-      s.grad_sign = static_cast<M>(hp[Col::grad_sign] * grad_mult);
-      s.l2 = static_cast<M>(hp[Col::l2]);
-      s.has_l2 = hp[Col::l2] != 0.0;
-      s.m_weight = lerp_weight<M>(1.0 - hp[Col::beta1]);
-      s.beta2 = static_cast<M>(hp[Col::beta2]);
-      s.one_minus_beta2 = static_cast<M>(1.0 - hp[Col::beta2]);
+      s.moments = AdamMoments<M>::template from<Col>(hp, grad_mult);
       s.bc2 = static_cast<M>(1.0 - ::pow(hp[Col::beta2], t));
       s.eps_sq = static_cast<M>(hp[Col::eps] * hp[Col::eps]);
       return s;
     }
 
     // Phase 1 reads p only for the L2 term (p is decayed in phase 2).
-    FUSEDWD_HD static bool moments_read_p(const Scalars& s) { return s.has_l2; }
+    FUSEDWD_HD static bool moments_read_p(const Scalars& s) { return s.moments.has_l2; }
 
     // Phase 1, one element: AdamW's moments (p is decayed in phase 2, with the clipped lr).
     FUSEDWD_HD static void moments(M& p, M& g, M& m, M& v, M&, const Scalars& s) {
       // docs/math.md#stableadamw; reference: fusedwd.reference.stableadamw
-      g = decayed_grad(g, p, s.grad_sign, s.l2, s.has_l2);
-      m = lerp_m(m, g, s.m_weight);
-      v = s.beta2 * v + (s.one_minus_beta2 * g) * g;
+      g = s.moments.grad(g, p);
+      s.moments.update(g, m, v);
     }
 
     // Phase 1, one element: g^2 / max(v_hat, eps^2), v as stored (torch.maximum's NaN rule).
@@ -97,13 +88,13 @@ struct StableAdamW {
     // Phase 2, one element: AdamW's step, from p (as stored) and the states as phase 1 stored them.
     FUSEDWD_HD static void apply(M& p, M m, M v, M, const Apply& a) {
       p = p * a.decay_mult;
-      const M denom = sqrt_m(v) / a.bc2_sqrt + a.eps;
-      p = p - (a.step_size * m) / denom;
+      p = adam_step(p, m, v, a.step_size, a.bc2_sqrt, a.eps);
     }
   };
 
+  FUSEDWD_HD_CALLS_ANY
   template <DType D, typename F>
-  static decltype(auto) with_switches(unsigned /*switches*/, F&& f) {
+  FUSEDWD_HD static decltype(auto) with_switches(unsigned /*switches*/, F&& f) {
     return f(Rule<D>{});
   }
 };
