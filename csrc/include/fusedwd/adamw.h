@@ -16,7 +16,7 @@ template <typename M>
 struct AdamMoments {
   M grad_sign;  // -1 under maximize, times 1/grad_scale and the clip coefficient
   M l2;         // coupled L2 coefficient (0 for decoupled decay)
-  bool has_l2;  // l2 != 0: only then is l2*p added (torch's rule)
+  Flag<M> has_l2;  // l2 != 0: only then is l2*p added (torch's rule)
   LerpWeight<M> m_weight;  // exp_avg <- lerp(exp_avg, g, 1 - beta1)
   M beta2, one_minus_beta2;
 

@@ -308,10 +308,24 @@ FUSEDWD_HD inline double sqrt_m(double x) { return ::sqrt(x); }
 // The rules' shared pieces that decide how Inf and NaN spread (docs/math.md#non-finite-values),
 // written as torch writes them.
 
+// A per-segment yes/no that the element math selects on (has_l2, lerp's start...), held as
+// 1 or 0 in the math type M. GCC vectorizes a select on a compare of an invariant M, but
+// not on a bool read from the segment's scalars unless it unswitches the loop, which it
+// does only for small bodies: with bool flags AMSGrad's loops with 16-bit states or
+// 16-bit parameters stayed scalar (3-6x slower per element). Trivial, so the CUDA
+// kernel's shared-memory segment slots may hold it.
+template <typename M>
+struct Flag {
+  M on;
+  Flag() = default;
+  FUSEDWD_HD Flag(bool yes) : on(yes ? M(1) : M(0)) {}
+  FUSEDWD_HD operator bool() const { return on != M(0); }
+};
+
 // g <- grad_sign*g (+ l2*p only where there is L2 decay: torch adds the term only for a
 // nonzero weight_decay, and 0*Inf would turn an infinite parameter into NaN).
 template <typename M>
-FUSEDWD_HD inline M decayed_grad(M g, M p, M grad_sign, M l2, bool has_l2) {
+FUSEDWD_HD inline M decayed_grad(M g, M p, M grad_sign, M l2, Flag<M> has_l2) {
   g = grad_sign * g;
   return has_l2 ? g + l2 * p : g;
 }
@@ -321,8 +335,8 @@ FUSEDWD_HD inline M decayed_grad(M g, M p, M grad_sign, M l2, bool has_l2) {
 // same bits. Unlike b1*a + (1-b1)*b, it gives NaN where a and b are the same infinity.
 template <typename M>
 struct LerpWeight {
-  M coeff;     // w, or w - 1 when |w| >= 0.5
-  bool small;  // |w| < 0.5: start from a, else from b
+  M coeff;        // w, or w - 1 when |w| >= 0.5
+  Flag<M> small;  // |w| < 0.5: start from a, else from b
 };
 
 template <typename M>

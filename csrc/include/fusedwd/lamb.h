@@ -26,7 +26,7 @@ struct Lamb {
     M bc2_sqrt;    // sqrt(1 - beta2^t), or 1
     M eps;
     M wd;          // the decay inside the update ("decoupled"), else 0
-    bool has_wd;   // wd != 0: only then is wd*p added
+    Flag<M> has_wd;  // wd != 0: only then is wd*p added
   };
 
   template <typename M>

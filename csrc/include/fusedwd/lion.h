@@ -19,7 +19,7 @@ struct Lion {
   struct Scalars {
     M grad_sign;   // -1 under maximize, times 1/grad_scale and the clip coefficient
     M l2;          // coupled L2 coefficient (0 for decoupled decay)
-    bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule for every rule)
+    Flag<M> has_l2;  // l2 != 0: only then is l2*p added (torch's rule for every rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
     LerpWeight<M> c_weight;  // the direction c = lerp(exp_avg, g, 1 - beta1)

@@ -19,7 +19,7 @@ struct Rmspropw {
   struct Scalars {
     M grad_sign;   // -1 under maximize, times 1/grad_scale and the clip coefficient
     M l2;          // coupled L2 coefficient (0 for decoupled decay)
-    bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule)
+    Flag<M> has_l2;  // l2 != 0: only then is l2*p added (torch's rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
     M alpha, one_minus_alpha;

@@ -19,12 +19,12 @@ struct Sgdw {
   struct Scalars {
     M grad_sign;   // -1 under maximize, times 1/grad_scale and the clip coefficient
     M l2;          // coupled L2 coefficient (0 for decoupled decay)
-    bool has_l2;   // l2 != 0: only then is l2*p added (torch's rule)
+    Flag<M> has_l2;  // l2 != 0: only then is l2*p added (torch's rule)
     M decay_mult;  // multiplies p before the step (1 for coupled L2)
     M lr;
     M momentum;
     M one_minus_dampening;
-    bool first_step;  // t == 1: the buffer starts as a copy of g (torch's clone)
+    Flag<M> first_step;  // t == 1: the buffer starts as a copy of g (torch's clone)
   };
 
   // has_momentum: S0 holds momentum_buffer (signed 8-bit code).
