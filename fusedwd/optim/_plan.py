@@ -112,7 +112,8 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
                     raise ValueError(f"{who}: {checks.describe_param(row, p)} is a sharded DTensor (FSDP2), which "
                                      f"{rule.name} steps on the CPU kernel only (its per-tensor sums are added "
                                      f"over the ranks between the kernel's two phases); backend {backend!r} "
-                                     "would use this shard's sums alone: use backend='cpu' (CPU parameters)")
+                                     "would use this shard's sums alone: use backend='cpu' (CPU parameters; on a GPU "
+                                     "no backend adds them yet: the Triton runner does not call the collective)")
                 if storage.quantized and dtensor:
                     raise ValueError(f"{who}: state_dtype='int8' does not take DTensor parameters (FSDP2) yet: "
                                      "their shards would cut the 256-element blocks")

@@ -269,11 +269,20 @@ class CpuRunner(KernelRunner):
         return torch.tensor(value, dtype=torch.float64)
 
 
+def _not_sharded(bucket: Bucket, backend: str) -> None:
+    # the plan refuses these buckets (_plan.py): a second guard, since stepping them would use each
+    # shard's own sums without a word
+    if bucket.reduce_over is not None:
+        raise RuntimeError(f"backend {backend!r} cannot step sharded parameters of a two-phase rule: their "
+                           "per-tensor sums would not be added over the ranks")
+
+
 class TritonRunner(KernelRunner):
     """fusedwd.triton: one generic Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1),
     launched over the launch image kept on the device (fusedwd/optim/_graphs.py)."""
 
     def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
+        _not_sharded(bucket, "triton")
         tables = bucket.tables
         nseg, blocks = tables.launch_shape
         _ext.triton(bucket.device).launch_image(step.rule.name, tables.device_table.buffer, len(bucket.params), nseg,
@@ -286,6 +295,7 @@ class CudaRunner(KernelRunner):
     segment table kept on the device (fusedwd/optim/_graphs.py)."""
 
     def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
+        _not_sharded(bucket, "cuda")
         tables = bucket.tables
         _cuda_ext.launch(step.rule.name, tables.device_table.buffer, n_active, step.hyper(bucket.device),
                          DTYPE_CODES[bucket.dtype], bucket.structure, bucket.device, tables.arrivals,

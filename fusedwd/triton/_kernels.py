@@ -168,6 +168,8 @@ def _arrive(step_ptr, t0, arrival_ptr, nblocks):
     if arrived == nblocks - 1:
         # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
         tl.atomic_xchg(arrival_ptr, tl.full((), 0, tl.int64), sem="acquire")
+        # one thread acquired: the barrier orders the count's store after it, whichever thread stores
+        tl.debug_barrier()
         tl.store(step_ptr, t0 + 1.0)
 
 

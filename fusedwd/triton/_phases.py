@@ -252,6 +252,9 @@ def _moments_kernel(
         if arrived == nblocks - 1:
             # every block of the segment has stored its chunk sums: combine them, in order
             tl.atomic_xchg(arrivals_ptr + seg, tl.full((), 0, tl.int64), sem="acquire")
+            # one thread acquired: the barrier orders every thread's reads of the other blocks'
+            # chunk sums after it (the branch is uniform: the atomic's result is the block's)
+            tl.debug_barrier()
             first = tl.load(block_start_ptr + seg)
             tl.store(sums_ptr + seg * K, _segment_sum(partials_ptr, first, nblocks, 0, K, CHUNKS))
             if K > 1:
