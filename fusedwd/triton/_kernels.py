@@ -145,32 +145,26 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.con
 
 
 @triton.jit
-def _read_step(row):
-    """The segment's float32 step count t0 and where it lives: the step taken is t0 + 1 (_arrive advances it)."""
-    step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
-    return step_ptr, tl.load(step_ptr)
+def _take_step(row, arrival_ptr, nblocks):
+    """The 1-based step t this launch takes for the segment (float64); advances the stored count once.
 
-
-@triton.jit
-def _arrive(step_ptr, t0, arrival_ptr, nblocks):
-    """A block has read t0 (and done its work): it arrives on the segment's counter (zero at launch), and
-    the last block to arrive writes t0 + 1 and resets the counter to zero, so the counters can stay on
-    the device from one launch to the next (a CUDA graph replays them).
-
-    Called after the block's stores, so no block waits on the atomic before its first data load
-    (issue 14 defect 5). The barrier orders every thread's read of t0 before the single-thread
-    atomic; each arrival releases, and only the last block acquires (an exchange that also resets
-    the counter), which orders every block's read of t0 before its write: no block can read the
-    advanced count.
+    Every block of the segment reads the float32 count t0 before it arrives
+    (an acq_rel atomic on the segment's arrival counter, zero at launch); the
+    last block to arrive writes t0 + 1 and resets the counter to zero, so the
+    counters can stay on the device from one launch to the next (a CUDA graph
+    replays them). The barrier orders every thread's read of t0 before the
+    single-thread atomic, and the atomic's release/acquire orders those reads
+    before the last block's write, so no block can read the advanced count.
     """
+    step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
+    t0 = tl.load(step_ptr)
     tl.debug_barrier()
-    arrived = tl.atomic_add(arrival_ptr, 1, sem="release")
-    if arrived == nblocks - 1:
-        # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
-        tl.atomic_xchg(arrival_ptr, tl.full((), 0, tl.int64), sem="acquire")
-        # one thread acquired: the barrier orders the count's store after it, whichever thread stores
-        tl.debug_barrier()
-        tl.store(step_ptr, t0 + 1.0)
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
+    last = arrived == nblocks - 1
+    tl.store(step_ptr, t0 + 1.0, mask=last)
+    # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
+    tl.store(arrival_ptr, tl.full((), 0, tl.int64), mask=last)
+    return t0.to(tl.float64) + 1.0
 
 
 @triton.jit
@@ -531,7 +525,7 @@ def compile_rule(rule: rules.Rule) -> triton.JITFunction:
     return triton.jit(rebuilt)
 
 
-# every elementwise rule's compiled helper, by name (a two-phase rule's are fusedwd/triton/_phases.py PHASES)
+# every rule's compiled helper, by name (a two-phase rule has none yet: docs/backends.md)
 UPDATES = {name: compile_rule(rule) for name, rule in rules.RULES.items() if rule.triton_update is not None}
 
 
@@ -584,7 +578,7 @@ def _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P:
 def _step_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
     block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that are done; zeros at launch, left at zero
+    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, HP_COLS]: the rule's hyperparameter rows (fusedwd/rules/<rule>.py columns)
     nseg,  # number of segments
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
@@ -613,8 +607,7 @@ def _step_kernel(
     if not _skipped(ctl_ptr):
         row, start, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(
             seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
-        step_ptr, t0 = _read_step(row)
-        t = t0.to(tl.float64) + 1.0
+        t = _take_step(row, arrivals_ptr + seg, nblocks)
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
         if vector:
             _block(row, start, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
@@ -622,4 +615,3 @@ def _step_kernel(
         else:
             _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
                    UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
-        _arrive(step_ptr, t0, arrivals_ptr + seg, nblocks)
