@@ -15,8 +15,8 @@ global loads and stores of the machine code against the buffers the aligned
 fast path touches, and, for Triton, the layout conversions left in that fast
 path (``ttg.convert_layout``: each moves data between threads through shared
 memory; must be 0), with the PTX properties the kernels' rounding relies on
-(IEEE division and square root, no contracted multiply-add, the acq_rel
-arrival, the logical shifts of stochastic rounding and the square-root-free
+(IEEE division and square root, no contracted multiply-add, the release
+arrival after the stores, the logical shifts of stochastic rounding and the square-root-free
 8-bit encode). ``problems()`` turns an entry into the list of what is wrong
 with it; tests/test_gpu_static.py runs this module and asserts on it.
 
@@ -246,6 +246,25 @@ def fast_path_conversions(ttgir: str) -> list[str]:
     return found
 
 
+def _prologue(ptx: str) -> dict[str, int]:
+    """What the PTX does before its first vector global load (the aligned fast path's first data load:
+    only data moves in vectors): instructions, global loads, atomics and barriers, counted along the
+    text (a loop before it counts once: the binary search the kernels did before issue 14)."""
+    counts = dict(prologue_instructions=0, prologue_loads=0, prologue_atomics=0, prologue_barriers=0)
+    for line in ptx.splitlines():
+        words = line.strip().split()
+        if not words or not line.rstrip().endswith(";") or words[0].startswith(("//", ".")):
+            continue  # a comment, label, directive, declaration or brace
+        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # after a predicate
+        if op.startswith("ld.global") and (".v2." in op or ".v4." in op):
+            return counts
+        counts["prologue_instructions"] += 1
+        counts["prologue_loads"] += op.startswith("ld.global")
+        counts["prologue_atomics"] += op.startswith("atom.")
+        counts["prologue_barriers"] += op.startswith(("bar.", "barrier."))
+    return counts
+
+
 def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
     """What the kernels' rounding relies on, read from the PTX."""
     has_states = variant.states() > 0
@@ -253,8 +272,11 @@ def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
         # IEEE division and square root, no contracted multiply-add (enable_fp_fusion=False)
         "approximate_math": sorted(set(re.findall(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)\.\S+", ptx))),
         "fma": len(re.findall(r"\bfma\.\S+", ptx)),
-        # the step counts' arrival (fusedwd/triton/_kernels.py _take_step)
-        "acq_rel_arrival": "atom.global.gpu.acq_rel.add" in ptx,
+        # the step counts' arrival (fusedwd/triton/_kernels.py _arrive): a release add by every program,
+        # an acquire exchange by the last
+        "arrival": "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acquire.exch" in ptx,
+        # what runs before the first global load of a buffer's data (_prologue)
+        **_prologue(ptx),
         # stochastic rounding's hash in uint32: logical shifts, as C++'s
         "arithmetic_shift": bool(variant.sr and "shr.s32" in ptx),
         # the 8-bit encode without square roots (fusedwd/triton/_kernels.py _q8_level): the guess
@@ -306,7 +328,7 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
     # the generic kernel's constants for this rule, exactly as a launch passes them
     consts = _launch.constants(variant.rule, variant.switches, dtype[variant.p],
                                None if variant.q8 else dtype[variant.s], variant.master, variant.sr, variant.q8)
-    tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
+    tables = {"seg_ptr": "*i64", "program_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
               "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
     assert set(tables) == set(_kernels._TABLE_ARGS)
     t0 = time.perf_counter()
@@ -472,8 +494,11 @@ def problems(entry: dict[str, Any]) -> dict[str, list[str]]:
             out["ptx"].append(f"approximate math: {ptx['approximate_math']}")
         if ptx["fma"]:
             out["ptx"].append(f"{ptx['fma']} contracted multiply-adds")
-        if not ptx["acq_rel_arrival"]:
-            out["ptx"].append("no acq_rel arrival atomic")
+        if not ptx["arrival"]:
+            out["ptx"].append("no release arrival with an acquire exchange by the last arriver")
+        if ptx.get("prologue_atomics") or ptx.get("prologue_barriers"):
+            out["ptx"].append(f"{ptx['prologue_atomics']} atomics and {ptx['prologue_barriers']} barriers before the "
+                              "first data load")
         if ptx["arithmetic_shift"]:
             out["ptx"].append("arithmetic shifts in stochastic rounding's hash")
         if not ptx["q8_encode"]:
