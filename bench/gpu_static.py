@@ -247,22 +247,55 @@ def fast_path_conversions(ttgir: str) -> list[str]:
 
 
 def _prologue(ptx: str) -> dict[str, int]:
-    """What the PTX does before its first vector global load (the aligned fast path's first data load:
-    only data moves in vectors): instructions, global loads, atomics and barriers, counted along the
-    text (a loop before it counts once: the binary search the kernels did before issue 14)."""
-    counts = dict(prologue_instructions=0, prologue_loads=0, prologue_atomics=0, prologue_barriers=0)
-    for line in ptx.splitlines():
+    """What a program does before its first data load: along the shortest path (in instructions) of
+    the PTX's control flow from the kernel's entry to its first vector global load (the aligned fast
+    path's first load of a buffer: only data moves in vectors), its instructions, global loads,
+    atomics and barriers. A loop on the way counts as if taken zero times (the binary search the
+    kernels did before issue 14 defect 5 added log2(nseg) iterations to it)."""
+    blocks: list[list[str]] = [[]]
+    labels: dict[str, int] = {}
+    for line in ptx[ptx.index(".entry"):].splitlines():
         words = line.strip().split()
-        if not words or not line.rstrip().endswith(";") or words[0].startswith(("//", ".")):
-            continue  # a comment, label, directive, declaration or brace
-        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # after a predicate
-        if op.startswith("ld.global") and (".v2." in op or ".v4." in op):
-            return counts
-        counts["prologue_instructions"] += 1
-        counts["prologue_loads"] += op.startswith("ld.global")
-        counts["prologue_atomics"] += op.startswith("atom.")
-        counts["prologue_barriers"] += op.startswith(("bar.", "barrier."))
-    return counts
+        if len(words) >= 1 and words[0].endswith(":") and not words[0].startswith("//"):
+            blocks.append([])
+            labels[words[0][:-1]] = len(blocks) - 1
+        elif words and line.rstrip().endswith(";") and not words[0].startswith(("//", ".")):
+            blocks[-1].append(line.strip())  # an instruction (declarations and directives start with ".")
+
+    def op(instruction: str) -> str:
+        words = instruction.split()
+        return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # after a predicate
+
+    def is_data_load(instruction: str) -> bool:
+        return op(instruction).startswith("ld.global") and (".v2." in op(instruction) or ".v4." in op(instruction))
+
+    import heapq
+
+    best, queue = {0: 0}, [(0, 0, [0])]
+    while queue:
+        cost, k, path = heapq.heappop(queue)
+        if cost > best.get(k, cost):
+            continue
+        body = blocks[k]
+        hit = next((i for i, ins in enumerate(body) if is_data_load(ins)), None)
+        if hit is not None:
+            executed = [ins for b in path[:-1] for ins in blocks[b]] + body[:hit]
+            return dict(prologue_instructions=len(executed),
+                        prologue_loads=sum(op(i).startswith("ld.global") for i in executed),
+                        prologue_atomics=sum(op(i).startswith("atom.") for i in executed),
+                        prologue_barriers=sum(op(i).startswith(("bar.", "barrier.")) for i in executed))
+        successors = []
+        for ins in body:
+            if op(ins).startswith("bra"):
+                successors.append(labels[ins.rstrip(";").split()[-1]])
+        last = op(body[-1]) if body else ""
+        if not (last.startswith(("bra", "ret", "exit")) and not body[-1].startswith("@")) and k + 1 < len(blocks):
+            successors.append(k + 1)  # falls through
+        for nxt in successors:
+            if cost + len(body) < best.get(nxt, 1 << 60):
+                best[nxt] = cost + len(body)
+                heapq.heappush(queue, (cost + len(body), nxt, path + [nxt]))
+    raise ValueError("no vector global load in the PTX")
 
 
 def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:

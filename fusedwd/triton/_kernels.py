@@ -620,9 +620,11 @@ def _step_kernel(
     SW1: tl.constexpr,  # its second switch
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
-    # (and every arrival counter stays zero).
-    if not _skipped(ctl_ptr):
-        row, seg, n, first, nblocks, programs, aligned = _locate(seg_ptr, program_ptr, BLOCK_SIZE, BLOCKS)
+    # (and every arrival counter stays zero). The program map and the row are read
+    # meanwhile, not after it: they only read.
+    skipped = _skipped(ctl_ptr)
+    row, seg, n, first, nblocks, programs, aligned = _locate(seg_ptr, program_ptr, BLOCK_SIZE, BLOCKS)
+    if not skipped:
         t0 = _take_step(row)
         t = t0.to(tl.float64) + 1.0
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
