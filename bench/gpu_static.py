@@ -252,19 +252,23 @@ def _prologue(ptx: str) -> dict[str, int]:
     path's first load of a buffer: only data moves in vectors), its instructions, global loads,
     atomics and barriers. A loop on the way counts as if taken zero times (the binary search the
     kernels did before issue 14 defect 5 added log2(nseg) iterations to it)."""
+    def op(instruction: str) -> str:
+        words = instruction.split()
+        return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # after a predicate
+
+    # basic blocks: a label starts one, a branch ends one
     blocks: list[list[str]] = [[]]
     labels: dict[str, int] = {}
     for line in ptx[ptx.index(".entry"):].splitlines():
         words = line.strip().split()
         if len(words) >= 1 and words[0].endswith(":") and not words[0].startswith("//"):
-            blocks.append([])
+            if blocks[-1]:
+                blocks.append([])
             labels[words[0][:-1]] = len(blocks) - 1
         elif words and line.rstrip().endswith(";") and not words[0].startswith(("//", ".")):
             blocks[-1].append(line.strip())  # an instruction (declarations and directives start with ".")
-
-    def op(instruction: str) -> str:
-        words = instruction.split()
-        return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # after a predicate
+            if op(line.strip()).startswith("bra"):
+                blocks.append([])
 
     def is_data_load(instruction: str) -> bool:
         return op(instruction).startswith("ld.global") and (".v2." in op(instruction) or ".v4." in op(instruction))
@@ -285,9 +289,8 @@ def _prologue(ptx: str) -> dict[str, int]:
                         prologue_atomics=sum(op(i).startswith("atom.") for i in executed),
                         prologue_barriers=sum(op(i).startswith(("bar.", "barrier.")) for i in executed))
         successors = []
-        for ins in body:
-            if op(ins).startswith("bra"):
-                successors.append(labels[ins.rstrip(";").split()[-1]])
+        if body and op(body[-1]).startswith("bra"):
+            successors.append(labels[body[-1].rstrip(";").split()[-1]])
         last = op(body[-1]) if body else ""
         if not (last.startswith(("bra", "ret", "exit")) and not body[-1].startswith("@")) and k + 1 < len(blocks):
             successors.append(k + 1)  # falls through
