@@ -1,6 +1,6 @@
 """Device-resident tables and the CUDA-graph capture guard (docs/design.md#cuda-graphs).
 
-A GPU bucket's segment table (with, for Triton, its block starts, arrival
+A GPU bucket's segment table (with, for Triton, its program map, arrival
 counters, seed and default control block) and each device's hyperparameter
 table live in device memory for as long as the plan does. Every step rebuilds
 their image on the host (gather, the param groups) and compares it with what

@@ -1,16 +1,19 @@
 """The Triton kernel every rule runs: one generic kernel and block, the rule's helper a constant.
 
-The kernel runs one program per block of ``BLOCK_SIZE`` elements of one
-segment (one tensor) of a bucket, over all of the bucket's segments at once
-(docs/backends.md#the-triton-kernels). A program finds its segment by binary
-search over the first block of each segment, reads the segment's row of the
-int64 segment table (docs/design.md#segment-table) and its param group's row
-of the float64 hyperparameter table, and updates its slice in place. A full
-block whose buffers are all 16-byte aligned (checked at run time: Triton
-cannot know it of addresses read from a table) is updated without a mask, so
-it compiles to 128-bit accesses; other blocks take the masked path. Both call
-the same block function, ``_block``, which loads the states the rule keeps,
-calls the rule's helper and stores what it returns.
+The kernel runs one program per ``BLOCKS`` blocks of ``BLOCK_SIZE`` elements
+of one segment (one tensor) of a bucket, over all of the bucket's segments at
+once (docs/backends.md#the-triton-kernels). A program reads its segment and
+its rank in it from the launch's program map (one load, no search), the
+segment's row of the int64 segment table (docs/design.md#segment-table) and
+its step count, then updates its blocks in place one after the other, each
+reading its param group's row of the float64 hyperparameter table, and
+arrives on the segment's counter after its stores (``_arrive``: the last
+program to arrive advances the step count). A full block whose buffers are
+all 16-byte aligned (checked at run time: Triton cannot know it of addresses
+read from a table) is updated without a mask, so it compiles to 128-bit
+accesses; other blocks take the masked path. Both call the same block
+function, ``_block``, which loads the states the rule keeps, calls the rule's
+helper and stores what it returns.
 
 Parameters and gradients are stored in one dtype (``P``), the states in
 another (``S``, the same or float32 / 16-bit, csrc/include/fusedwd/precision.h with_layout);
