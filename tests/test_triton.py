@@ -361,12 +361,11 @@ def test_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kern
 @pytest.mark.parametrize("layout", [(torch.float32, torch.float32, False, False),
                                     (torch.bfloat16, torch.float32, True, False)], ids=["f32", "bf16-f32-master"])
 def test_several_programs_per_segment_match_the_cpu_kernel(layout, triton_kernels):
-    # a program updates PROGRAM_BLOCKS blocks of one segment: segments over one to three programs whose
-    # last one has one block (of 1 element), several blocks (the last partial) or all of them, beside a
-    # short one, and a misaligned segment of two programs (MISALIGNED: index 4) on the masked path
-    span = triton_kernels.BLOCK_SIZE * triton_kernels.PROGRAM_BLOCKS
-    assert triton_kernels.PROGRAM_BLOCKS > 1
-    sizes = [span + 1, 3 * span - 1000, 2 * span, 3, span + 2 * triton_kernels.BLOCK_SIZE + 5]
+    # each program finds its segment and its rank in it in the program map: segments of one to
+    # twelve programs, the last one full, partial or of 1 element, beside a short one, and a
+    # misaligned segment of three programs (MISALIGNED: index 4) on the masked path
+    block = triton_kernels.BLOCK_SIZE
+    sizes = [4 * block + 1, 12 * block - 1000, 2 * block, 3, 2 * block + 5]
     bucket = LayoutBucket("adamw", (True,), layout, sizes, DEVICE, MISALIGNED)
     compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=INTERPRET)
 
@@ -375,7 +374,7 @@ def test_program_map_follows_the_segment_sizes(triton_kernels):
     # fill_image rebuilds the program map only when the sizes change, and then writes what a fresh image holds
     from fusedwd.triton import _launch
 
-    span = triton_kernels.BLOCK_SIZE * triton_kernels.PROGRAM_BLOCKS
+    span = triton_kernels.BLOCK_SIZE
 
     def rows(sizes):
         t = torch.zeros(len(sizes), _buckets.SEG_COLS, dtype=torch.int64)

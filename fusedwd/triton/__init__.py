@@ -17,7 +17,6 @@ from ._kernels import _step_kernel
 from ._launch import (
     BLOCK_SIZE,
     NUM_WARPS,
-    PROGRAM_BLOCKS,
     buffer_words,
     fill_image,
     image_words,
@@ -27,7 +26,7 @@ from ._launch import (
 )
 
 __all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "program_capacity", "INTERPRETED",
-           "BLOCK_SIZE", "PROGRAM_BLOCKS", "NUM_WARPS"]
+           "BLOCK_SIZE", "NUM_WARPS"]
 
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)
 INTERPRETED: bool = isinstance(_step_kernel, _InterpretedFunction)

@@ -1,13 +1,12 @@
 """The Triton kernel every rule runs: one generic kernel and block, the rule's helper a constant.
 
-The kernel runs one program per ``BLOCKS`` blocks of ``BLOCK_SIZE`` elements
-of one segment (one tensor) of a bucket, over all of the bucket's segments at
-once (docs/backends.md#the-triton-kernels). A program reads its segment and
-its rank in it from the launch's program map (one load, no search), the
+The kernel runs one program per block of ``BLOCK_SIZE`` elements of one
+segment (one tensor) of a bucket, over all of the bucket's segments at once
+(docs/backends.md#the-triton-kernels). A program reads its segment and its
+rank in it from the launch's program map (one load, no search), the
 segment's row of the int64 segment table (docs/design.md#segment-table) and
-its step count, then updates its blocks in place one after the other, each
-reading its param group's row of the float64 hyperparameter table, and
-arrives on the segment's counter after its stores (``_arrive``: the last
+its step count, then updates its block in place, reading its param group's
+row of the float64 hyperparameter table, and arrives on the segment's counter after its stores (``_arrive``: the last
 program to arrive advances the step count). A full block whose buffers are
 all 16-byte aligned (checked at run time: Triton cannot know it of addresses
 read from a table) is updated without a mask, so it compiles to 128-bit
@@ -98,16 +97,16 @@ def _vector_width(P, S, MASTER, Q8):
 
 
 @triton.jit
-def _locate(seg_ptr, program_ptr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+def _locate(seg_ptr, program_ptr, BLOCK_SIZE: tl.constexpr):
     """This program's segment row and index, the segment's size, the program's first element (int64),
-    its block count (1 to BLOCKS), the segment's program count, and whether all the segment's
-    buffers start 16-byte aligned.
+    the segment's program count, and whether all the segment's buffers start 16-byte aligned.
 
     The launch's program map holds, per program, its segment and its rank among the segment's
     programs (one int64 word, written with the segment table: _launch.fill_image), so the first
-    load of a program finds its row: no search. A program owns BLOCKS consecutive blocks of
-    BLOCK_SIZE elements of one segment (the segment's last program maybe fewer), from a multiple
-    of BLOCKS * BLOCK_SIZE; an empty segment still has one program of one fully masked block.
+    load of a program finds its row: no search. A program owns one block of BLOCK_SIZE elements
+    of one segment, from a multiple of BLOCK_SIZE; an empty segment still has one program of one
+    fully masked block. (Several blocks per program, in a loop, held 16 to 26 more registers per
+    thread and spilled in 14 variants: issue 14 defect 5, docs/backends.md.)
     """
     word = tl.load(program_ptr + tl.program_id(0))
     seg = word & 0xFFFFFFFF
@@ -115,17 +114,16 @@ def _locate(seg_ptr, program_ptr, BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr
     row = seg_ptr + seg * SEG_COLS
     n = tl.load(row + SEG_N)
     # The program's first element, in int64 (a segment may hold more than 2^31
-    # elements), is added once per block to each buffer's address (_pointer);
-    # offsets within a block are int32, which halves their registers and arithmetic.
-    first = rank * (BLOCKS * BLOCK_SIZE)
-    nblocks = tl.maximum(tl.minimum((n - first + (BLOCK_SIZE - 1)) // BLOCK_SIZE, BLOCKS), 1)
-    programs = tl.maximum((n + (BLOCKS * BLOCK_SIZE - 1)) // (BLOCKS * BLOCK_SIZE), 1)
+    # elements), is added once to each buffer's address (_pointer); offsets
+    # within the block are int32, which halves their registers and arithmetic.
+    first = rank * BLOCK_SIZE
+    programs = tl.maximum((n + (BLOCK_SIZE - 1)) // BLOCK_SIZE, 1)
     # A full block whose buffers all start 16-byte aligned needs no mask and may use
     # 128-bit accesses; Triton cannot know either from addresses read out of a table.
     # Unused state and master columns hold 0, which is aligned.
     addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
                  | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
-    return row, seg, n, first, nblocks.to(tl.int32), programs, (addresses & 15) == 0
+    return row, seg, n, first, programs, (addresses & 15) == 0
 
 
 @triton.jit
@@ -607,8 +605,7 @@ def _step_kernel(
     MATH: tl.constexpr,  # tl.float32, or tl.float64 for float64 storage
     MASTER: tl.constexpr,  # p is read from and written to its fp32 master copy (SEG_MASTER) too
     SR: tl.constexpr,  # bf16 p is rounded stochastically
-    BLOCK_SIZE: tl.constexpr,  # elements per block (a multiple of QUANT_BLOCK)
-    BLOCKS: tl.constexpr,  # blocks per program, of one segment
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a multiple of QUANT_BLOCK)
     Q8: tl.constexpr,  # 8-bit blockwise states: codes at SEG_S*, fp32 block absmax at SEG_A* (docs/quantization.md)
     UPDATE: tl.constexpr,  # the rule's helper (UPDATES[rule])
     HP_COLS: tl.constexpr,  # the rule's hyperparameter columns
@@ -626,25 +623,17 @@ def _step_kernel(
     # (and every arrival counter stays zero). The program map and the row are read
     # meanwhile, not after it: they only read.
     skipped = _skipped(ctl_ptr)
-    row, seg, n, first, nblocks, programs, aligned = _locate(seg_ptr, program_ptr, BLOCK_SIZE, BLOCKS)
+    row, seg, n, first, programs, aligned = _locate(seg_ptr, program_ptr, BLOCK_SIZE)
     if not skipped:
         t0 = _take_step(row)
         t = t0.to(tl.float64) + 1.0
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
-        # The full blocks of an aligned segment on the unmasked path, then the others (a partial
-        # last block, every block of a misaligned segment) on the masked one: two loops, so that
-        # neither path holds the other's loop-invariant values through its loop.
-        nfull = tl.where(aligned, tl.minimum((n - first) // BLOCK_SIZE, nblocks), 0).to(tl.int32)
-        for k in range(nfull):
-            start = first + k * BLOCK_SIZE
-            offs, mask, qblocks, qmask, full = _block_lanes(n, start, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
-            vector = full & aligned  # always, here; the name marks the fast path for bench/gpu_static.py
-            if vector:
-                _block(row, start, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True,
-                       Q8, UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
-        for k in range(nfull, nblocks):
-            start = first + k * BLOCK_SIZE
-            offs, mask, qblocks, qmask, full = _block_lanes(n, start, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
-            _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False,
-                   Q8, UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
+        offs, mask, qblocks, qmask, full = _block_lanes(n, first, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
+        vector = full & aligned
+        if vector:
+            _block(row, first, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
+                   UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
+        else:
+            _block(row, first, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
+                   UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
         _arrive(row, arrivals_ptr + seg, programs, t0)

@@ -8,7 +8,7 @@ derives the program map (each program's segment and rank in it, a few
 vectorized operations), packs rows, map, zeroed arrival counters,
 hyperparameters, the seed and a default control block into ONE int64 buffer,
 copies it to the device in one transfer, and launches one grid of one program
-per PROGRAM_BLOCKS blocks of a segment.
+per block.
 
 The optimizers keep that buffer (the launch *image* and its arrival
 counters) on the device instead, re-uploaded only when it changes
@@ -28,15 +28,11 @@ from .. import quant, rules
 from .._buckets import CTL_CLIP, CTL_INV_SCALE, CTL_SIZE, SEG_COLS, SEG_HP, SEG_N
 from ._kernels import UPDATES, _step_kernel
 
-# Elements per block, blocks per program and warps per program, fixed for every
-# rule (no autotuning: the kernels update in place, so a tuner's trial runs would
+# Elements per program and warps per program, fixed for every rule (no
+# autotuning: the kernels update in place, so a tuner's trial runs would
 # advance the optimizer several times). 1024 elements over 4 warps gives each
-# thread 8 contiguous elements: two 128-bit accesses per fp32 buffer. A program
-# updates up to PROGRAM_BLOCKS blocks of one segment, one after the other, so
-# that its prologue (the map, the row, the step count) and its arrival are paid
-# once per 4,096 elements (GPT-2's wte: 9,424 programs instead of 37,693).
+# thread 8 contiguous elements: two 128-bit accesses per fp32 buffer.
 BLOCK_SIZE = 1024
-PROGRAM_BLOCKS = 4
 NUM_WARPS = 4
 # 8-bit states: a program owns whole quant blocks, counted from its tensor's first element
 assert BLOCK_SIZE % quant.BLOCK_SIZE == 0
@@ -70,13 +66,12 @@ class _Views(NamedTuple):
 # the buffer on the device across steps (fusedwd/optim/_graphs.py) and upload the image
 # only when it changes.
 _HEADER_WORDS = 1 + _CTL_WORDS + 1
-_SPAN = BLOCK_SIZE * PROGRAM_BLOCKS  # elements per program
 
 
 def programs(sizes: Tensor) -> Tensor:
-    """Programs of a launch per segment of these sizes (int64): ceil(n / 4096), at least 1 (an
+    """Programs of a launch per segment of these sizes (int64): ceil(n / BLOCK_SIZE), at least 1 (an
     empty tensor still gets one fully masked block, which advances its step count)."""
-    return torch.div(sizes + (_SPAN - 1), _SPAN, rounding_mode="floor").clamp_(min=1)
+    return torch.div(sizes + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
 
 
 def program_capacity(sizes: Sequence[int]) -> int:
@@ -235,7 +230,7 @@ def constants(rule: str, switches: Sequence[bool], dtype: torch.dtype, state_dty
     sw = switches + (False,) * (_MAX_SWITCHES - len(switches))
     return dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype],
                 MATH=tl.float64 if dtype == torch.float64 else tl.float32, MASTER=bool(master),
-                SR=bool(stochastic_rounding), BLOCK_SIZE=BLOCK_SIZE, BLOCKS=PROGRAM_BLOCKS, Q8=bool(quantized),
+                SR=bool(stochastic_rounding), BLOCK_SIZE=BLOCK_SIZE, Q8=bool(quantized),
                 UPDATE=UPDATES[rule], HP_COLS=len(spec.columns), KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2],
                 SIGNED0=signed[0], SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1])
 
