@@ -16,8 +16,8 @@ global loads and stores of the machine code against the buffers the aligned
 fast path touches, and, for Triton, the layout conversions left in that fast
 path (``ttg.convert_layout``: each moves data between threads through shared
 memory; must be 0), with the PTX properties the kernels' rounding relies on
-(IEEE division and square root, no contracted multiply-add, the acq_rel
-arrival, the logical shifts of stochastic rounding and the square-root-free
+(IEEE division and square root, no contracted multiply-add, the release
+arrival after the stores, the logical shifts of stochastic rounding and the square-root-free
 8-bit encode). ``problems()`` turns an entry into the list of what is wrong
 with it; tests/test_gpu_static.py runs this module and asserts on it.
 
@@ -247,6 +247,61 @@ def fast_path_conversions(ttgir: str) -> list[str]:
     return found
 
 
+def _prologue(ptx: str) -> dict[str, int]:
+    """What a program does before its first data load: along the shortest path (in instructions) of
+    the PTX's control flow from the kernel's entry to its first vector global load (the aligned fast
+    path's first load of a buffer: only data moves in vectors), its instructions, global loads,
+    atomics and barriers. A loop on the way counts as if taken zero times (the binary search the
+    kernels did before issue 14 defect 5 added log2(nseg) iterations to it)."""
+    def op(instruction: str) -> str:
+        words = instruction.split()
+        return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # after a predicate
+
+    # basic blocks: a label starts one, a branch ends one
+    blocks: list[list[str]] = [[]]
+    labels: dict[str, int] = {}
+    for line in ptx[ptx.index(".entry"):].splitlines():
+        words = line.strip().split()
+        if len(words) >= 1 and words[0].endswith(":") and not words[0].startswith("//"):
+            if blocks[-1]:
+                blocks.append([])
+            labels[words[0][:-1]] = len(blocks) - 1
+        elif words and line.rstrip().endswith(";") and not words[0].startswith(("//", ".")):
+            blocks[-1].append(line.strip())  # an instruction (declarations and directives start with ".")
+            if op(line.strip()).startswith("bra"):
+                blocks.append([])
+
+    def is_data_load(instruction: str) -> bool:
+        return op(instruction).startswith("ld.global") and (".v2." in op(instruction) or ".v4." in op(instruction))
+
+    import heapq
+
+    best, queue = {0: 0}, [(0, 0, [0])]
+    while queue:
+        cost, k, path = heapq.heappop(queue)
+        if cost > best.get(k, cost):
+            continue
+        body = blocks[k]
+        hit = next((i for i, ins in enumerate(body) if is_data_load(ins)), None)
+        if hit is not None:
+            executed = [ins for b in path[:-1] for ins in blocks[b]] + body[:hit]
+            return dict(prologue_instructions=len(executed),
+                        prologue_loads=sum(op(i).startswith("ld.global") for i in executed),
+                        prologue_atomics=sum(op(i).startswith("atom.") for i in executed),
+                        prologue_barriers=sum(op(i).startswith(("bar.", "barrier.")) for i in executed))
+        successors = []
+        if body and op(body[-1]).startswith("bra"):
+            successors.append(labels[body[-1].rstrip(";").split()[-1]])
+        last = op(body[-1]) if body else ""
+        if not (last.startswith(("bra", "ret", "exit")) and not body[-1].startswith("@")) and k + 1 < len(blocks):
+            successors.append(k + 1)  # falls through
+        for nxt in successors:
+            if cost + len(body) < best.get(nxt, 1 << 60):
+                best[nxt] = cost + len(body)
+                heapq.heappush(queue, (cost + len(body), nxt, path + [nxt]))
+    raise ValueError("no vector global load in the PTX")
+
+
 def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
     """What the kernels' rounding relies on, read from the PTX."""
     has_states = variant.states() > 0
@@ -254,8 +309,11 @@ def ptx_properties(ptx: str, variant: Variant) -> dict[str, Any]:
         # IEEE division and square root, no contracted multiply-add (enable_fp_fusion=False)
         "approximate_math": sorted(set(re.findall(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx)\.\S+", ptx))),
         "fma": len(re.findall(r"\bfma\.\S+", ptx)),
-        # the step counts' arrival (fusedwd/triton/_kernels.py _take_step)
-        "acq_rel_arrival": "atom.global.gpu.acq_rel.add" in ptx,
+        # the step counts' arrival (fusedwd/triton/_kernels.py _arrive): a release add by every program,
+        # an acquire exchange by the last
+        "arrival": "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acquire.exch" in ptx,
+        # what runs before the first global load of a buffer's data (_prologue)
+        **_prologue(ptx),
         # stochastic rounding's hash in uint32: logical shifts, as C++'s
         "arithmetic_shift": bool(variant.sr and "shr.s32" in ptx),
         # the 8-bit encode without square roots (fusedwd/triton/_kernels.py _q8_level): the guess
@@ -307,7 +365,7 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
     # the generic kernel's constants for this rule, exactly as a launch passes them
     consts = _launch.constants(variant.rule, variant.switches, dtype[variant.p],
                                None if variant.q8 else dtype[variant.s], variant.master, variant.sr, variant.q8)
-    tables = {"seg_ptr": "*i64", "block_start_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
+    tables = {"seg_ptr": "*i64", "program_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
               "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
     assert set(tables) == set(_kernels._TABLE_ARGS)
     t0 = time.perf_counter()
@@ -509,8 +567,11 @@ def problems(entry: dict[str, Any]) -> dict[str, list[str]]:
             out["ptx"].append(f"approximate math: {ptx['approximate_math']}")
         if ptx["fma"]:
             out["ptx"].append(f"{ptx['fma']} contracted multiply-adds")
-        if not ptx["acq_rel_arrival"]:
-            out["ptx"].append("no acq_rel arrival atomic")
+        if not ptx["arrival"]:
+            out["ptx"].append("no release arrival with an acquire exchange by the last arriver")
+        if ptx.get("prologue_atomics") or ptx.get("prologue_barriers"):
+            out["ptx"].append(f"{ptx['prologue_atomics']} atomics and {ptx['prologue_barriers']} barriers before the "
+                              "first data load")
         if ptx["arithmetic_shift"]:
             out["ptx"].append("arithmetic shifts in stochastic rounding's hash")
         if not ptx["q8_encode"]:

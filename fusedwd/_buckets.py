@@ -85,7 +85,7 @@ class Tables:
     table_out: Tensor  # [n, SEG_COLS]: this step's active rows
     arrivals: Optional[Tensor] = None  # the CUDA kernel's arrival counter (one zero int32 on the device)
     # GPU backends: the tables a launch reads, kept on the device (fusedwd/optim/_graphs.py ResidentTable),
-    # and the Triton launch's (segments, blocks) of this step
+    # and the Triton launch's (segments, programs) of this step
     device_table: Optional[Any] = None
     launch_shape: tuple[int, int] = (0, 0)
 

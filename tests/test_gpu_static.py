@@ -168,12 +168,13 @@ def test_problems_catch_what_they_check():
     entry = dict(spill_bytes=8, stack_bytes=8, local_bytes=0, loads_128=3, expected_loads_128=4, stores_128=2,
                  expected_stores_128=2, buffers_read=["param:float32"], buffers_written=["param:float32"],
                  fast_path_conversions=["float32: #a -> #b"],
-                 ptx=dict(approximate_math=["div.approx.f32"], fma=1, acq_rel_arrival=False, arithmetic_shift=True,
-                          q8_encode=False))
+                 ptx=dict(approximate_math=["div.approx.f32"], fma=1, arrival=False, arithmetic_shift=True,
+                          q8_encode=False, prologue_atomics=1, prologue_barriers=0))
     found = gpu_static.problems(entry)
-    assert [len(found[k]) for k in ("spills", "vectors", "conversions", "ptx")] == [1, 1, 1, 5]
+    assert [len(found[k]) for k in ("spills", "vectors", "conversions", "ptx")] == [1, 1, 1, 6]
     clean = dict(entry, spill_bytes=0, stack_bytes=0, loads_128=4, fast_path_conversions=[],
-                 ptx=dict(approximate_math=[], fma=0, acq_rel_arrival=True, arithmetic_shift=False, q8_encode=True))
+                 ptx=dict(approximate_math=[], fma=0, arrival=True, arithmetic_shift=False, q8_encode=True,
+                          prologue_atomics=0, prologue_barriers=0))
     assert all(v == [] for v in gpu_static.problems(clean).values())
 
 
@@ -193,3 +194,35 @@ def test_fast_path_conversions_are_read_from_the_fast_path_only():
     assert gpu_static.fast_path_conversions(ttgir) == ["f32: #blocked(8/thread) -> #blocked1(4/thread)"]
     with pytest.raises(ValueError, match="FAST_PATH_CONDITION"):
         gpu_static.fast_path_conversions(ttgir.replace("%vector_54", "%other"))
+
+
+def test_prologue_follows_the_control_flow_to_the_first_data_load():
+    # the shortest path from the entry to the first vector load: the skipped branch and the masked
+    # block laid out before the fast path are not counted; the barrier and atomic after it neither
+    ptx = "\n".join([
+        ".visible .entry k(",
+        ")",
+        "{",
+        "\tld.global.b32 { %r1 }, [ %rd1 + 0 ];",
+        "\tsetp.ne.b32 %p1, %r1, 0;",
+        "\t@%p1 bra $L__BB0_9;",
+        "\tld.global.b64 { %rd2 }, [ %rd3 + 0 ];",
+        "\t@%p2 bra $L__BB0_4;",
+        "\tbar.sync 0;",
+        "\tld.global.b32 { %r2 }, [ %rd2 + 0 ];",
+        "\tbra.uni $L__BB0_9;",
+        "$L__BB0_4:",
+        "\tadd.s64 %rd4, %rd2, 16;",
+        "\t@%p3 ld.global.v4.b32 { %r3, %r4, %r5, %r6 }, [ %rd4 + 0 ];",
+        "\tbar.sync 0;",
+        "\tatom.global.gpu.release.add.u64 %rd5, [ %rd6 + 0 ], %rd7;",
+        "$L__BB0_9:",
+        "\tret;",
+        "}",
+    ])
+    assert gpu_static._prologue(ptx) == dict(prologue_instructions=6, prologue_loads=2, prologue_atomics=0,
+                                             prologue_barriers=0)
+    # an atomic on the way is counted (problems() then reports it)
+    early = ptx.replace("\tld.global.b64 { %rd2 }", "\tatom.global.gpu.acq_rel.add.u64 %rd8, [ %rd9 + 0 ], 1;\n"
+                                                     "\tld.global.b64 { %rd2 }")
+    assert gpu_static._prologue(early)["prologue_atomics"] == 1

@@ -358,6 +358,48 @@ def test_every_layout_matches_the_cpu_kernel(rule, switches, layout, triton_kern
 
 
 @needs_cpu
+@pytest.mark.parametrize("layout", [(torch.float32, torch.float32, False, False),
+                                    (torch.bfloat16, torch.float32, True, False)], ids=["f32", "bf16-f32-master"])
+def test_several_programs_per_segment_match_the_cpu_kernel(layout, triton_kernels):
+    # each program finds its segment and its rank in it in the program map: segments of one to
+    # twelve programs, the last one full, partial or of 1 element, beside a short one, and a
+    # misaligned segment of three programs (MISALIGNED: index 4) on the masked path
+    block = triton_kernels.BLOCK_SIZE
+    sizes = [4 * block + 1, 12 * block - 1000, 2 * block, 3, 2 * block + 5]
+    bucket = LayoutBucket("adamw", (True,), layout, sizes, DEVICE, MISALIGNED)
+    compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=INTERPRET)
+
+
+def test_program_map_follows_the_segment_sizes(triton_kernels):
+    # fill_image rebuilds the program map only when the sizes change, and then writes what a fresh image holds
+    from fusedwd.triton import _launch
+
+    span = triton_kernels.BLOCK_SIZE
+
+    def rows(sizes):
+        t = torch.zeros(len(sizes), _buckets.SEG_COLS, dtype=torch.int64)
+        t[:, _buckets.SEG_N] = torch.tensor(sizes, dtype=torch.int64)
+        t[:, _buckets.SEG_P] = torch.arange(len(sizes)) * 4096 + 64  # anything: only the sizes make the map
+        return t
+
+    capacity = 4
+    room = triton_kernels.program_capacity([3 * span, span + 1, 0, 7])
+    kept = torch.zeros(triton_kernels.image_words(capacity, room), dtype=torch.int64)
+    for sizes in ([3 * span, span + 1, 0, 7], [3 * span, span + 1, 0], [3 * span, span + 1, 0, 7], [span, 1],
+                  [3 * span, 5], [0, 0, 0], [0, 0], [2 * span + 1, 0]):
+        fresh = torch.zeros_like(kept)
+        assert triton_kernels.fill_image(kept, rows(sizes), 7, capacity) == triton_kernels.fill_image(
+            fresh, rows(sizes), 7, capacity)
+        assert torch.equal(kept, fresh), sizes
+        # program p: its segment and its rank in it
+        expected = [s | (r << 32) for s, n in enumerate(sizes) for r in range(max(1, -(-n // span)))]
+        assert _launch._views(torch.cat([fresh, torch.zeros(capacity, dtype=torch.int64)]),
+                              capacity).programs[:len(expected)].tolist() == expected
+    with pytest.raises(ValueError, match="program_capacity"):
+        triton_kernels.fill_image(kept, rows([4 * span, 4 * span]), 0, capacity)
+
+
+@needs_cpu
 @pytest.mark.parametrize("layout", [(torch.bfloat16, torch.float32, True, False),
                                     (torch.bfloat16, torch.bfloat16, False, True)], ids=["bf16-f32-master", "bf16-sr"])
 @pytest.mark.parametrize("rule,switches", OTHER_CASES, ids=OTHER_CASE_IDS)

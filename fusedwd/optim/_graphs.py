@@ -1,6 +1,6 @@
 """Device-resident tables and the CUDA-graph capture guard (docs/design.md#cuda-graphs).
 
-A GPU bucket's segment table (with, for Triton, its block starts, arrival
+A GPU bucket's segment table (with, for Triton, its program map, arrival
 counters, seed and default control block) and each device's hyperparameter
 table live in device memory for as long as the plan does. Every step rebuilds
 their image on the host (gather, the param groups) and compares it with what
@@ -259,8 +259,10 @@ def attach(bucket: "Bucket") -> None:
         # the launch image and its arrival counters (fusedwd/triton/_launch.py)
         launcher = _ext.triton(bucket.device)
         n = len(bucket.params)
-        tables.device_table = ResidentTable(bucket.device, launcher.image_words(n),
-                                            launcher.buffer_words(n) - launcher.image_words(n))
+        # room for the program map of every segment (a shape never changes under a plan: _checks)
+        room = launcher.program_capacity(bucket.numels)
+        tables.device_table = ResidentTable(bucket.device, launcher.image_words(n, room),
+                                            launcher.buffer_words(n, room) - launcher.image_words(n, room))
     elif bucket.backend == Backend.CUDA:
         # the segment table: its host image is table_out itself; the kernel's arrival counter
         tables.device_table = ResidentTable(bucket.device, tables.table_out.numel(), host=tables.table_out.view(-1))
@@ -289,8 +291,9 @@ def sync(opt: "FusedOptimizer", step: "Step", plan: list["Bucket"], active: list
             continue
         if bucket.backend == Backend.TRITON:
             seed = step.seed() if bucket.storage.stochastic_rounding else 0
-            blocks = _ext.triton(bucket.device).fill_image(own.device_table.host, own.table_out[:n_active], seed)
-            own.launch_shape = (n_active, blocks)
+            programs = _ext.triton(bucket.device).fill_image(own.device_table.host, own.table_out[:n_active], seed,
+                                                             len(bucket.params))
+            own.launch_shape = (n_active, programs)
         if own.device_table.changed():
             changed.append((own.device_table, f"the segment table of its {bucket.dtype} bucket on {bucket.device} "
                                               "changed (a parameter, gradient or state moved, or a gradient "

@@ -284,9 +284,9 @@ class TritonRunner(KernelRunner):
     def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
         _not_sharded(bucket, "triton")
         tables = bucket.tables
-        nseg, blocks = tables.launch_shape
+        nseg, programs = tables.launch_shape
         _ext.triton(bucket.device).launch_image(step.rule.name, tables.device_table.buffer, len(bucket.params), nseg,
-                                                blocks, step.hyper(bucket.device), bucket.device, bucket.dtype,
+                                                programs, step.hyper(bucket.device), bucket.device, bucket.dtype,
                                                 bucket.structure, **self.precision(step, bucket, lambda d: d))
 
 

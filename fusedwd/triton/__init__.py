@@ -14,10 +14,19 @@ from __future__ import annotations
 from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 
 from ._kernels import _step_kernel
-from ._launch import BLOCK_SIZE, NUM_WARPS, buffer_words, fill_image, image_words, launch_image, step
+from ._launch import (
+    BLOCK_SIZE,
+    NUM_WARPS,
+    buffer_words,
+    fill_image,
+    image_words,
+    launch_image,
+    program_capacity,
+    step,
+)
 
-__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "INTERPRETED", "BLOCK_SIZE",
-           "NUM_WARPS"]
+__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "program_capacity", "INTERPRETED",
+           "BLOCK_SIZE", "NUM_WARPS"]
 
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)
 INTERPRETED: bool = isinstance(_step_kernel, _InterpretedFunction)

@@ -2,15 +2,17 @@
 
 The kernel runs one program per block of ``BLOCK_SIZE`` elements of one
 segment (one tensor) of a bucket, over all of the bucket's segments at once
-(docs/backends.md#the-triton-kernels). A program finds its segment by binary
-search over the first block of each segment, reads the segment's row of the
-int64 segment table (docs/design.md#segment-table) and its param group's row
-of the float64 hyperparameter table, and updates its slice in place. A full
-block whose buffers are all 16-byte aligned (checked at run time: Triton
-cannot know it of addresses read from a table) is updated without a mask, so
-it compiles to 128-bit accesses; other blocks take the masked path. Both call
-the same block function, ``_block``, which loads the states the rule keeps,
-calls the rule's helper and stores what it returns.
+(docs/backends.md#the-triton-kernels). A program reads its segment and its
+rank in it from the launch's program map (one load, no search), the
+segment's row of the int64 segment table (docs/design.md#segment-table) and
+its step count, then updates its block in place, reading its param group's
+row of the float64 hyperparameter table, and arrives on the segment's counter after its stores (``_arrive``: the last
+program to arrive advances the step count). A full block whose buffers are
+all 16-byte aligned (checked at run time: Triton cannot know it of addresses
+read from a table) is updated without a mask, so it compiles to 128-bit
+accesses; other blocks take the masked path. Both call the same block
+function, ``_block``, which loads the states the rule keeps, calls the rule's
+helper and stores what it returns.
 
 Parameters and gradients are stored in one dtype (``P``), the states in
 another (``S``, the same or float32 / 16-bit, csrc/include/fusedwd/precision.h with_layout);
@@ -73,7 +75,7 @@ SIGNED_ZERO = tl.constexpr(quant.zero_code(True))  # the byte of 0 in the signed
 
 # The tables are read with scalar loads, so their alignment buys nothing:
 # specializing on it would only compile more variants.
-_TABLE_ARGS = ["seg_ptr", "block_start_ptr", "arrivals_ptr", "hp_ptr", "nseg", "ctl_ptr", "seed_ptr"]
+_TABLE_ARGS = ["seg_ptr", "program_ptr", "arrivals_ptr", "hp_ptr", "nseg", "ctl_ptr", "seed_ptr"]
 
 
 # ------------------------------------------------------------------ segments
@@ -95,34 +97,45 @@ def _vector_width(P, S, MASTER, Q8):
 
 
 @triton.jit
-def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr, VEC: tl.constexpr):
-    """This program's segment row, first element (int64), in-block offsets (int32) and mask, quant blocks
-    and their mask (Q8; else unused), vector-path flag, segment index and block count.
+def _locate(seg_ptr, program_ptr, BLOCK_SIZE: tl.constexpr):
+    """This program's segment row and index, the segment's size, the program's first element (int64),
+    the segment's program count, and whether all the segment's buffers start 16-byte aligned.
+
+    The launch's program map holds, per program, its segment and its rank among the segment's
+    programs (one int64 word, written with the segment table: _launch.fill_image), so the first
+    load of a program finds its row: no search. A program owns one block of BLOCK_SIZE elements
+    of one segment, from a multiple of BLOCK_SIZE; an empty segment still has one program of one
+    fully masked block. (Several blocks per program, in a loop, held 16 to 26 more registers per
+    thread and spilled in 14 variants: issue 14 defect 5, docs/backends.md.)
+    """
+    word = tl.load(program_ptr + tl.program_id(0))
+    seg = word & 0xFFFFFFFF
+    rank = word >> 32
+    row = seg_ptr + seg * SEG_COLS
+    n = tl.load(row + SEG_N)
+    # The program's first element, in int64 (a segment may hold more than 2^31
+    # elements), is added once to each buffer's address (_pointer); offsets
+    # within the block are int32, which halves their registers and arithmetic.
+    first = rank * BLOCK_SIZE
+    programs = tl.maximum((n + (BLOCK_SIZE - 1)) // BLOCK_SIZE, 1)
+    # A full block whose buffers all start 16-byte aligned needs no mask and may use
+    # 128-bit accesses; Triton cannot know either from addresses read out of a table.
+    # Unused state and master columns hold 0, which is aligned.
+    addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
+                 | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
+    return row, seg, n, first, programs, (addresses & 15) == 0
+
+
+@triton.jit
+def _block_lanes(n, start, BLOCK_SIZE: tl.constexpr, Q8: tl.constexpr, VEC: tl.constexpr):
+    """The in-block offsets (int32) of the block at element ``start`` of an ``n``-element segment, and
+    their mask; its quant blocks and their mask (Q8; else unused); whether the block is full.
 
     With 8-bit states (Q8) the offsets are a [BLOCK_SIZE // QUANT_BLOCK, QUANT_BLOCK] tile, one
-    row per 256-element quant block: a program starts at a multiple of BLOCK_SIZE from its
+    row per 256-element quant block: a block starts at a multiple of BLOCK_SIZE from its
     segment's first element, so it owns whole quant blocks (the last one maybe partial), and a
     block's absmax is a max over one row.
     """
-    block = tl.program_id(0).to(tl.int64)
-    # the last segment whose first block is <= this block (block_start[0] == 0)
-    lo = tl.full((), 0, tl.int64)
-    hi = nseg.to(tl.int64)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if tl.load(block_start_ptr + mid) <= block:
-            lo = mid
-        else:
-            hi = mid
-    seg = lo
-    first = tl.load(block_start_ptr + seg)
-    nblocks = tl.load(block_start_ptr + seg + 1) - first
-    row = seg_ptr + seg * SEG_COLS
-    # The block's first element, in int64 (a segment may hold more than 2^31
-    # elements), is added once to each buffer's address (_pointer); offsets
-    # within the block are int32, which halves their registers and arithmetic.
-    start = (block - first) * BLOCK_SIZE
-    n = tl.load(row + SEG_N)
     rest = tl.minimum(n - start, BLOCK_SIZE).to(tl.int32)  # elements of this block in the segment
     if Q8:
         qblocks = tl.arange(0, BLOCK_SIZE // QUANT_BLOCK)
@@ -134,37 +147,41 @@ def _locate(seg_ptr, block_start_ptr, nseg, BLOCK_SIZE: tl.constexpr, Q8: tl.con
         # unused without Q8 (a jit function cannot return None)
         qblocks = rest
         qmask = rest > 0
-    mask = offs < rest
-    # A full block whose buffers all start 16-byte aligned needs no mask and may use
-    # 128-bit accesses; Triton cannot know either from addresses read out of a table.
-    # Unused state and master columns hold 0, which is aligned.
-    addresses = (tl.load(row + SEG_P) | tl.load(row + SEG_G) | tl.load(row + SEG_S0) | tl.load(row + SEG_S1)
-                 | tl.load(row + SEG_S2) | tl.load(row + SEG_MASTER))
-    vector = (start + BLOCK_SIZE <= n) & ((addresses & 15) == 0)
-    return row, start, offs, mask, qblocks, qmask, vector, seg, nblocks
+    return offs, offs < rest, qblocks, qmask, rest == BLOCK_SIZE
 
 
 @triton.jit
-def _take_step(row, arrival_ptr, nblocks):
-    """The 1-based step t this launch takes for the segment (float64); advances the stored count once.
+def _take_step(row):
+    """The segment's stored step count t0 (float32), read once per program before its data.
 
-    Every block of the segment reads the float32 count t0 before it arrives
-    (an acq_rel atomic on the segment's arrival counter, zero at launch); the
-    last block to arrive writes t0 + 1 and resets the counter to zero, so the
-    counters can stay on the device from one launch to the next (a CUDA graph
-    replays them). The barrier orders every thread's read of t0 before the
-    single-thread atomic, and the atomic's release/acquire orders those reads
-    before the last block's write, so no block can read the advanced count.
+    The count advances in _arrive, after the program's stores: no program can read an
+    advanced count, since the count is written only by the segment's last program to arrive,
+    after it has acquired every other program's arrival, and each program arrives after its
+    read of t0 (see _arrive).
     """
-    step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
-    t0 = tl.load(step_ptr)
+    return tl.load(tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32)))
+
+
+@triton.jit
+def _arrive(row, arrival_ptr, programs, t0):
+    """After the program's stores: arrive on the segment's counter (zero at launch); the last of
+    the segment's ``programs`` to arrive writes the count t0 + 1 and resets the counter to zero, so
+    the counters can stay on the device from one launch to the next (a CUDA graph replays them).
+
+    Every program read t0 before its arrival: the barrier orders every thread's read (and store)
+    before the one thread's release add, the adds of a segment form one release sequence on its
+    counter, and only the last arriver needs their reads ordered before its write: its acquire
+    exchange (which also zeroes the counter) reads the last add of that sequence, so it
+    synchronizes with every earlier arrival. Other programs neither wait nor acquire.
+    """
     tl.debug_barrier()
-    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
-    last = arrived == nblocks - 1
-    tl.store(step_ptr, t0 + 1.0, mask=last)
-    # every block of the segment has arrived (tl.full: a builtin, not a jit helper; see _q8_encode)
-    tl.store(arrival_ptr, tl.full((), 0, tl.int64), mask=last)
-    return t0.to(tl.float64) + 1.0
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="release")
+    last = arrived == programs - 1
+    # tl.full: a builtin, not a jit helper (see _q8_encode)
+    everyone = tl.atomic_xchg(arrival_ptr, tl.full((), 0, tl.int64), sem="acquire", mask=last)
+    step_ptr = tl.load(row + SEG_STEP).to(tl.pointer_type(tl.float32))
+    # the exchange returned every arrival (the store waits on it)
+    tl.store(step_ptr, t0 + 1.0, mask=last & (everyone == programs))
 
 
 @triton.jit
@@ -577,10 +594,10 @@ def _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P:
 @triton.jit(do_not_specialize=_TABLE_ARGS)
 def _step_kernel(
     seg_ptr,  # int64 [nseg, SEG_COLS]: the bucket's segment rows (addresses, sizes, hp rows, salts)
-    block_start_ptr,  # int64 [nseg + 1]: first block of each segment; the last entry is the grid size
-    arrivals_ptr,  # int64 [nseg]: blocks of each segment that have read its step; zeros at launch, left at zero
+    program_ptr,  # int64 [grid]: per program, its segment | its rank among the segment's programs << 32
+    arrivals_ptr,  # int64 [nseg]: programs of each segment that have stored; zeros at launch, left at zero
     hp_ptr,  # float64 [groups, HP_COLS]: the rule's hyperparameter rows (fusedwd/rules/<rule>.py columns)
-    nseg,  # number of segments
+    nseg,  # number of segments (the map's segments are below it)
     ctl_ptr,  # float32 [CTL_SIZE]: 1/grad_scale, found_inf (nonzero: skip the step), clip coefficient
     seed_ptr,  # int64 [1]: the stochastic-rounding seed (a uint64's bits)
     P: tl.constexpr,  # element type of p and g
@@ -603,15 +620,20 @@ def _step_kernel(
     SW1: tl.constexpr,  # its second switch
 ):
     # Every program reads the same found_inf: none arrives, so no count advances
-    # (and every arrival counter stays zero).
-    if not _skipped(ctl_ptr):
-        row, start, offs, mask, qblocks, qmask, vector, seg, nblocks = _locate(
-            seg_ptr, block_start_ptr, nseg, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
-        t = _take_step(row, arrivals_ptr + seg, nblocks)
+    # (and every arrival counter stays zero). The program map and the row are read
+    # meanwhile, not after it: they only read.
+    skipped = _skipped(ctl_ptr)
+    row, seg, n, first, programs, aligned = _locate(seg_ptr, program_ptr, BLOCK_SIZE)
+    if not skipped:
+        t0 = _take_step(row)
+        t = t0.to(tl.float64) + 1.0
         grad_mult, key = _precision(row, t, ctl_ptr, seed_ptr, SR)
+        offs, mask, qblocks, qmask, full = _block_lanes(n, first, BLOCK_SIZE, Q8, _vector_width(P, S, MASTER, Q8))
+        vector = full & aligned
         if vector:
-            _block(row, start, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
+            _block(row, first, offs, None, qblocks, None, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, True, Q8,
                    UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
         else:
-            _block(row, start, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
+            _block(row, first, offs, mask, qblocks, qmask, t, hp_ptr, grad_mult, key, P, S, MATH, MASTER, SR, False, Q8,
                    UPDATE, HP_COLS, KEEP0, KEEP1, KEEP2, SIGNED0, SIGNED1, SIGNED2, NSW, SW0, SW1)
+        _arrive(row, arrivals_ptr + seg, programs, t0)

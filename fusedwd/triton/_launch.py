@@ -4,10 +4,11 @@
 int64 segment rows and the float64 hyperparameter table, both on the host,
 and the same keyword-only precision options (storage dtype of the states,
 master weights, stochastic rounding, the control block, the seed). It
-derives each segment's first block (one vectorized cumsum), packs rows,
-block starts, zeroed arrival counters, hyperparameters, the seed and a
-default control block into ONE int64 buffer, copies it to the device in one
-transfer, and launches one grid of one program per block.
+derives the program map (each program's segment and rank in it, a few
+vectorized operations), packs rows, map, zeroed arrival counters,
+hyperparameters, the seed and a default control block into ONE int64 buffer,
+copies it to the device in one transfer, and launches one grid of one program
+per block.
 
 The optimizers keep that buffer (the launch *image* and its arrival
 counters) on the device instead, re-uploaded only when it changes
@@ -51,55 +52,93 @@ _CTL_WORDS = (CTL_SIZE + 1) // 2
 class _Views(NamedTuple):
     """A launch image's parts on the device (see image_words)."""
     segments: Tensor  # int64 [capacity * SEG_COLS]
-    block_starts: Tensor  # int64 [capacity + 1]
+    programs: Tensor  # int64 [program capacity]: the program map
     arrivals: Tensor  # int64 [capacity], zeros, left at zero by every launch
     seed: Tensor  # int64 [1]: the seed's bits
     ctl: Tensor  # float32 [>= CTL_SIZE]: the control block of no AMP and no clipping
 
 
 # A launch reads, besides the hyperparameter table, one int64 buffer: the launch *image*
-# [seed | default control block | segment rows (capacity) | block starts (capacity + 1)],
-# written on the host by fill_image, followed on the device by one arrival counter per
-# segment, which the kernels leave at zero. The optimizers keep it on the device across
-# steps (fusedwd/optim/_graphs.py) and upload it only when it changes.
-_HEADER_WORDS = 1 + _CTL_WORDS
+# [seed | default control block | program count | segment rows (capacity) | program map
+# (program capacity)], written on the host by fill_image, followed on the device by one
+# arrival counter per segment, which the kernels leave at zero. The map has one word per
+# program: its segment | its rank among the segment's programs << 32. The optimizers keep
+# the buffer on the device across steps (fusedwd/optim/_graphs.py) and upload the image
+# only when it changes.
+_HEADER_WORDS = 1 + _CTL_WORDS + 1
 
 
-def image_words(capacity: int) -> int:
-    """int64 words of the host image of a launch over at most ``capacity`` segments."""
-    return _HEADER_WORDS + capacity * SEG_COLS + capacity + 1
+def programs(sizes: Tensor) -> Tensor:
+    """Programs of a launch per segment of these sizes (int64): ceil(n / BLOCK_SIZE), at least 1 (an
+    empty tensor still gets one fully masked block, which advances its step count)."""
+    return torch.div(sizes + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
 
 
-def buffer_words(capacity: int) -> int:
+def program_capacity(sizes: Sequence[int]) -> int:
+    """Room for the program map of any launch over a subset of segments of these sizes."""
+    return int(programs(torch.tensor(list(sizes), dtype=torch.int64)).sum()) if len(sizes) else 0
+
+
+def image_words(capacity: int, program_room: int) -> int:
+    """int64 words of the host image of a launch over at most ``capacity`` segments and
+    ``program_room`` programs (program_capacity)."""
+    return _HEADER_WORDS + capacity * SEG_COLS + program_room
+
+
+def buffer_words(capacity: int, program_room: int) -> int:
     """int64 words of the device buffer: the image, then the arrival counters."""
-    return image_words(capacity) + capacity
+    return image_words(capacity, program_room) + capacity
 
 
 def _views(buffer: Tensor, capacity: int) -> _Views:
-    seed, ctl, segments, starts, arrivals = buffer.split([1, _CTL_WORDS, capacity * SEG_COLS, capacity + 1, capacity])
-    return _Views(segments, starts, arrivals, seed, ctl.view(torch.float32))
+    """The parts of a device buffer of buffer_words(capacity, any program room)."""
+    head, segments, rest = buffer.split([_HEADER_WORDS, capacity * SEG_COLS, buffer.numel() - _HEADER_WORDS
+                                         - capacity * SEG_COLS])
+    seed, ctl, _ = head.split([1, _CTL_WORDS, 1])
+    program_map, arrivals = rest.split([rest.numel() - capacity, capacity])
+    return _Views(segments, program_map, arrivals, seed, ctl.view(torch.float32))
 
 
-def fill_image(image: Tensor, segments: Tensor, seed: int) -> int:
-    """Write the host image of a launch over ``segments`` (int64 [nseg, SEG_COLS], nseg at most the
-    image's capacity) with the stochastic-rounding ``seed``; returns the launch's block count.
-    Words past nseg are zeroed, so the image is a function of (segments, seed) alone."""
+def fill_image(image: Tensor, segments: Tensor, seed: int, capacity: int) -> int:
+    """Write the host image of a launch over ``segments`` (int64 [nseg, SEG_COLS], nseg at most
+    ``capacity``) with the stochastic-rounding ``seed`` into ``image`` (image_words(capacity, room)
+    words); returns the launch's program count. Words past nseg and past the programs are zeroed,
+    so the image is a function of (segments, seed) alone.
+
+    The program map depends only on the segments' sizes: an image this function filled (or a
+    zeroed one) whose program count and first nseg sizes equal the new ones already holds it
+    (a different nseg with the same sizes would change the count: every segment has a program),
+    so a step whose sizes did not change rewrites only the rows, O(nseg) and not O(programs)."""
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-    capacity = (image.numel() - _HEADER_WORDS - 1) // (SEG_COLS + 1)
+    room = image.numel() - _HEADER_WORDS - capacity * SEG_COLS
     nseg = segments.shape[0]
-    seed_part, ctl_part, seg_part, start_part = image.split([1, _CTL_WORDS, capacity * SEG_COLS, capacity + 1])
+    if nseg > capacity or room < 0:
+        raise ValueError(f"an image of {image.numel()} words has no room for {nseg} segments (capacity {capacity})")
+    head, seg_part, map_part = image.split([_HEADER_WORDS, capacity * SEG_COLS, room])
+    seed_part, ctl_part, count_part = head.split([1, _CTL_WORDS, 1])
     seed_part[0] = seed - (1 << 64) if seed >= 1 << 63 else seed  # the uint64's bits
     ctl = ctl_part.view(torch.float32)
     ctl.zero_()  # found_inf 0: the step is taken
     ctl[CTL_INV_SCALE] = ctl[CTL_CLIP] = 1.0
-    seg_part[: nseg * SEG_COLS].view(nseg, SEG_COLS).copy_(segments)
-    seg_part[nseg * SEG_COLS:].zero_()
-    # an empty tensor still gets one (fully masked) block, which advances its step count
-    blocks = torch.div(segments[:, SEG_N] + (BLOCK_SIZE - 1), BLOCK_SIZE, rounding_mode="floor").clamp_(min=1)
-    start_part.zero_()
-    torch.cumsum(blocks, 0, out=start_part[1: nseg + 1])
-    return int(start_part[nseg])
+    rows = seg_part.view(capacity, SEG_COLS)
+    sizes = segments[:, SEG_N]
+    per_segment = programs(sizes)
+    total = int(per_segment.sum())
+    if total > room:
+        raise ValueError(f"a launch over these {nseg} segments has {total} programs, more than the image's room "
+                         f"({room}): was it sized with program_capacity of the bucket's sizes?")
+    same_map = int(count_part[0]) == total and torch.equal(rows[:nseg, SEG_N], sizes)
+    rows[:nseg].copy_(segments)
+    rows[nseg:].zero_()
+    if not same_map:
+        segment = torch.repeat_interleave(torch.arange(nseg, dtype=torch.int64), per_segment)
+        firsts = torch.cumsum(per_segment, 0) - per_segment
+        rank = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(firsts, per_segment)
+        torch.bitwise_or(segment, rank << 32, out=map_part[:total])
+        map_part[total:].zero_()
+        count_part[0] = total
+    return total
 
 
 def _check_layout(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, stochastic: bool) -> None:
@@ -191,17 +230,17 @@ def constants(rule: str, switches: Sequence[bool], dtype: torch.dtype, state_dty
     sw = switches + (False,) * (_MAX_SWITCHES - len(switches))
     return dict(P=_STORAGE[dtype], S=tl.uint8 if quantized else _STORAGE[state_dtype],
                 MATH=tl.float64 if dtype == torch.float64 else tl.float32, MASTER=bool(master),
-                SR=bool(stochastic_rounding), BLOCK_SIZE=BLOCK_SIZE, Q8=bool(quantized), UPDATE=UPDATES[rule],
-                HP_COLS=len(spec.columns), KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2], SIGNED0=signed[0],
-                SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1])
+                SR=bool(stochastic_rounding), BLOCK_SIZE=BLOCK_SIZE, Q8=bool(quantized),
+                UPDATE=UPDATES[rule], HP_COLS=len(spec.columns), KEEP0=kept[0], KEEP1=kept[1], KEEP2=kept[2],
+                SIGNED0=signed[0], SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1])
 
 
-def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_blocks: int, device: torch.device,
+def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_programs: int, device: torch.device,
              dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool,
              ctl: Optional[Tensor], quantized: bool, switches: tuple) -> None:
     """One launch of the rule over ``nseg`` segments whose tables are on ``device``."""
-    launch = _step_kernel[(num_blocks,)]
-    args = (views.segments, views.block_starts, views.arrivals, hyper, nseg, views.ctl if ctl is None else ctl,
+    launch = _step_kernel[(num_programs,)]
+    args = (views.segments, views.programs, views.arrivals, hyper, nseg, views.ctl if ctl is None else ctl,
             views.seed)
     options = constants(rule, switches, dtype, state_dtype, master, stochastic_rounding, quantized)
     if device.type == "cuda":
@@ -211,12 +250,12 @@ def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_blocks: int
         launch(*args, **options, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
-def launch_image(rule: str, buffer: Tensor, capacity: int, nseg: int, num_blocks: int, hyper: Tensor,
+def launch_image(rule: str, buffer: Tensor, capacity: int, nseg: int, num_programs: int, hyper: Tensor,
                  device: torch.device, dtype: torch.dtype, switches: Sequence[bool], *,
                  state_dtype: Optional[torch.dtype] = None, master: bool = False, stochastic_rounding: bool = False,
                  ctl: Optional[Tensor] = None, seed: int = 0, quantized: bool = False) -> None:
-    """One launch over tables already on ``device``: ``buffer`` (buffer_words(capacity) int64) holds
-    the image fill_image wrote (``nseg`` segments, ``num_blocks`` blocks: what it returned) and the
+    """One launch over tables already on ``device``: ``buffer`` (buffer_words(capacity, room) int64) holds
+    the image fill_image wrote (``nseg`` segments, ``num_programs`` programs: what it returned) and the
     arrival counters; ``hyper`` is the float64 [groups, cols] table on ``device``. The other
     arguments are ``step``'s. The seed was written into the image (``seed`` is accepted for
     ``step``'s keyword set and ignored). Nothing is copied from the host: a CUDA graph may capture
@@ -229,7 +268,7 @@ def launch_image(rule: str, buffer: Tensor, capacity: int, nseg: int, num_blocks
                                  quantized, device)
     if nseg == 0:
         return
-    _enqueue(rule, _views(buffer, capacity), hyper.reshape(-1), nseg, num_blocks, device, dtype, state_dtype, master,
+    _enqueue(rule, _views(buffer, capacity), hyper.reshape(-1), nseg, num_programs, device, dtype, state_dtype, master,
              stochastic_rounding, ctl, quantized, switches)
 
 
@@ -283,13 +322,15 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
     nseg = segments.shape[0]
     if nseg == 0:
         return
-    words = buffer_words(nseg)
+    room = program_capacity(segments[:, SEG_N].tolist())
+    words = buffer_words(nseg, room)
     hyper_on_host = hyper.device.type == "cpu"
     # pinned, so the one host-to-device copy below is asynchronous: a step never
     # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
     packed = torch.empty(words + hyper.numel(), dtype=torch.int64, pin_memory=device.type == "cuda")
-    num_blocks = fill_image(packed[: image_words(nseg)], segments, int(seed))
-    packed[image_words(nseg): words].zero_()  # the arrival counters
+    packed[:_HEADER_WORDS].zero_()  # no program count: fill_image writes the program map
+    num_programs = fill_image(packed[: image_words(nseg, room)], segments, int(seed), nseg)
+    packed[image_words(nseg, room): words].zero_()  # the arrival counters
     if hyper_on_host:
         packed[words:].view(torch.float64).copy_(hyper.reshape(-1))
     if device.type != "cpu":
@@ -297,5 +338,5 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
     hyper_part = packed[words:].view(torch.float64)
     if not hyper_on_host:
         hyper_part.copy_(hyper.reshape(-1))  # device to device, queued after the upload
-    _enqueue(rule, _views(packed[:words], nseg), hyper_part, nseg, num_blocks, device, dtype, state_dtype, master,
+    _enqueue(rule, _views(packed[:words], nseg), hyper_part, nseg, num_programs, device, dtype, state_dtype, master,
              stochastic_rounding, ctl, quantized, switches)
