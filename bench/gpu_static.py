@@ -57,10 +57,12 @@ DEFAULT_CACHE = ROOT / "build" / "gpu_static_cache"
 # TTGIR names its value after it (%vector...), which is how the fast path's region is found.
 FAST_PATH_CONDITION = "vector"
 
-# every rule of the registry (fusedwd/rules) with GPU kernels (a two-phase rule, LAMB or StableAdamW,
-# has none yet), and its switch combinations in the rule's order (Rule.structures), less those its
-# validation rejects: SGDW's nesterov needs momentum
+# every elementwise rule of the registry (fusedwd/rules), and its switch combinations in the rule's
+# order (Rule.structures), less those its validation rejects: SGDW's nesterov needs momentum
 RULES = tuple(name for name, rule in _rules.RULES.items() if not rule.reduces)
+# the two-phase rules (LAMB, StableAdamW): two Triton kernels each (phase 1 and 2, fusedwd/triton/_phases.py),
+# no switches, no 8-bit states; no CUDA kernel yet
+TWO_PHASE_RULES = tuple(name for name, rule in _rules.RULES.items() if rule.reduces)
 _INVALID = {"sgdw": [(False, True)]}
 SWITCHES = {name: [s for s in _rules.get(name).structures() if s not in _INVALID.get(name, [])] for name in RULES}
 # the combination that keeps every state
@@ -81,6 +83,7 @@ class Variant:
     s: str  # states ("uint8": 8-bit codes with fp32 block absmax)
     master: bool
     sr: bool  # stochastic rounding
+    phase: int = 0  # a two-phase rule's kernel (1: moments and sums, 2: the update); 0: the generic kernel
 
     @property
     def q8(self) -> bool:
@@ -89,6 +92,8 @@ class Variant:
     @property
     def name(self) -> str:
         layout = f"{_SHORT[self.p]}-{_SHORT[self.s]}" + ("-master" if self.master else "") + ("-sr" if self.sr else "")
+        if self.phase:
+            return f"{self.rule}-phase{self.phase} {layout}"
         return f"{self.rule}-{''.join('1' if x else '0' for x in self.switches)} {layout}"
 
     def states(self) -> int:
@@ -100,8 +105,13 @@ class Variant:
         codes are uint8 and each state also reads and writes its fp32 block absmax (one per 256)."""
         states = [(f"state{k}", self.s) for k in range(self.states())]
         param = [("master", "float32")] if self.master else [("param", self.p)]
+        written_param = [("param", self.p)] + ([("master", "float32")] if self.master else [])
+        if self.phase == 1:  # the states and the sums' terms (p: LAMB always, StableAdamW with L2)
+            return param + [("grad", self.p)] + states, states
+        if self.phase == 2:  # the update from p and the states phase 1 stored
+            return param + states, written_param
         reads = param + [("grad", self.p)] + states
-        writes = [("param", self.p)] + ([("master", "float32")] if self.master else []) + states
+        writes = written_param + states
         return reads, writes
 
     def widths(self) -> set[int]:
@@ -154,6 +164,11 @@ def triton_variants() -> list[Variant]:
         for rule in RULES:
             for switches in SWITCHES[rule] if every else [RICHEST[rule]]:
                 out.append(Variant(rule, switches, names[0], names[1], master, sr))
+    for p, s, master, sr in plain:
+        for rule in TWO_PHASE_RULES:
+            for phase in (1, 2):
+                out.append(Variant(rule, (), str(p).removeprefix("torch."), str(s).removeprefix("torch."), master, sr,
+                                   phase))
     return out
 
 
@@ -231,8 +246,9 @@ def fast_path_conversions(ttgir: str) -> list[str]:
         return f"{layout}({spt.group(1)}/thread)" if spt else layout
 
     lines = ttgir.splitlines()
-    start = next((k for k, line in enumerate(lines) if re.search(rf"scf\.if %{FAST_PATH_CONDITION}\w*\s*\{{", line)),
-                 None)
+    # (a path that returns values, as a two-phase rule's phase 1: `%3:2 = scf.if %vector_41 -> (...) {`)
+    start = next((k for k, line in enumerate(lines)
+                  if re.search(rf"scf\.if %{FAST_PATH_CONDITION}\w*(?:\s*->\s*\(.*\))?\s*\{{", line)), None)
     if start is None:
         raise ValueError(f"no `scf.if %{FAST_PATH_CONDITION}...` in the TTGIR: has the kernel's fast path been renamed?"
                          " (bench/gpu_static.py FAST_PATH_CONDITION)")
@@ -359,17 +375,25 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fusedwd.triton import _kernels, _launch
+    from fusedwd.triton import _kernels, _launch, _phases
 
     dtype = {str(k).removeprefix("torch."): k for k in _launch._STORAGE}
-    # the generic kernel's constants for this rule, exactly as a launch passes them
-    consts = _launch.constants(variant.rule, variant.switches, dtype[variant.p],
-                               None if variant.q8 else dtype[variant.s], variant.master, variant.sr, variant.q8)
     tables = {"seg_ptr": "*i64", "program_ptr": "*i64", "arrivals_ptr": "*i64", "hp_ptr": "*fp64", "nseg": "i32",
               "ctl_ptr": "*fp32", "seed_ptr": "*i64"}
     assert set(tables) == set(_kernels._TABLE_ARGS)
+    if variant.phase:
+        # a two-phase rule's kernel of this phase, with its constants exactly as a launch passes them
+        first, second = _launch.phase_constants(variant.rule, dtype[variant.p], dtype[variant.s], variant.master,
+                                                variant.sr)
+        kernel, consts = (_phases._moments_kernel, first) if variant.phase == 1 else (_phases._apply_kernel, second)
+        tables.update({"partials_ptr": "*fp64", "sums_ptr": "*fp64"} if variant.phase == 1 else {"sums_ptr": "*fp64"})
+    else:
+        # the generic kernel's constants for this rule, exactly as a launch passes them
+        kernel = _kernels._step_kernel
+        consts = _launch.constants(variant.rule, variant.switches, dtype[variant.p],
+                                   None if variant.q8 else dtype[variant.s], variant.master, variant.sr, variant.q8)
     t0 = time.perf_counter()
-    source = ASTSource(_kernels._step_kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
+    source = ASTSource(kernel, dict(tables, **{k: "constexpr" for k in consts}), constexprs=consts)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=_launch.NUM_WARPS, enable_fp_fusion=False))
     seconds = time.perf_counter() - t0
@@ -389,7 +413,7 @@ def _compile_triton(job: tuple[Variant, int, Optional[str]]) -> dict[str, Any]:
         return sum(ELEMENTS_PER_THREAD // vec for _, d in buffers if _SIZE[d] * vec == width)
 
     return dict(
-        kind="triton", variant=variant.name, rule=variant.rule, switches=list(variant.switches),
+        kind="triton", variant=variant.name, rule=variant.rule, switches=list(variant.switches), phase=variant.phase,
         layout=dict(p=variant.p, s=variant.s, master=variant.master, sr=variant.sr, q8=variant.q8), arch=arch,
         **dict(usage, shared_bytes=usage["shared_bytes"] + compiled.metadata.shared),
         static_shared_bytes=usage["shared_bytes"], dynamic_shared_bytes=compiled.metadata.shared,

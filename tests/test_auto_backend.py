@@ -45,6 +45,18 @@ def test_auto_falls_back_to_triton_on_a_gpu_without_cuda_code(device_probes):
         assert _resolve("auto") == "triton"
 
 
+@pytest.mark.parametrize("name", ["lamb", "stableadamw"])
+def test_auto_takes_triton_for_a_rule_without_a_cuda_kernel(device_probes, name):
+    # the two-phase rules have Triton kernels and no CUDA one yet: Triton even where the CUDA kernels run
+    from fusedwd import rules
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _plan.resolve_backend("auto", types.SimpleNamespace(device=CUDA0), rules.get(name)) == "triton"
+    with pytest.raises(RuntimeError, match=f"backend='cuda': rule '{name}' has no cuda kernel"):
+        _plan.resolve_backend("cuda", types.SimpleNamespace(device=CUDA0), rules.get(name))
+
+
 @pytest.mark.parametrize("triton", ["missing", "backend='triton' needs a CUDA device"])
 def test_auto_warns_once_when_a_cuda_bucket_takes_the_reference(device_probes, triton):
     device_probes["cuda"] = "fusedwd._C_cuda holds no code for cuda:0 (compute capability 7.0)"

@@ -16,8 +16,9 @@ their 16-bit buffers move in 64-bit accesses (issue 14 defect 6).
 Compiles are cached in build/gpu_static_cache (Triton's cache, keyed by the
 kernels' source): the first run after a kernel change compiles 236 (118
 variants x sm_80 and sm_90: 25 minutes on this project's 2-core machine at a
-load average of 17; 192 without Lion took 7.5 minutes), later runs take about
-20 s (this file: 36 s).
+load average of 17; 192 without Lion took 7.5 minutes) and 128 of the
+two-phase rules (both phases in 16 layouts x 2 archs: 385 s with 2 jobs, loaded
+machine), later runs take about 20 s (this file: 36 s).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 import fusedwd
 from bench import gpu_static
-from bench.gpu_static import RICHEST, RULES, SWITCHES, Variant
+from bench.gpu_static import RICHEST, RULES, SWITCHES, TWO_PHASE_RULES, Variant
 
 from _layouts import LAYOUTS, Q8_LAYOUTS
 
@@ -55,6 +56,9 @@ def _variants() -> list[Variant]:
         for rule in RULES:
             for switches in SWITCHES[rule] if every else [RICHEST[rule]]:
                 out.append(Variant(rule, switches, _name(p), _name(s), master, sr))
+    # the two-phase rules: both phases' kernels in every layout but 8-bit states
+    out += [Variant(rule, (), _name(p), _name(s), master, sr, phase)
+            for p, s, master, sr in LAYOUTS for rule in TWO_PHASE_RULES for phase in (1, 2)]
     return out
 
 
@@ -100,10 +104,13 @@ def test_the_variants_are_every_layout(report):
     assert {k[1] for k in report if k[0] == "triton"} == {v.name for v in TRITON}
     # every switch combination in the 4 single-dtype layouts and in 8-bit states of fp32 parameters,
     # the richest one in the 12 other layouts and the 5 other 8-bit ones (96 for three rules, 118 with Lion)
+    # (96 for three rules, 118 with Lion), and both phases of each two-phase rule in the 16 layouts (64)
     combinations = sum(len(SWITCHES[rule]) for rule in RULES)
-    assert len(TRITON) == combinations * 4 + len(RULES) * 12 + combinations + len(RULES) * 5
-    # every rule of the registry with a GPU kernel (a two-phase rule has none yet)
+    assert len(TRITON) == (combinations * 4 + len(RULES) * 12 + combinations + len(RULES) * 5
+                           + len(TWO_PHASE_RULES) * 2 * 16)
+    # every rule of the registry, elementwise or two-phase
     assert set(RULES) == {n for n, r in fusedwd.rules.RULES.items() if not r.reduces}, "every rule is compiled"
+    assert set(TWO_PHASE_RULES) == {n for n, r in fusedwd.rules.RULES.items() if r.reduces}
     # one CUDA kernel per storage layout (16 + 6), each with a path per rule and switch combination
     assert len(CUDA) == len(LAYOUTS) + len(Q8_LAYOUTS) == 22
     assert {k.name for k in CUDA} == {k.name for k in gpu_static.cuda_kernels()}
@@ -194,6 +201,10 @@ def test_fast_path_conversions_are_read_from_the_fast_path_only():
     assert gpu_static.fast_path_conversions(ttgir) == ["f32: #blocked(8/thread) -> #blocked1(4/thread)"]
     with pytest.raises(ValueError, match="FAST_PATH_CONDITION"):
         gpu_static.fast_path_conversions(ttgir.replace("%vector_54", "%other"))
+    # a fast path that returns values (a two-phase rule's phase 1: its terms)
+    returning = ttgir.replace("  scf.if %vector_54 {", "  %5:2 = scf.if %vector_54 -> (tensor<1024xf64, #blocked>, "
+                                                       "tensor<1024xf64, #blocked>) {")
+    assert gpu_static.fast_path_conversions(returning) == ["f32: #blocked(8/thread) -> #blocked1(4/thread)"]
 
 
 def test_prologue_follows_the_control_flow_to_the_first_data_load():

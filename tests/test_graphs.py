@@ -26,6 +26,9 @@ RULES = [
     (fusedwd.AdamW, dict(lr=2e-2, betas=(0.8, 0.95), weight_decay=0.1), ["step", "exp_avg", "exp_avg_sq"]),
     (fusedwd.SGDW, dict(lr=1e-2, momentum=0.9, weight_decay=0.1), ["momentum_buffer"]),
     (fusedwd.RMSpropW, dict(lr=1e-3, centered=True, weight_decay=0.1), ["step", "square_avg", "grad_avg"]),
+    # the two-phase rules: two launches over the same resident tables, their sums on the device
+    (fusedwd.LAMB, dict(lr=2e-2, betas=(0.8, 0.95), weight_decay=0.1), ["step", "exp_avg", "exp_avg_sq"]),
+    (fusedwd.StableAdamW, dict(lr=2e-2, betas=(0.8, 0.95), weight_decay=0.1), ["step", "exp_avg", "exp_avg_sq"]),
 ]
 RULE_IDS = [cls.__name__ for cls, _, _ in RULES]
 SHAPES = [(1,), (5, 7), (1030,), (0,)]
@@ -88,8 +91,13 @@ def test_tables_are_uploaded_only_when_they_change(cls, kw, states, triton_kerne
     opt.step()
     assert _uploads(opt) == ([3], [2])
     bucket = opt._current_plan()[0]
-    arrivals = bucket.tables.device_table.buffer[-len(params):]
+    # after the image: one arrival counter per parameter (then a two-phase rule's float64 scratch)
+    sums = len(cls.RULE.sums)
+    room = triton_kernels.program_capacity(bucket.numels)
+    head = triton_kernels.image_words(len(params), room)
+    arrivals = bucket.tables.device_table.buffer[head: head + len(params)]
     assert arrivals.numel() == len(params) and not arrivals.any(), "the kernels leave every arrival counter at zero"
+    assert bucket.tables.device_table.buffer.numel() == triton_kernels.buffer_words(len(params), room, sums)
 
 
 @pytest.mark.parametrize("cls, kw, states", RULES, ids=RULE_IDS)

@@ -9,6 +9,7 @@ compiled, on CUDA tensors.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -705,3 +706,241 @@ def test_launcher_rejects_malformed_tables(triton_kernels):
     with pytest.raises(ValueError, match="hyperparameter row"):
         triton_kernels.step("sgdw", rows, torch.zeros(1, cols, dtype=torch.float64), DEVICE, torch.float32,
                             (False, False))
+
+
+# ------------------------------------------------------------------ two-phase rules
+# LAMB and StableAdamW (docs/design.md#per-tensor-reductions): two launches, the per-64-element
+# chunk sums and their combination in the CPU kernel's order, so the interpreter equals the CPU
+# kernel bit for bit (fp64 within the tolerance table: the bias corrections' pow, as AdamW's).
+TWO_PHASE = _rules.TWO_PHASE
+# a segment of several blocks with a partial last chunk, one of exactly a chunk, empty ones, and
+# a misaligned one (its full blocks take the masked path)
+PHASE_SIZES = [4097, 1, 0, 64, 2049, 1030]
+PHASE_MISALIGNED = frozenset({5})
+
+
+def _phase_bucket(rule, layout, sizes=PHASE_SIZES, misaligned=PHASE_MISALIGNED, seed=0):
+    return LayoutBucket(rule, (), layout, sizes, DEVICE, misaligned, seed)
+
+
+def _phase_exact(layout):
+    return INTERPRET and layout[0] != torch.float64
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_two_phase_every_layout_matches_the_cpu_kernel(rule, layout, triton_kernels):
+    """Every storage layout through no control block, AMP with clipping, a skipped step (nothing
+    written, step counts included) and unscaling alone: every buffer the CPU kernel's bits."""
+    bucket = _phase_bucket(rule, layout)
+    compare_with_cpu(bucket, _launch_bucket(triton_kernels, bucket), exact=_phase_exact(layout))
+
+
+@needs_cpu
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_two_phase_sums_and_phases_apart(rule, triton_kernels):
+    """phases=1 then phases=2 through a sums tensor equal phases=3; phase 1 alone advances no step
+    count, and its sums are the CPU kernel's bit for bit."""
+    from fusedwd import _C
+
+    layout = (torch.float32, torch.float32, False, False)
+    together, apart, host = (_phase_bucket(rule, layout) for _ in range(3))
+    host = host.copy("cpu")
+    k = len(fusedwd.rules.get(rule).sums)
+    n = len(PHASE_SIZES)
+    sums = torch.full((n, k), float("nan"), dtype=torch.float64, device=DEVICE)
+    cpu_sums = torch.full((n, k), float("nan"), dtype=torch.float64)
+    for t in range(3):
+        for b in (together, apart, host):
+            b.new_grads(t)
+        _launch_bucket(triton_kernels, together)(None, 0)
+        steps = apart.steps.clone()
+        triton_kernels.step(rule, apart.table(), apart.hyper, DEVICE, torch.float32, (), sums=sums, phases=1)
+        assert torch.equal(apart.steps, steps), "phase 1 advanced a step count"
+        table = host.table()
+        _C.step(rule, table.data_ptr(), n, host.hyper.data_ptr(), _layouts_dtype_code(torch.float32), (), 1,
+                sums=cpu_sums.data_ptr(), phases=1)
+        assert torch.equal(_bits(sums), _bits(cpu_sums)), f"step {t}: the sums differ from the CPU kernel's"
+        _C.step(rule, table.data_ptr(), n, host.hyper.data_ptr(), _layouts_dtype_code(torch.float32), (), 1,
+                sums=cpu_sums.data_ptr(), phases=2)
+        triton_kernels.step(rule, apart.table(), apart.hyper, DEVICE, torch.float32, (), sums=sums, phases=2)
+        assert_same_bits(apart, together, f"step {t}: phases apart")
+        assert_same_bits(apart, host, f"step {t}: against the CPU kernel")
+
+
+def _layouts_dtype_code(dtype):
+    from _layouts import dtype_code
+
+    return dtype_code(dtype)
+
+
+def _bits(x):
+    return x.detach().cpu().contiguous().view(torch.int64)
+
+
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_two_phase_launcher_rejects_bad_arguments(rule, triton_kernels):
+    layout = (torch.float32, torch.float32, False, False)
+    bucket = _phase_bucket(rule, layout, sizes=[3, 5], misaligned=frozenset())
+    args = (rule, bucket.table(), bucket.hyper, DEVICE, torch.float32, ())
+    k = len(fusedwd.rules.get(rule).sums)
+    with pytest.raises(ValueError, match="phases=1 takes the sums"):
+        triton_kernels.step(*args, phases=1)
+    with pytest.raises(ValueError, match="phases must be 1, 2 or 3"):
+        triton_kernels.step(*args, phases=4, sums=torch.zeros(2, k, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match=rf"sums must be a contiguous float64 \[2, {k}\]"):
+        triton_kernels.step(*args, phases=1, sums=torch.zeros(2, k + 1, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="8-bit states"):
+        triton_kernels.step(*args[:-2], torch.float32, (), quantized=True)
+    with pytest.raises(ValueError, match="elementwise: it takes no sums"):
+        triton_kernels.step("sgdw", bucket.table(), _rules.hyper_rows("sgdw"), DEVICE, torch.float32, (True, False),
+                            phases=1, sums=torch.zeros(2, 1, dtype=torch.float64, device=DEVICE))
+    assert float(bucket.steps.sum()) == float(torch.tensor([0.0, 3.0]).sum()), "a rejected launch wrote"
+
+
+# Through the optimizers: backend='triton' against backend='cpu', bit for bit.
+TWO_PHASE_OPTIONS = [
+    ("fp32", torch.float32, {}),
+    ("bf16", torch.bfloat16, {}),
+    ("bf16-master", torch.bfloat16, dict(master_weights=True)),
+    ("bf16-sr", torch.bfloat16, dict(stochastic_rounding=True)),
+    ("fp32-bf16-states", torch.float32, dict(state_dtype=torch.bfloat16)),
+]
+TWO_PHASE_SHAPES = [(1,), (4097,), (33, 65), (0,), (64,)]
+
+
+def _two_phase_groups(name, kw):
+    """Two param groups sharing one bucket: the second with its own lr and no decay (LAMB: adapting anyway)."""
+    second = dict(lr=kw["lr"] * 0.5, weight_decay=0.0, **(dict(always_adapt=True) if name == "lamb" else {}))
+    return lambda ps: [{"params": ps[::2]}, {"params": ps[1::2], **second}]
+
+
+def _two_phase_pair(name, dtype, shapes=TWO_PHASE_SHAPES, other="cpu", **options):
+    info = _rules.INFOS[name]
+    kw = dict(info.hyperparameters, **options)
+    b = make_params(shapes, dtype)
+    a = _on_device(b)
+    split = _two_phase_groups(name, kw)
+    opt_a = info.cls(split(a), backend="triton", **kw)
+    opt_b = info.cls(split(b), backend=other, **kw)
+    for opt in (opt_a, opt_b):
+        for group in opt.param_groups:
+            group["sr_seed"] = 4321
+    states = ["step", "exp_avg", "exp_avg_sq"] + (["master_param"] if options.get("master_weights") else [])
+    return opt_a, a, opt_b, b, states
+
+
+@needs_cpu
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("label,dtype,options", TWO_PHASE_OPTIONS, ids=[o[0] for o in TWO_PHASE_OPTIONS])
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_optimizer_matches_the_cpu_backend(name, label, dtype, options, decay):
+    opt_a, a, opt_b, b, states = _two_phase_pair(name, dtype, decay=decay, maximize=decay == "l2", **options)
+    assert [bk.backend for bk in opt_a._current_plan()] == ["triton"]
+    _compare_across_devices(opt_a, a, opt_b, b, states, 6, lambda t: random_grads(b, t), exact=INTERPRET)
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_matches_the_reference(name):
+    opt_a, a, opt_b, b, states = _two_phase_pair(name, torch.float32, other="reference", decay="independent")
+    _compare_across_devices(opt_a, a, opt_b, b, states, 8, lambda t: random_grads(b, t))
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_grad_scaler_and_clipping(name):
+    """GradScaler's scale and a found_inf step (nothing touched) and max_grad_norm reach both
+    phases; within the tolerance table (the clip norms are summed differently: see
+    test_optimizer_precision_options_match_the_cpu_backend)."""
+    opt_a, a, opt_b, b, states = _two_phase_pair(name, torch.float32, max_grad_norm=0.5)
+
+    def amp(t):
+        for opt in (opt_a, opt_b):
+            opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(1.0 if t == 2 else 0.0)
+        if t == 2:
+            amp.before = [p.detach().clone() for p in a] + [opt_a.state[p][s].clone() for p in a for s in states]
+
+    def skipped(t):
+        if t == 2:
+            after = [p.detach() for p in a] + [opt_a.state[p][s] for p in a for s in states]
+            assert all(torch.equal(x, y) for x, y in zip(amp.before, after)), "a skipped step wrote"
+
+    _compare_across_devices(opt_a, a, opt_b, b, states, 5, lambda t: random_grads(b, t, scale=64.0),
+                            before_step=amp, after_step=skipped)
+    assert float(opt_a.state[a[1]]["step"]) == 4.0
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_one_bucket_equals_one_optimizer_per_tensor(name):
+    """The sums do not depend on how the tensors are grouped into launches."""
+    info = _rules.INFOS[name]
+    b = make_params(TWO_PHASE_SHAPES)
+    together = _on_device(b)
+    apart = _on_device(b)
+    opt = info.cls(together, backend="triton", **info.hyperparameters)
+    opts = [info.cls([p], backend="triton", **info.hyperparameters) for p in apart]
+    for t in range(3):
+        for p, q, g in zip(together, apart, random_grads(b, t)):
+            p.grad, q.grad = g.to(DEVICE), g.to(DEVICE, copy=True)
+        opt.step()
+        for o in opts:
+            o.step()
+        for k, (p, q) in enumerate(zip(together, apart)):
+            assert torch.equal(_bits_any(p), _bits_any(q)), f"step {t} tensor {k}"
+            for s in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[p][s], opts[k].state[q][s]), f"step {t} tensor {k} {s}"
+
+
+def _bits_any(x):
+    x = x.detach().cpu().contiguous()
+    return x.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()])
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_many_param_groups_in_one_launch(name, monkeypatch, triton_kernels):
+    info = _rules.INFOS[name]
+    b = make_params([(3 + k % 7,) for k in range(400)])
+    a = _on_device(b)
+
+    def groups(ps):
+        return [{"params": [p], "lr": 1e-3 * (1 + k % 13), "weight_decay": 0.01 * (k % 5)} for k, p in enumerate(ps)]
+
+    opt_a = info.cls(groups(a), backend="triton", **info.hyperparameters)
+    opt_b = info.cls(groups(b), backend="cpu", **info.hyperparameters)
+    launches = []
+    for kernel in ("_moments_kernel", "_apply_kernel"):
+        original = getattr(triton_kernels._launch, kernel)
+
+        class Counted:
+            def __init__(self, original, name):
+                self.original, self.name = original, name
+
+            def __getitem__(self, grid):
+                launches.append((self.name, grid))
+                return self.original[grid]
+
+        monkeypatch.setattr(triton_kernels._launch, kernel, Counted(original, kernel))
+    _compare_across_devices(opt_a, a, opt_b, b, ["step", "exp_avg", "exp_avg_sq"], 2,
+                            lambda t: random_grads(b, t), exact=INTERPRET)
+    assert [name for name, _ in launches] == ["_moments_kernel", "_apply_kernel"] * 2
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_state_dict_round_trip(name):
+    """A checkpoint of the Triton optimizer continues under the CPU kernel with the same bits, and back."""
+    opt_a, a, opt_b, b, states = _two_phase_pair(name, torch.float32)
+    _compare_across_devices(opt_a, a, opt_b, b, states, 2, lambda t: random_grads(b, t), exact=INTERPRET)
+    info = _rules.INFOS[name]
+    c = [torch.nn.Parameter(p.detach().cpu().clone()) for p in a]
+    opt_c = info.cls(_two_phase_groups(name, info.hyperparameters)(c), backend="cpu", **info.hyperparameters)
+    # a copy, as a checkpoint read back from disk: load_state_dict keeps the given tensors until the
+    # first step adopts them, so opt_a's next step would write into opt_c's state
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    for group in opt_c.param_groups:
+        group["backend"] = "cpu"  # the checkpoint names the backend it was taken with
+    _compare_across_devices(opt_a, a, opt_c, c, states, 3, lambda t: random_grads(b, t + 2), exact=INTERPRET)
+    assert [bk.backend for bk in opt_c._current_plan()] == ["cpu"]

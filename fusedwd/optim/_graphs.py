@@ -252,17 +252,19 @@ class HyperTable:
 
 
 # ---------------------------------------------------------------------- the optimizer's hooks
-def attach(bucket: "Bucket") -> None:
-    """Give a GPU bucket its device-resident tables (at plan build, after Bucket.build_tables)."""
+def attach(bucket: "Bucket", sums: int = 0) -> None:
+    """Give a GPU bucket its device-resident tables (at plan build, after Bucket.build_tables);
+    ``sums``: the rule's per-tensor sums (a two-phase rule's, docs/design.md#per-tensor-reductions)."""
     tables = bucket.tables
     if bucket.backend == Backend.TRITON:
-        # the launch image and its arrival counters (fusedwd/triton/_launch.py)
+        # the launch image, its arrival counters and a two-phase rule's scratch for the most
+        # programs a step of this bucket launches (fusedwd/triton/_launch.py)
         launcher = _ext.triton(bucket.device)
         n = len(bucket.params)
         # room for the program map of every segment (a shape never changes under a plan: _checks)
         room = launcher.program_capacity(bucket.numels)
         tables.device_table = ResidentTable(bucket.device, launcher.image_words(n, room),
-                                            launcher.buffer_words(n, room) - launcher.image_words(n, room))
+                                            launcher.buffer_words(n, room, sums) - launcher.image_words(n, room))
     elif bucket.backend == Backend.CUDA:
         # the segment table: its host image is table_out itself; the kernel's arrival counter
         tables.device_table = ResidentTable(bucket.device, tables.table_out.numel(), host=tables.table_out.view(-1))

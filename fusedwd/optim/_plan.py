@@ -25,15 +25,11 @@ def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> s
     """The backend that steps ``p`` for a group's ``backend=`` (or a RuntimeError saying why it cannot)."""
     if requested == Backend.REFERENCE:
         return Backend.REFERENCE.value
-    if rule is not None and rule.reduces and (requested in (Backend.TRITON, Backend.CUDA) or p.device.type != "cpu"):
-        # a two-phase rule runs on the CPU kernel only (docs/backends.md)
-        if requested in (Backend.TRITON, Backend.CUDA):
-            raise RuntimeError(f"backend={requested!r}: rule {rule.name!r} has no {requested} kernel yet (its "
-                               "per-tensor reductions run on the CPU kernel); use backend='cpu' or 'reference'")
-        if requested == Backend.CPU:
-            raise RuntimeError(f"backend='cpu' runs on CPU tensors, but a parameter is on {p.device}; "
-                               "use backend='auto' or 'reference'")
-        return Backend.REFERENCE.value
+    # the two-phase rules (per-tensor sums) have CPU and Triton kernels, no CUDA one yet (docs/backends.md)
+    no_cuda_kernel = rule is not None and rule.reduces
+    if no_cuda_kernel and requested == Backend.CUDA:
+        raise RuntimeError(f"backend='cuda': rule {rule.name!r} has no cuda kernel yet (its per-tensor reductions "
+                           "run on the CPU and Triton kernels); use backend='auto', 'triton', 'cpu' or 'reference'")
     if requested == Backend.TRITON:
         _ext.triton(p.device)  # raises with the reason when Triton cannot step this device
         return Backend.TRITON.value
@@ -60,7 +56,7 @@ def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> s
         )
     if p.device.type == "cuda":
         # the CUDA kernels where they hold code for the device (probed once per device), else Triton
-        cuda_reason = _cuda_ext.unusable(p.device)
+        cuda_reason = f"rule {rule.name!r} has no CUDA kernel" if no_cuda_kernel else _cuda_ext.unusable(p.device)
         if cuda_reason is None:
             return Backend.CUDA.value
         triton_reason = _ext.triton_unusable(p.device) if _ext.has_triton() else "Triton failed to import"
@@ -117,7 +113,7 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
                                      f"{rule.name} steps on the CPU kernel only (its per-tensor sums are added "
                                      f"over the ranks between the kernel's two phases); backend {backend!r} "
                                      "would use this shard's sums alone: use backend='cpu' (CPU parameters; on a GPU "
-                                     "no backend adds them yet: these rules have no Triton or CUDA kernel)")
+                                     "no backend adds them yet: the Triton runner does not call the collective)")
                 if storage.quantized and dtensor:
                     raise ValueError(f"{who}: state_dtype='int8' does not take DTensor parameters (FSDP2) yet: "
                                      "their shards would cut the 256-element blocks")
@@ -140,5 +136,5 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
             bucket.sum_scale = _dtensor.sum_scale(rule, bucket)
         if bucket.backend != Backend.REFERENCE:
             bucket.build_tables(bucket.grads.views if bucket.grads is not None else None)
-        _graphs.attach(bucket)  # GPU backends: the launch's tables, kept on the device
+        _graphs.attach(bucket, len(rule.sums))  # GPU backends: the launch's tables, kept on the device
     return list(buckets.values())

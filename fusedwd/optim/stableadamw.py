@@ -22,7 +22,8 @@ class StableAdamW(FusedOptimizer):
         lr, in one parallel region over the bucket (docs/design.md#per-tensor-reductions). The
         states are torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints
         load into either; where the RMS never exceeds 1 the steps are AdamW's. Runs on the CPU
-        kernel and the reference (no Triton or CUDA kernel yet); no 8-bit states.
+        kernel, Triton (two launches per bucket) and the reference (no CUDA kernel yet); no 8-bit
+        states.
         """,
         math=r"""
         .. math::

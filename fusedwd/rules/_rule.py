@@ -12,7 +12,7 @@ is checked against it at one point, tests/test_layout.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 from .._spec import decay_row
 
@@ -39,6 +39,31 @@ class Switch:
     of: Callable[[Mapping[str, Any]], bool]  # its value for a param group
 
 
+class PhaseHelpers(NamedTuple):
+    """A two-phase rule's Triton helpers, plain functions that fusedwd.triton compiles
+    (docs/adding-a-rule.md#triton; the C++ copy's functions of the same names in
+    csrc/include/fusedwd/<rule>.h). Each computes its per-segment scalars from the
+    hyperparameter row ``hp`` and the step ``t`` in float64 and rounds them once to the math type.
+
+    - ``reads_p(hp)``: whether phase 1 needs p (a scalar bool; else it is not loaded, and 0);
+    - ``moments(p, g, s0, s1, hp, t, grad_mult, MATH) -> p, g, s0, s1``: phase 1's element math,
+      the new states and the p and g the terms read;
+    - ``terms(p, g, s0, s1, hp, t, MATH) -> (term, ...)``: each sum's float64 term of an element,
+      from the states as stored, one per name of ``Rule.sums`` (a second, unused one where the
+      rule has one sum: the kernel always takes two);
+    - ``apply_scalars(hp, t, sum0, sum1, n, MATH) -> (scalar, ...)``: phase 2's per-segment scalars
+      from the segment's sums (float64) and its element count n, formed before any element is
+      loaded (their float64 divisions and square roots are calls on NVIDIA GPUs);
+    - ``apply(p, s0, s1, scalars) -> p``: phase 2's element math.
+    """
+
+    reads_p: Callable
+    moments: Callable
+    terms: Callable
+    apply_scalars: Callable
+    apply: Callable
+
+
 @dataclass(frozen=True)
 class Rule:
     """An update rule, defined once (docs/adding-a-rule.md).
@@ -51,6 +76,7 @@ class Rule:
     trust ratio, so its ``decay_mult`` is 1). ``triton_scalars`` and ``triton_update`` are
     the rule's Triton helpers, plain functions that fusedwd.triton compiles
     (docs/adding-a-rule.md#triton); a rule without them has no Triton kernel.
+    A two-phase rule has ``triton_phases`` instead (``PhaseHelpers``).
 
     ``sums`` names the per-tensor sums of a two-phase rule (LAMB, StableAdamW;
     docs/design.md#per-tensor-reductions): its first phase updates the states and sums
@@ -71,6 +97,7 @@ class Rule:
     step_in_state: bool = True  # torch keeps `step` in the state (AdamW, RMSprop; not SGD)
     triton_scalars: Optional[Callable] = None
     triton_update: Optional[Callable] = None
+    triton_phases: Optional[PhaseHelpers] = None
     sums: tuple[str, ...] = ()
     means: tuple[str, ...] = ()
     _switch_index: dict = field(init=False, repr=False, compare=False)

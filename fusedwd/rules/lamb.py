@@ -5,14 +5,13 @@ You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in
 Lamb's options. A two-phase rule (docs/design.md#per-tensor-reductions): phase 1
 updates the moments and sums ``||p||^2`` and ``||u||^2`` over each tensor,
 phase 2 steps by the trust ratio they give. The C++ copy of the math:
-csrc/include/fusedwd/lamb.h. No Triton helper yet: the Triton and CUDA backends
-refuse the rule.
+csrc/include/fusedwd/lamb.h; the Triton helpers are ``triton_*`` below.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +19,14 @@ from torch import Tensor
 from .._spec import Decay, check_betas, check_bool, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store, tensor_sum
 from ..reference import lerp as lerp_tensor
-from ._rule import Rule, State
+from ._rule import PhaseHelpers, Rule, State
+
+if TYPE_CHECKING:  # what fusedwd.triton compiles the triton_* helpers with (docs/adding-a-rule.md#triton)
+    import triton.language as tl
+
+    from ..triton._kernels import decayed_grad, div_rn, lerp, lerp_weight, pow_int, sqrt_rn
+
+    COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
 
 def check(group: Mapping[str, Any]) -> None:
@@ -132,6 +138,73 @@ def _reference(group, structure, params, grads, states, steps, precision) -> Non
          max_trust_ratio=group["max_trust_ratio"], maximize=group["maximize"], precision=precision)
 
 
+# --------------------------------------------------------------------- Triton
+# docs/math.md#lamb; reference: fusedwd.reference.lamb; the functions and order of csrc/include/fusedwd/lamb.h.
+def triton_direction(hp, t, MATH: tl.constexpr):
+    """lamb.h direction: (decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd), float64 rounded once to MATH."""
+    bc = tl.load(hp + COL.bias_correction) != 0.0
+    step = t.to(tl.int64)
+    inv_bc1 = tl.where(bc, div_rn(tl.full((), 1.0, tl.float64), 1.0 - pow_int(tl.load(hp + COL.beta1), step)), 1.0)
+    bc2_sqrt = tl.where(bc, sqrt_rn(1.0 - pow_int(tl.load(hp + COL.beta2), step)), 1.0)
+    wd = tl.load(hp + COL.wd)
+    return (tl.load(hp + COL.decay_mult).to(MATH), inv_bc1.to(MATH), bc2_sqrt.to(MATH), tl.load(hp + COL.eps).to(MATH),
+            wd.to(MATH), wd != 0.0)
+
+
+def triton_update_of(p, m, v, inv_bc1, bc2_sqrt, eps, wd, has_wd):
+    """lamb.h update_of: u = (m * inv_bc1) / (sqrt(v) / bc2_sqrt + eps), plus wd*p where wd != 0."""
+    r = div_rn(m * inv_bc1, div_rn(sqrt_rn(v), bc2_sqrt) + eps)
+    return tl.where(has_wd, r + wd * p, r)
+
+
+def triton_reads_p(hp):
+    """Phase 1 always reads p: its norm is one of the sums."""
+    return tl.full((), 1, tl.int1)
+
+
+def triton_moments(p, g, m, v, hp, t, grad_mult, MATH: tl.constexpr):
+    """lamb.h moments: AdamW's; p decayed as phase 2 will decay it."""
+    beta2 = tl.load(hp + COL.beta2)
+    l2 = tl.load(hp + COL.l2)
+    grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
+    m_coeff, m_small = lerp_weight(1.0 - tl.load(hp + COL.beta1), MATH)
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
+    p = p * tl.load(hp + COL.decay_mult).to(MATH)
+    m = lerp(m, g, m_coeff, m_small)
+    v = beta2.to(MATH) * v + ((1.0 - beta2).to(MATH) * g) * g
+    return p, g, m, v
+
+
+def triton_terms(p, g, m, v, hp, t, MATH: tl.constexpr):
+    """lamb.h terms: p^2 and u^2, exact squares of MATH values in float64 (m, v as stored)."""
+    _, inv_bc1, bc2_sqrt, eps, wd, has_wd = triton_direction(hp, t, MATH)
+    u = triton_update_of(p, m, v, inv_bc1, bc2_sqrt, eps, wd, has_wd)
+    p64 = p.to(tl.float64)
+    u64 = u.to(tl.float64)
+    return p64 * p64, u64 * u64
+
+
+def triton_apply_scalars(hp, t, param_sq, update_sq, n, MATH: tl.constexpr):
+    """lamb.h apply_scalars: lr*trust, trust = ||p|| / ||u|| (1 where either is 0 or NaN, or the tensor
+    does not adapt), at most max_trust; and the direction's scalars (a tuple for triton_apply)."""
+    p_norm = tl.sqrt(param_sq)  # float64: correctly rounded
+    u_norm = tl.sqrt(update_sq)
+    trust = tl.where((p_norm > 0.0) & (u_norm > 0.0), p_norm / tl.where(u_norm > 0.0, u_norm, 1.0), 1.0)
+    max_trust = tl.load(hp + COL.max_trust)
+    trust = tl.where(max_trust < trust, max_trust, trust)
+    trust = tl.where(tl.load(hp + COL.adapt) != 0.0, trust, 1.0)
+    lr_trust = (tl.load(hp + COL.lr) * trust).to(MATH)
+    decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd = triton_direction(hp, t, MATH)
+    return lr_trust, decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd
+
+
+def triton_apply(p, m, v, scalars):
+    """lamb.h apply: p*decay_mult - lr*trust*u."""
+    lr_trust, decay_mult, inv_bc1, bc2_sqrt, eps, wd, has_wd = scalars
+    p = p * decay_mult
+    return p - lr_trust * triton_update_of(p, m, v, inv_bc1, bc2_sqrt, eps, wd, has_wd)
+
+
 RULE = Rule(
     name="lamb",
     states=(State("exp_avg", signed=True), State("exp_avg_sq", signed=False)),
@@ -144,4 +217,5 @@ RULE = Rule(
     check=check,
     reference=_reference,
     sums=("param_sq", "update_sq"),
+    triton_phases=PhaseHelpers(triton_reads_p, triton_moments, triton_terms, triton_apply_scalars, triton_apply),
 )

@@ -7,13 +7,13 @@ clipping). A two-phase rule (docs/design.md#per-tensor-reductions): phase 1
 updates the moments and sums ``g^2 / max(v_hat, eps^2)`` over each tensor,
 phase 2 takes AdamW's step (and its lr-coupled decay) with the clipped lr. The
 states are torch.optim.AdamW's. The C++ copy of the math:
-csrc/include/fusedwd/stableadamw.h. No Triton helper yet.
+csrc/include/fusedwd/stableadamw.h; the Triton helpers are ``triton_*`` below.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +21,14 @@ from torch import Tensor
 from .._spec import Decay, check_betas, check_common, check_range, decay_factors, group_lr_max
 from ..reference import Precision, math_dtype, prologue, store, tensor_sum
 from ..reference import lerp as lerp_tensor
-from ._rule import Rule, State
+from ._rule import PhaseHelpers, Rule, State
+
+if TYPE_CHECKING:  # what fusedwd.triton compiles the triton_* helpers with (docs/adding-a-rule.md#triton)
+    import triton.language as tl
+
+    from ..triton._kernels import decayed_grad, div_rn, lerp, lerp_weight, maximum, pow_int, sqrt_rn
+
+    COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
 
 def check(group: Mapping[str, Any]) -> None:
@@ -101,6 +108,60 @@ def _reference(group, structure, params, grads, states, steps, precision) -> Non
                 lr_max=group_lr_max(group), maximize=group["maximize"], precision=precision)
 
 
+# --------------------------------------------------------------------- Triton
+# docs/math.md#stableadamw; reference: fusedwd.reference.stableadamw; the functions and order of
+# csrc/include/fusedwd/stableadamw.h.
+def triton_reads_p(hp):
+    """Phase 1 reads p only for the L2 term (p is decayed in phase 2)."""
+    return tl.load(hp + COL.l2) != 0.0
+
+
+def triton_moments(p, g, m, v, hp, t, grad_mult, MATH: tl.constexpr):
+    """stableadamw.h moments: AdamW's (p is decayed in phase 2, with the clipped lr)."""
+    beta2 = tl.load(hp + COL.beta2)
+    l2 = tl.load(hp + COL.l2)
+    grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
+    m_coeff, m_small = lerp_weight(1.0 - tl.load(hp + COL.beta1), MATH)
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
+    m = lerp(m, g, m_coeff, m_small)
+    v = beta2.to(MATH) * v + ((1.0 - beta2).to(MATH) * g) * g
+    return p, g, m, v
+
+
+def triton_terms(p, g, m, v, hp, t, MATH: tl.constexpr):
+    """stableadamw.h terms: g^2 / max(v / bc2, eps^2) in MATH, widened (v as stored); one sum,
+    so the second term is a 0 the kernel never combines."""
+    bc2 = (1.0 - pow_int(tl.load(hp + COL.beta2), t.to(tl.int64))).to(MATH)
+    eps = tl.load(hp + COL.eps)
+    eps_sq = (eps * eps).to(MATH) + tl.zeros_like(v)  # a block, as maximum's operands must be
+    ratio = div_rn(g * g, maximum(div_rn(v, bc2), eps_sq)).to(tl.float64)
+    return ratio, tl.zeros_like(ratio)
+
+
+def triton_apply_scalars(hp, t, ratio_sum, unused, n, MATH: tl.constexpr):
+    """stableadamw.h apply_scalars: AdamW's scalars with lr_t = lr / max(1, RMS), RMS = sqrt(ratio_sum / n)
+    (a NaN RMS leaves lr), as a tuple for triton_apply."""
+    lr = tl.load(hp + COL.lr)
+    rms = tl.where(n > 0, tl.sqrt(ratio_sum / tl.maximum(n, 1).to(tl.float64)), 0.0)
+    lr_t = tl.where(rms > 1.0, lr / tl.where(rms > 1.0, rms, 1.0), lr)
+    lr_max = tl.load(hp + COL.wd_lr_max)
+    # "independent" with lr_max == 0 (a group built with lr=0): the full rate only if lr_t > 0
+    mult = tl.where(lr_max > 0.0, lr_t / tl.where(lr_max > 0.0, lr_max, 1.0), tl.where(lr_t > 0.0, 1.0, 0.0))
+    decay_mult = (1.0 - mult * tl.load(hp + COL.wd)).to(MATH)
+    step = t.to(tl.int64)
+    step_size = div_rn(lr_t, 1.0 - pow_int(tl.load(hp + COL.beta1), step)).to(MATH)
+    bc2_sqrt = sqrt_rn(1.0 - pow_int(tl.load(hp + COL.beta2), step)).to(MATH)
+    return decay_mult, step_size, bc2_sqrt, tl.load(hp + COL.eps).to(MATH)
+
+
+def triton_apply(p, m, v, scalars):
+    """stableadamw.h apply: AdamW's step and decay with the clipped lr."""
+    decay_mult, step_size, bc2_sqrt, eps = scalars
+    p = p * decay_mult
+    denom = div_rn(sqrt_rn(v), bc2_sqrt) + eps
+    return p - div_rn(step_size * m, denom)
+
+
 RULE = Rule(
     name="stableadamw",
     states=(State("exp_avg", signed=True), State("exp_avg_sq", signed=False)),
@@ -112,4 +173,5 @@ RULE = Rule(
     reference=_reference,
     sums=("ratio_sum",),
     means=("ratio_sum",),  # RMS = sqrt(ratio_sum / numel)
+    triton_phases=PhaseHelpers(triton_reads_p, triton_moments, triton_terms, triton_apply_scalars, triton_apply),
 )

@@ -23,10 +23,11 @@ from ._launch import (
     launch_image,
     program_capacity,
     step,
+    sums_view,
 )
 
-__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "program_capacity", "INTERPRETED",
-           "BLOCK_SIZE", "NUM_WARPS"]
+__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "program_capacity", "sums_view",
+           "INTERPRETED", "BLOCK_SIZE", "NUM_WARPS"]
 
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)
 INTERPRETED: bool = isinstance(_step_kernel, _InterpretedFunction)

@@ -542,7 +542,7 @@ def compile_rule(rule: rules.Rule) -> triton.JITFunction:
     return triton.jit(rebuilt)
 
 
-# every rule's compiled helper, by name (a two-phase rule has none yet: docs/backends.md)
+# every elementwise rule's compiled helper, by name (a two-phase rule's are fusedwd/triton/_phases.py PHASES)
 UPDATES = {name: compile_rule(rule) for name, rule in rules.RULES.items() if rule.triton_update is not None}
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import quant, rules
 from .._buckets import CTL_CLIP, CTL_INV_SCALE, CTL_SIZE, SEG_COLS, SEG_HP, SEG_N
 from ._kernels import UPDATES, _step_kernel
+from ._phases import CHUNK, PHASES, _apply_kernel, _moments_kernel
 
 # Elements per program and warps per program, fixed for every rule (no
 # autotuning: the kernels update in place, so a tuner's trial runs would
@@ -36,6 +37,9 @@ BLOCK_SIZE = 1024
 NUM_WARPS = 4
 # 8-bit states: a program owns whole quant blocks, counted from its tensor's first element
 assert BLOCK_SIZE % quant.BLOCK_SIZE == 0
+# two-phase rules: a block's chunk sums (csrc/cpu/kernels.h kSumChunk elements each), added 16 at a time
+CHUNKS_PER_BLOCK = BLOCK_SIZE // CHUNK.value
+assert CHUNKS_PER_BLOCK == 16
 
 _STORAGE = {
     torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64,
@@ -56,6 +60,8 @@ class _Views(NamedTuple):
     arrivals: Tensor  # int64 [capacity], zeros, left at zero by every launch
     seed: Tensor  # int64 [1]: the seed's bits
     ctl: Tensor  # float32 [>= CTL_SIZE]: the control block of no AMP and no clipping
+    partials: Tensor  # float64 [program room * CHUNKS_PER_BLOCK * sums]: two-phase rules' chunk sums (else empty)
+    sums: Tensor  # float64 [capacity * sums]: two-phase rules' per-segment sums (else empty)
 
 
 # A launch reads, besides the hyperparameter table, one int64 buffer: the launch *image*
@@ -64,7 +70,9 @@ class _Views(NamedTuple):
 # arrival counter per segment, which the kernels leave at zero. The map has one word per
 # program: its segment | its rank among the segment's programs << 32. The optimizers keep
 # the buffer on the device across steps (fusedwd/optim/_graphs.py) and upload the image
-# only when it changes.
+# only when it changes. A two-phase rule's buffer goes on with float64 scratch the kernels
+# own: the chunk sums of at most ``program_room`` programs (one block each), then each
+# segment's sums (docs/design.md#per-tensor-reductions).
 _HEADER_WORDS = 1 + _CTL_WORDS + 1
 
 
@@ -85,18 +93,28 @@ def image_words(capacity: int, program_room: int) -> int:
     return _HEADER_WORDS + capacity * SEG_COLS + program_room
 
 
-def buffer_words(capacity: int, program_room: int) -> int:
-    """int64 words of the device buffer: the image, then the arrival counters."""
-    return image_words(capacity, program_room) + capacity
+def buffer_words(capacity: int, program_room: int, sums: int = 0) -> int:
+    """int64 words of the device buffer: the image, the arrival counters and, for a rule with
+    ``sums`` per-tensor sums, its chunk sums (of at most ``program_room`` blocks) and segment sums."""
+    return image_words(capacity, program_room) + capacity + (program_room * CHUNKS_PER_BLOCK + capacity) * sums
 
 
-def _views(buffer: Tensor, capacity: int) -> _Views:
-    """The parts of a device buffer of buffer_words(capacity, any program room)."""
+def _views(buffer: Tensor, capacity: int, sums: int = 0) -> _Views:
+    """The parts of a device buffer of buffer_words(capacity, any program room, sums)."""
     head, segments, rest = buffer.split([_HEADER_WORDS, capacity * SEG_COLS, buffer.numel() - _HEADER_WORDS
                                          - capacity * SEG_COLS])
     seed, ctl, _ = head.split([1, _CTL_WORDS, 1])
-    program_map, arrivals = rest.split([rest.numel() - capacity, capacity])
-    return _Views(segments, program_map, arrivals, seed, ctl.view(torch.float32))
+    # rest = room + capacity + (room * CHUNKS_PER_BLOCK + capacity) * sums
+    room = (rest.numel() - capacity - capacity * sums) // (1 + CHUNKS_PER_BLOCK * sums)
+    program_map, arrivals, scratch = rest.split([room, capacity, rest.numel() - room - capacity])
+    partials, segment_sums = scratch.view(torch.float64).split([room * CHUNKS_PER_BLOCK * sums, capacity * sums])
+    return _Views(segments, program_map, arrivals, seed, ctl.view(torch.float32), partials, segment_sums)
+
+
+def sums_view(buffer: Tensor, capacity: int, sums: int) -> Tensor:
+    """The float64 [capacity, sums] segment sums of a two-phase rule's device buffer: what phase 1
+    writes and phase 2 reads (a cross-rank reduction goes between ``phases=1`` and ``phases=2``)."""
+    return _views(buffer, capacity, sums).sums.view(capacity, sums)
 
 
 def fill_image(image: Tensor, segments: Tensor, seed: int, capacity: int) -> int:
@@ -235,48 +253,105 @@ def constants(rule: str, switches: Sequence[bool], dtype: torch.dtype, state_dty
                 SIGNED0=signed[0], SIGNED1=signed[1], SIGNED2=signed[2], NSW=len(switches), SW0=sw[0], SW1=sw[1])
 
 
+def phase_constants(rule: str, dtype: torch.dtype, state_dtype: torch.dtype, master: bool,
+                    stochastic_rounding: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The constexpr arguments of a two-phase rule's kernels (phase 1, phase 2) for one storage layout:
+    what a launch passes, and what bench/gpu_static.py compiles ahead of time."""
+    spec = rules.get(rule)
+    reads_p, moments, terms, apply_scalars, apply = PHASES[rule]
+    common = dict(P=_STORAGE[dtype], S=_STORAGE[state_dtype], MATH=tl.float64 if dtype == torch.float64 else tl.float32,
+                  MASTER=bool(master), BLOCK_SIZE=BLOCK_SIZE, HP_COLS=len(spec.columns), K=len(spec.sums))
+    return (dict(common, READS_P=reads_p, MOMENTS=moments, TERMS=terms),
+            dict(common, SR=bool(stochastic_rounding), APPLY_SCALARS=apply_scalars, APPLY=apply))
+
+
 def _enqueue(rule: str, views: _Views, hyper: Tensor, nseg: int, num_programs: int, device: torch.device,
              dtype: torch.dtype, state_dtype: Optional[torch.dtype], master: bool, stochastic_rounding: bool,
-             ctl: Optional[Tensor], quantized: bool, switches: tuple) -> None:
-    """One launch of the rule over ``nseg`` segments whose tables are on ``device``."""
-    launch = _step_kernel[(num_programs,)]
-    args = (views.segments, views.programs, views.arrivals, hyper, nseg, views.ctl if ctl is None else ctl,
-            views.seed)
-    options = constants(rule, switches, dtype, state_dtype, master, stochastic_rounding, quantized)
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # Triton launches on the current device
-            launch(*args, **options, num_warps=NUM_WARPS, enable_fp_fusion=False)
+             ctl: Optional[Tensor], quantized: bool, switches: tuple, phases: int = 3,
+             sums: Optional[Tensor] = None) -> None:
+    """The launches of the rule over ``nseg`` segments whose tables are on ``device``: one, or a
+    two-phase rule's ``phases`` (1, 2 or both) reading and writing ``sums`` (else the buffer's)."""
+    table_args = (views.segments, views.programs, views.arrivals, hyper, nseg, views.ctl if ctl is None else ctl,
+                  views.seed)
+    options = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
+    if rule in PHASES:
+        first, second = phase_constants(rule, dtype, state_dtype, master, stochastic_rounding)
+        sums = views.sums if sums is None else sums
+        launches = []
+        if phases & 1:
+            launches.append((_moments_kernel, (*table_args, views.partials, sums), first))
+        if phases & 2:
+            launches.append((_apply_kernel, (*table_args, sums), second))
     else:
-        launch(*args, **options, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        launches = [(_step_kernel, table_args,
+                     constants(rule, switches, dtype, state_dtype, master, stochastic_rounding, quantized))]
+    for kernel, args, constexprs in launches:
+        if device.type == "cuda":
+            with torch.cuda.device(device):  # Triton launches on the current device
+                kernel[(num_programs,)](*args, **constexprs, **options)
+        else:
+            kernel[(num_programs,)](*args, **constexprs, **options)
+
+
+def _check_phases(spec: rules.Rule, phases: int, sums: Optional[Tensor], nseg: int, quantized: bool,
+                  device: torch.device, buffer_sums: bool = False) -> None:
+    """A two-phase rule's ``phases`` and ``sums`` (csrc/bindings.cpp's rules; ``buffer_sums``: the sums
+    are the launch buffer's, launch_image); an elementwise rule takes neither."""
+    if not spec.reduces:
+        if sums is not None or phases != 3:
+            raise ValueError(f"rule {spec.name!r} is elementwise: it takes no sums and no phases")
+        return
+    if quantized:
+        raise ValueError(f"rule {spec.name!r} does not take 8-bit states: its sums are not implemented on decoded "
+                         "codes")
+    if phases not in (1, 2, 3):
+        raise ValueError(f"phases must be 1, 2 or 3, got {phases}")
+    if phases != 3 and sums is None and not buffer_sums:
+        raise ValueError(f"phases={phases} takes the sums buffer (sums=)")
+    k = len(spec.sums)
+    same_device = sums is not None and sums.device.type == device.type and device.index in (None, sums.device.index)
+    if sums is not None and (sums.dtype != torch.float64 or sums.shape != (nseg, k) or not sums.is_contiguous()
+                             or not same_device):
+        raise ValueError(f"sums must be a contiguous float64 [{nseg}, {k}] tensor on {device}, got {sums.dtype} "
+                         f"{tuple(sums.shape)} on {sums.device}")
 
 
 def launch_image(rule: str, buffer: Tensor, capacity: int, nseg: int, num_programs: int, hyper: Tensor,
                  device: torch.device, dtype: torch.dtype, switches: Sequence[bool], *,
                  state_dtype: Optional[torch.dtype] = None, master: bool = False, stochastic_rounding: bool = False,
-                 ctl: Optional[Tensor] = None, seed: int = 0, quantized: bool = False) -> None:
-    """One launch over tables already on ``device``: ``buffer`` (buffer_words(capacity, room) int64) holds
-    the image fill_image wrote (``nseg`` segments, ``num_programs`` programs: what it returned) and the
-    arrival counters; ``hyper`` is the float64 [groups, cols] table on ``device``. The other
+                 ctl: Optional[Tensor] = None, seed: int = 0, quantized: bool = False, phases: int = 3) -> None:
+    """One launch (two for a two-phase rule) over tables already on ``device``: ``buffer``
+    (buffer_words(capacity, room, len(rule.sums)) int64) holds the image fill_image wrote (``nseg``
+    segments, ``num_programs`` programs: what it returned), the arrival counters and a two-phase
+    rule's scratch, whose segment sums (sums_view) phase 1 writes and phase 2 reads (``phases``:
+    1, 2 or 3, both); ``hyper`` is the float64 [groups, cols] table on ``device``. The other
     arguments are ``step``'s. The seed was written into the image (``seed`` is accepted for
     ``step``'s keyword set and ignored). Nothing is copied from the host: a CUDA graph may capture
-    this launch."""
+    these launches."""
     del seed
     device = torch.device(device)
+    spec = rules.get(rule)
     switches = tuple(bool(s) for s in switches)
     master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
-    state_dtype = _check_options(rules.get(rule), switches, dtype, state_dtype, master, stochastic_rounding, ctl,
+    state_dtype = _check_options(spec, switches, dtype, state_dtype, master, stochastic_rounding, ctl,
                                  quantized, device)
+    _check_phases(spec, phases, None, nseg, quantized, device, buffer_sums=True)
     if nseg == 0:
         return
-    _enqueue(rule, _views(buffer, capacity), hyper.reshape(-1), nseg, num_programs, device, dtype, state_dtype, master,
-             stochastic_rounding, ctl, quantized, switches)
+    views = _views(buffer, capacity, len(spec.sums))
+    if views.programs.numel() < num_programs:
+        raise ValueError(f"the buffer's program map has room for {views.programs.numel()} programs, but the launch "
+                         f"has {num_programs} (buffer_words(capacity, program_room, sums))")
+    _enqueue(rule, views, hyper.reshape(-1), nseg, num_programs, device, dtype, state_dtype, master,
+             stochastic_rounding, ctl, quantized, switches, phases)
 
 
 def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype: torch.dtype,
          switches: Sequence[bool], *, state_dtype: Optional[torch.dtype] = None, master: bool = False,
          stochastic_rounding: bool = False, ctl: Optional[Tensor] = None, seed: int = 0,
-         quantized: bool = False) -> None:
-    """One step of ``rule`` over every segment of a bucket, in one launch (docs/math.md#<rule>).
+         quantized: bool = False, sums: Optional[Tensor] = None, phases: int = 3) -> None:
+    """One step of ``rule`` over every segment of a bucket, in one launch, or two for a two-phase
+    rule (docs/math.md#<rule>, docs/design.md#per-tensor-reductions).
 
     Args:
         rule: the rule's name (fusedwd.rules).
@@ -303,14 +378,15 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
             ``SEG_A*`` each state's fp32 block absmax, blocks of 256 from each tensor's first element;
             ``state_dtype`` is then None (or torch.uint8). Layouts: fp32 parameters, 16-bit ones with
             ``master``, bf16 ones with ``stochastic_rounding``, 16-bit ones rounded to nearest.
+        sums: two-phase rules: float64 ``[nseg, len(rule.sums)]`` on ``device``, each segment's sums,
+            written by phase 1 and read by phase 2; None: scratch (``phases`` 3 only).
+        phases: two-phase rules: 3 both, 1 phase 1 only (the step counts unchanged), 2 phase 2
+            only, from ``sums``.
 
     The host tables, the arrival counters and the hyperparameters are packed into one buffer and
     copied to ``device`` in one asynchronous transfer.
     """
     spec = rules.get(rule)
-    if rule not in UPDATES:
-        raise NotImplementedError(f"rule {rule!r} has no Triton kernel yet (a two-phase rule: docs/backends.md); "
-                                  "use backend='cpu' or 'reference'")
     switches = tuple(bool(s) for s in switches)
     master, stochastic_rounding, quantized = bool(master), bool(stochastic_rounding), bool(quantized)
     device = torch.device(device)
@@ -320,10 +396,12 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
     _check_tables(segments, hyper, len(spec.columns), device)
     nseg = segments.shape[0]
+    _check_phases(spec, phases, sums, nseg, quantized, device)
     if nseg == 0:
         return
+    k = len(spec.sums)
     room = program_capacity(segments[:, SEG_N].tolist())
-    words = buffer_words(nseg, room)
+    words = buffer_words(nseg, room, k)
     hyper_on_host = hyper.device.type == "cpu"
     # pinned, so the one host-to-device copy below is asynchronous: a step never
     # waits for the GPU. The caching host allocator keeps the buffer until the copy is done.
@@ -338,5 +416,5 @@ def step(rule: str, segments: Tensor, hyper: Tensor, device: torch.device, dtype
     hyper_part = packed[words:].view(torch.float64)
     if not hyper_on_host:
         hyper_part.copy_(hyper.reshape(-1))  # device to device, queued after the upload
-    _enqueue(rule, _views(packed[:words], nseg), hyper_part, nseg, num_programs, device, dtype, state_dtype, master,
-             stochastic_rounding, ctl, quantized, switches)
+    _enqueue(rule, _views(packed[:words], nseg, k), hyper_part, nseg, num_programs, device, dtype, state_dtype,
+             master, stochastic_rounding, ctl, quantized, switches, phases, sums)
