@@ -160,6 +160,7 @@ def interpreted_triton():
 
     def define(module):
         importlib.reload(module._kernels)
+        importlib.reload(module._phases)  # the two-phase kernels call the generic kernel's helpers
         importlib.reload(module._launch)
         importlib.reload(module)
 

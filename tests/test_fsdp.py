@@ -34,6 +34,7 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-7, amsgrad=True)
 STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 TWO_PHASE = ("LAMB", "StableAdamW")
 TWO_PHASE_STATES = ("exp_avg", "exp_avg_sq")
+TRITON_STEPS = 3  # the Triton runs step in Triton's interpreter
 
 
 def _growth(t: int) -> float:
@@ -338,14 +339,54 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
     os._exit(0)
 
 
-@pytest.fixture(scope="module", params=["cpu", "reference"])
-def run(request, tmp_path_factory):
-    backend = request.param
-    if backend == "cpu" and "cpu" not in fusedwd.available_backends("cpu"):
-        pytest.skip("fusedwd._C is not built")
-    out_dir = tmp_path_factory.mktemp(f"fsdp_{backend}")
+def _two_phase_worker(rank: int, out_dir: str) -> None:
+    """LAMB and StableAdamW under FSDP2 on the Triton kernels (the interpreter, CPU tensors: the
+    parent set TRITON_INTERPRET=1) and on the CPU kernel, and on Triton with the reduction disabled."""
+    try:
+        torch.set_num_threads(1)
+        store = "file://" + os.path.join(out_dir, "rendezvous")
+        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
+        from torch.distributed.fsdp import fully_shard
+
+        from fusedwd.optim import _dtensor
+
+        out = {}
+        for name in TWO_PHASE:
+            for backend, variant in (("triton", "reduced"), ("cpu", "reduced"), ("triton", "unreduced"),
+                                     ("triton", "no_norm_grads"), ("cpu", "no_norm_grads")):
+                saved = _dtensor.reduce_sums
+                if variant == "unreduced":
+                    _dtensor.reduce_sums = lambda sums, over: None
+                try:
+                    model = _model()
+                    for layer in model:
+                        if any(True for _ in layer.parameters()):
+                            fully_shard(layer)
+                    fully_shard(model)
+                    opt = _two_phase(name, model, backend)
+                    if variant == "no_norm_grads":
+                        # the LayerNorm's parameters without gradients: the bucket's other rows are
+                        # placed by parameter index around the collective
+                        for p in model[1].parameters():
+                            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+                    _train(model, opt, range(TRITON_STEPS), rank, scale=_growth)
+                    out[name, backend, variant] = _gathered(model, opt)
+                finally:
+                    _dtensor.reduce_sums = saved
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, "results.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)
+
+
+def _spawn(worker, args, out_dir, what: str) -> None:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, backend, str(out_dir))) for r in range(WORLD)]
+    procs = [ctx.Process(target=worker, args=(r, *args, str(out_dir))) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -353,10 +394,19 @@ def run(request, tmp_path_factory):
     for p in procs:
         if p.is_alive():
             p.kill()
-            pytest.fail(f"FSDP2 ({backend}): a rank did not finish within {TIMEOUT_S} s")
+            pytest.fail(f"FSDP2 ({what}): a rank did not finish within {TIMEOUT_S} s")
     errors = [f.read_text() for f in out_dir.glob("error*.txt")]
     codes = [p.exitcode for p in procs]
     assert not errors and codes == [0] * WORLD, f"exit codes {codes}\n" + "\n".join(errors)
+
+
+@pytest.fixture(scope="module", params=["cpu", "reference"])
+def run(request, tmp_path_factory):
+    backend = request.param
+    if backend == "cpu" and "cpu" not in fusedwd.available_backends("cpu"):
+        pytest.skip("fusedwd._C is not built")
+    out_dir = tmp_path_factory.mktemp(f"fsdp_{backend}")
+    _spawn(_worker, (backend,), out_dir, backend)
     model, opt = _single_process(backend, range(STEPS))
     single = {
         "params": [p.detach().clone() for p in model.parameters()],
@@ -532,3 +582,38 @@ def test_two_phase_rules_on_other_splits(run, kind, name):
     got, want = out["placements"][kind, name]
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
         assert_close(a, b, f"{name}, {kind}: parameter {k}", scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def triton_run(tmp_path_factory):
+    from _helpers import interpreted_triton
+
+    with interpreted_triton() as why:
+        if why is not None:
+            pytest.skip(why)
+        if "cpu" not in fusedwd.available_backends("cpu"):
+            pytest.skip("fusedwd._C is not built")
+        out_dir = tmp_path_factory.mktemp("fsdp_triton")
+        _spawn(_two_phase_worker, (), out_dir, "triton")  # the ranks inherit TRITON_INTERPRET=1
+    return torch.load(out_dir / "results.pt")
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
+def test_two_phase_rules_on_triton_add_the_sums_over_the_ranks(triton_run, name):
+    # the Triton runner adds its launch buffer's segment sums over the ranks between its two launches
+    # with the CPU runner's collective; each rank's sums are the CPU kernel's bits, so the runs agree
+    # bit for bit, and without the reduction they do not
+    reduced, cpu = triton_run[name, "triton", "reduced"], triton_run[name, "cpu", "reduced"]
+    for k, (a, b) in enumerate(zip(reduced["params"], cpu["params"], strict=True)):
+        assert torch.equal(a, b), f"{name}: parameter {k} differs between the Triton and CPU kernels under FSDP2"
+    for k, (sa, sb) in enumerate(zip(reduced["states"], cpu["states"], strict=True)):
+        assert float(sa["step"]) == float(sb["step"]) == TRITON_STEPS
+        for state in TWO_PHASE_STATES:
+            assert torch.equal(sa[state], sb[state]), f"{name}: parameter {k} state {state}"
+    partial, partial_cpu = triton_run[name, "triton", "no_norm_grads"], triton_run[name, "cpu", "no_norm_grads"]
+    for k, (a, b) in enumerate(zip(partial["params"], partial_cpu["params"], strict=True)):
+        assert torch.equal(a, b), f"{name}, some parameters without gradients: parameter {k} differs"
+    assert all(not st for st in partial["states"][2:4]), "the LayerNorm's parameters were never stepped"
+    unreduced = triton_run[name, "triton", "unreduced"]
+    assert any(not torch.equal(a, b) for a, b in zip(unreduced["params"], cpu["params"])), \
+        "the shards' own sums must step otherwise"

@@ -107,13 +107,14 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
                     raise ValueError(f"{who}: state_dtype='int8' is not supported by {rule.name} yet: its per-tensor "
                                      "sums would read the 8-bit codes; use state_dtype=None, torch.float32 or "
                                      "torch.bfloat16")
-                if over is not None and backend != Backend.CPU:
-                    # the reference sums each tensor inside its own step: it has no place for one collective
+                if over is not None and backend not in (Backend.CPU, Backend.TRITON):
+                    # the reference sums each tensor inside its own step: it has no place for one collective;
+                    # the CUDA kernel has no two-phase rule yet
                     raise ValueError(f"{who}: {checks.describe_param(row, p)} is a sharded DTensor (FSDP2), which "
-                                     f"{rule.name} steps on the CPU kernel only (its per-tensor sums are added "
-                                     f"over the ranks between the kernel's two phases); backend {backend!r} "
-                                     "would use this shard's sums alone: use backend='cpu' (CPU parameters; on a GPU "
-                                     "no backend adds them yet: the Triton runner does not call the collective)")
+                                     f"{rule.name} steps on the CPU kernel and the Triton kernels only (its "
+                                     "per-tensor sums are added over the ranks between the kernels' two phases); "
+                                     f"backend {backend!r} would use this shard's sums alone: use backend='cpu' "
+                                     "(CPU parameters) or 'triton' (GPU parameters)")
                 if storage.quantized and dtensor:
                     raise ValueError(f"{who}: state_dtype='int8' does not take DTensor parameters (FSDP2) yet: "
                                      "their shards would cut the 256-element blocks")

@@ -246,27 +246,36 @@ class CpuRunner(KernelRunner):
         if bucket.reduce_over is None:
             kernel()
             return
-        # FSDP2 shards: phase 1 sums this rank's part of each tensor; the parts are added over the
-        # ranks (one collective per bucket); phase 2 steps with the whole tensors' sums
-        # (docs/design.md#per-tensor-reductions)
-        k = len(step.rule.sums)
-        rows = bucket.tables.table_out[:n_active, SEG_INDEX]
-        active = torch.zeros(n_active, k, dtype=torch.float64)  # stays 0 where a skipped step writes none
-        if n_active:
-            kernel(sums=active.data_ptr(), phases=1)
-        # by parameter, so that ranks agree row for row (a parameter without a gradient adds 0)
-        sums = torch.zeros(len(bucket.params), k, dtype=torch.float64).index_copy_(0, rows, active)
-        _dtensor.reduce_sums(sums, bucket.reduce_over)
-        sums.mul_(bucket.sum_scale)
-        if n_active:
-            torch.index_select(sums, 0, rows, out=active)
-            kernel(sums=active.data_ptr(), phases=2)
+        active = torch.zeros(n_active, len(step.rule.sums), dtype=torch.float64)
+        reduce_between_phases(bucket, n_active, active, lambda phases: kernel(sums=active.data_ptr(), phases=phases))
 
     def sumsq(self, bucket: Bucket, work: tuple[int, Staged]) -> Optional[Tensor]:
         """max_grad_norm's read pass over this step's segment table, summing squares in double."""
         value = _ext.cpu().grad_sumsq(bucket.tables.table_out.data_ptr(), work[0], DTYPE_CODES[bucket.dtype],
                                       threads(bucket))
         return torch.tensor(value, dtype=torch.float64)
+
+
+def reduce_between_phases(bucket: Bucket, n_active: int, active: Tensor, kernel: Callable[[int], None]) -> None:
+    """A two-phase step of a bucket of FSDP2 shards: phase 1 (``kernel(1)``) sums this rank's part
+    of each tensor into ``active`` (float64 [n_active, sums], zeroed by the caller: a skipped step
+    writes none), the parts are added over the ranks (one collective per bucket), and phase 2
+    (``kernel(2)``) steps with the whole tensors' sums (docs/design.md#per-tensor-reductions)."""
+    if n_active:
+        kernel(1)
+    if n_active == len(bucket.params):
+        # every parameter has a gradient: the active rows are the bucket's, in its order
+        sums = active
+    else:
+        # by parameter, so that ranks agree row for row (a parameter without a gradient adds 0)
+        rows = bucket.tables.table_out[:n_active, SEG_INDEX].to(active.device)
+        sums = active.new_zeros(len(bucket.params), active.shape[1]).index_copy_(0, rows, active)
+    _dtensor.reduce_sums(sums, bucket.reduce_over)
+    sums.mul_(bucket.sum_scale)
+    if n_active:
+        if sums is not active:
+            torch.index_select(sums, 0, rows, out=active)
+        kernel(2)
 
 
 def _not_sharded(bucket: Bucket, backend: str) -> None:
@@ -282,12 +291,24 @@ class TritonRunner(KernelRunner):
     launched over the launch image kept on the device (fusedwd/optim/_graphs.py)."""
 
     def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
-        _not_sharded(bucket, "triton")
         tables = bucket.tables
         nseg, programs = tables.launch_shape
-        _ext.triton(bucket.device).launch_image(step.rule.name, tables.device_table.buffer, len(bucket.params), nseg,
-                                                programs, step.hyper(bucket.device), bucket.device, bucket.dtype,
-                                                bucket.structure, **self.precision(step, bucket, lambda d: d))
+        launcher = _ext.triton(bucket.device)
+        capacity = len(bucket.params)
+        hyper = step.hyper(bucket.device)
+        precision = self.precision(step, bucket, lambda d: d)
+
+        def kernel(phases: int = 3) -> None:
+            launcher.launch_image(step.rule.name, tables.device_table.buffer, capacity, nseg, programs, hyper,
+                                  bucket.device, bucket.dtype, bucket.structure, phases=phases, **precision)
+
+        if bucket.reduce_over is None:
+            kernel()
+            return
+        # FSDP2 shards: the launch buffer's segment sums, added over the ranks between the phases
+        active = launcher.sums_view(tables.device_table.buffer, capacity, len(step.rule.sums))[:nseg]
+        active.zero_()
+        reduce_between_phases(bucket, nseg, active, kernel)
 
 
 class CudaRunner(KernelRunner):
