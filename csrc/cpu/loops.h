@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "fusedwd/common.h"
 #include "fusedwd/layout.h"
@@ -361,6 +362,14 @@ void q8_pass(const StepArgs& a) {
 // every grouping of tensors into buckets.
 static_assert(cpu::kSumChunk == kPartitionQuantum, "a sum chunk must never straddle two threads");
 
+// A segment that lies whole in one thread's range and whose buffers fit in
+// this many bytes is stepped by that thread in one go when both phases run
+// in the call: phase 1, its sums, phase 2, while its elements are still in
+// the core's cache (a deep MLP's 800 tensors of at most 65,536 elements, for
+// one: phase 2 then costs compute, not a second pass over memory). The same
+// chunk sums added in the same order: the same bits as the two passes.
+constexpr int64_t kLocalSegmentBytes = int64_t{1} << 20;
+
 // The sum of a chunk's terms (zero-padded to kSumChunk): 16 lanes of 4 sequential
 // adds, then a tree. Each lane is a sequential sum, so vectorizing changes nothing.
 inline double chunk_sum(const double* x) {
@@ -384,6 +393,9 @@ void two_phase_pass(const StepArgs& a) {
   using TS = storage_t<L::S>;
   constexpr int K = Rule::kSums;
   constexpr int64_t C = cpu::kSumChunk;
+  // bytes of one element over every buffer a two-phase step touches (p, g, the states, the master)
+  constexpr int64_t kBytesPerElement = 2 * sizeof(TP) + (Rule::kS0 + Rule::kS1 + Rule::kS2) * sizeof(TS) +
+                                       (L::MASTER ? sizeof(float) : 0);
   if (skipped(a)) return;
   const double gm = grad_mult(a);
   const int64_t* offs = a.offs;
@@ -394,6 +406,62 @@ void two_phase_pass(const StepArgs& a) {
     const int64_t begin = worker_begin(offs, a.nseg, k, nt);
     const int64_t end = worker_begin(offs, a.nseg, k + 1, nt);
     const int64_t s_lo = begin < end ? segment_of(offs, a.nseg, begin) : a.nseg;
+    // stepped whole by this thread, both phases at once (kLocalSegmentBytes)
+    const auto local = [&](int64_t s) {
+      const int64_t n = offs[s + 1] - offs[s];
+      return a.phases == 3 && offs[s] >= begin && offs[s + 1] <= end && n * kBytesPerElement <= kLocalSegmentBytes;
+    };
+    // what phase 1 keeps of a segment stepped whole here (rule.h kCachesUpdate), by element
+    static thread_local std::vector<M> cache_store;
+    M* cache = nullptr;
+    if constexpr (kCachesUpdateOf<Rule>) {
+      if (a.phases == 3) {
+        cache_store.resize(static_cast<size_t>(kLocalSegmentBytes / kBytesPerElement + 1));
+        cache = cache_store.data();
+      }
+    }
+    // phase 2 of segment s over [lo, hi) with the segment's sums, from the states or, where phase
+    // 1 kept it, from u
+    const auto phase2 = [&](int64_t s, int64_t lo, int64_t hi, const double* sums, const M* kept) {
+      const int64_t* row = a.table + s * SEG_COLS;
+      const double t = static_cast<double>(*column_ptr<const float>(row, SEG_STEP)) + 1.0;
+      const typename Rule::Apply ap =
+          Rule::apply_scalars(a.hyper + row[SEG_HP] * Rule::kHpCols, t, gm, sums, row[SEG_N]);
+      TP* __restrict__ p = column_ptr<TP>(row, SEG_P);
+      float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
+      const TS* __restrict__ s0 = column_ptr<const TS>(row, SEG_S0);
+      const TS* __restrict__ s1 = column_ptr<const TS>(row, SEG_S1);
+      const TS* __restrict__ s2 = column_ptr<const TS>(row, SEG_S2);
+      const uint32_t key = L::SR ? sr_key(a.seed, row[SEG_SALT], t) : 0u;
+      if constexpr (kCachesUpdateOf<Rule>) {
+        if (kept != nullptr) {
+#pragma omp simd
+          for (int64_t i = lo; i < hi; ++i) {
+            M pi = load_param<L::P, L::MASTER>(p, master, i);
+            Rule::apply_update(pi, kept[i], ap);
+            store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+          }
+          return;
+        }
+      }
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) {
+        M pi = load_param<L::P, L::MASTER>(p, master, i);
+        Rule::apply(pi, Rule::kS0 ? load<L::S>(s0, i) : M(0), Rule::kS1 ? load<L::S>(s1, i) : M(0),
+                    Rule::kS2 ? load<L::S>(s2, i) : M(0), ap);
+        store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
+      }
+    };
+    // a segment's sums: its chunks' in chunk order
+    const auto segment_sums = [&](int64_t s, double* out) {
+      const double* part = a.partials + a.chunk_offs[s] * K;
+      const int64_t chunks = a.chunk_offs[s + 1] - a.chunk_offs[s];
+      for (int j = 0; j < K; ++j) {
+        double total = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) total += part[c * K + j];
+        out[j] = total;
+      }
+    };
     if (a.phases & 1) {
       for (int64_t s = s_lo; s < a.nseg && offs[s] < end; ++s) {
         const int64_t lo = max_i64(begin, offs[s]) - offs[s];
@@ -411,8 +479,11 @@ void two_phase_pass(const StepArgs& a) {
         double* __restrict__ part = a.partials + a.chunk_offs[s] * K;
         // a rule whose phase 1 needs p only for some settings (StableAdamW: the L2 term) does not
         // read it otherwise: 4 of its 40 B per fp32 parameter
-        const auto phase1 = [&](auto reads_p) {
+        // a segment stepped whole here keeps what phase 2 would recompute (rule.h kCachesUpdate)
+        M* const kept = kCachesUpdateOf<Rule> && local(s) ? cache : nullptr;
+        const auto phase1 = [&](auto reads_p, auto keeps) {
           constexpr bool kReadsP = decltype(reads_p)::value;
+          constexpr bool kKeeps = decltype(keeps)::value;
           alignas(64) double terms[K][C];
           for (int64_t c0 = lo; c0 < hi; c0 += C) {  // lo is a multiple of C: chunks from the segment's start
             const int64_t c1 = min_i64(c0 + C, hi);
@@ -431,6 +502,9 @@ void two_phase_pass(const StepArgs& a) {
               // the sums see the states as phase 2 will read them
               Rule::terms(pi, gi, as_stored<L::S>(x0), as_stored<L::S>(x1), as_stored<L::S>(x2), sc, out);
               for (int j = 0; j < K; ++j) terms[j][i - c0] = out[j];
+              if constexpr (kKeeps) {
+                kept[i] = Rule::update(pi, gi, as_stored<L::S>(x0), as_stored<L::S>(x1), as_stored<L::S>(x2), sc);
+              }
             }
             for (int j = 0; j < K; ++j) {
               for (int64_t i = c1 - c0; i < C; ++i) terms[j][i] = 0.0;
@@ -438,48 +512,35 @@ void two_phase_pass(const StepArgs& a) {
             }
           }
         };
-        if (Rule::moments_read_p(sc)) {
-          phase1(std::true_type{});
+        const auto run = [&](auto keeps) {
+          if (Rule::moments_read_p(sc)) {
+            phase1(std::true_type{}, keeps);
+          } else {
+            phase1(std::false_type{}, keeps);
+          }
+        };
+        if (kept != nullptr) {
+          run(std::bool_constant<kCachesUpdateOf<Rule>>{});
         } else {
-          phase1(std::false_type{});
+          run(std::false_type{});
+        }
+        if (local(s)) {
+          double sums[K];
+          segment_sums(s, sums);
+          phase2(s, lo, hi, sums, kept);
         }
       }
 #pragma omp barrier
-      // each segment's sums: its chunks in order
-      for (int64_t s = a.nseg * k / nt; s < a.nseg * (k + 1) / nt; ++s) {
-        const double* part = a.partials + a.chunk_offs[s] * K;
-        const int64_t chunks = a.chunk_offs[s + 1] - a.chunk_offs[s];
-        for (int j = 0; j < K; ++j) {
-          double total = 0.0;
-          for (int64_t c = 0; c < chunks; ++c) total += part[c * K + j];
-          a.sums[s * K + j] = total;
-        }
-      }
+      // each segment's sums (the local segments' too: the caller may read them)
+      for (int64_t s = a.nseg * k / nt; s < a.nseg * (k + 1) / nt; ++s) segment_sums(s, a.sums + s * K);
     }
     if (a.phases & 2) {
 #pragma omp barrier
-      const uint64_t seed = a.seed;
       for (int64_t s = s_lo; s < a.nseg && offs[s] < end; ++s) {
         const int64_t lo = max_i64(begin, offs[s]) - offs[s];
         const int64_t hi = min_i64(end, offs[s + 1]) - offs[s];
-        if (lo >= hi) continue;
-        const int64_t* row = a.table + s * SEG_COLS;
-        const double t = static_cast<double>(*column_ptr<const float>(row, SEG_STEP)) + 1.0;
-        const typename Rule::Apply ap =
-            Rule::apply_scalars(a.hyper + row[SEG_HP] * Rule::kHpCols, t, gm, a.sums + s * K, row[SEG_N]);
-        TP* __restrict__ p = column_ptr<TP>(row, SEG_P);
-        float* __restrict__ master = column_ptr<float>(row, SEG_MASTER);
-        const TS* __restrict__ s0 = column_ptr<const TS>(row, SEG_S0);
-        const TS* __restrict__ s1 = column_ptr<const TS>(row, SEG_S1);
-        const TS* __restrict__ s2 = column_ptr<const TS>(row, SEG_S2);
-        const uint32_t key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) {
-          M pi = load_param<L::P, L::MASTER>(p, master, i);
-          Rule::apply(pi, Rule::kS0 ? load<L::S>(s0, i) : M(0), Rule::kS1 ? load<L::S>(s1, i) : M(0),
-                      Rule::kS2 ? load<L::S>(s2, i) : M(0), ap);
-          store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);
-        }
+        if (lo >= hi || local(s)) continue;
+        phase2(s, lo, hi, a.sums + s * K, nullptr);
       }
       // every thread has read its segments' step counts: advance each once
 #pragma omp barrier

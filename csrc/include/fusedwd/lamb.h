@@ -94,11 +94,16 @@ struct Lamb {
 
     // Phase 1, one element: its terms of ||p||^2 and ||u||^2 (exact squares of M in double),
     // from the states as stored.
-    FUSEDWD_HD static void terms(M p, M, M m, M v, M, const Scalars& s, double (&out)[kSums]) {
-      const M u = update_of(p, m, v, s.dir);
+    FUSEDWD_HD static void terms(M p, M g, M m, M v, M x2, const Scalars& s, double (&out)[kSums]) {
+      const M u = update(p, g, m, v, x2, s);
       out[0] = static_cast<double>(p) * static_cast<double>(p);
       out[1] = static_cast<double>(u) * static_cast<double>(u);
     }
+
+    // u, which phase 2 would recompute from the states: a segment stepped whole in cache keeps it
+    // (rule.h kCachesUpdate)
+    static constexpr bool kCachesUpdate = true;
+    FUSEDWD_HD static M update(M p, M, M m, M v, M, const Scalars& s) { return update_of(p, m, v, s.dir); }
 
     // Between the phases, per segment: the trust ratio ||p|| / ||u|| (1 where either norm is
     // 0, or where the tensor does not adapt), at most max_trust, times lr.
@@ -120,6 +125,12 @@ struct Lamb {
     FUSEDWD_HD static void apply(M& p, M m, M v, M, const Apply& a) {
       p = p * a.dir.decay_mult;
       p = p - a.lr_trust * update_of(p, m, v, a.dir);
+    }
+
+    // Phase 2 with u as phase 1 formed it (from p decayed and the states as stored): apply()'s bits
+    FUSEDWD_HD static void apply_update(M& p, M u, const Apply& a) {
+      p = p * a.dir.decay_mult;
+      p = p - a.lr_trust * u;
     }
   };
 

@@ -37,6 +37,18 @@
 //                                           Rule::Apply, phase 2's scalars
 //   apply(p, s0, s1, s2, apply)              phase 2, one element: p from p and the states
 //                                           as phase 1 stored them
+//
+// and, optionally, when phase 2 recomputes from the states something phase 1 also
+// computes (LAMB's update u: a square root and a division per element), kCachesUpdate
+// = true and
+//
+//   update(p, g, s0, s1, s2, scalars)        phase 1, one element: that value (M), with
+//                                           terms()'s arguments
+//   apply_update(p, u, apply)                phase 2, one element: p from p and that value,
+//                                           the bits apply() gives
+//
+// which the CPU kernel uses for a segment it steps whole while it is in cache
+// (csrc/cpu/loops.h kLocalSegmentBytes): phase 1 keeps u, phase 2 reads it back.
 // csrc/include/fusedwd/rules.h lists every rule; tests/test_layout.py checks
 // each against its Python spec (columns, switches, states and their codes).
 #pragma once
@@ -72,5 +84,17 @@ struct SumsOf<R, decltype(void(R::kSums))> {
 };
 template <class R>
 constexpr int kSumsOf = SumsOf<R>::value;
+
+// A two-phase rule's kCachesUpdate: false where the rule does not declare it.
+template <class R, class = void>
+struct CachesUpdateOf {
+  static constexpr bool value = false;
+};
+template <class R>
+struct CachesUpdateOf<R, decltype(void(R::kCachesUpdate))> {
+  static constexpr bool value = R::kCachesUpdate;
+};
+template <class R>
+constexpr bool kCachesUpdateOf = CachesUpdateOf<R>::value;
 
 FUSEDWD_NS_END
