@@ -133,11 +133,12 @@ def test_triton_kernel_does_not_spill(report, variant, arch):
 @pytest.mark.parametrize("variant, arch", _triton_params())
 def test_triton_fast_path_moves_every_buffer_at_full_width(report, variant, arch):
     entry = _entry(report, "triton", variant, arch)
-    # the check is never vacuous: every kernel reads and writes some buffer it must move in vectors (a
-    # kernel whose only stores are 16-bit beside fp32, as phase 1 of fp32 parameters with 16-bit
-    # states, stores in 64-bit ones)
+    # the check is never vacuous: every kernel reads and writes some buffer it must move in vectors;
+    # only a mixed-width kernel whose stores are all 16-bit beside fp32 (phase 1 of fp32 parameters
+    # with 16-bit states, phase 2 of 16-bit parameters with fp32 states) has no 128-bit store to make
     assert entry["expected_loads_128"] > 0
-    assert entry["expected_stores_128"] + entry["expected_stores_64"] > 0
+    assert entry["expected_stores_128"] > 0 or (entry["mixed_width"] and entry["phase"]
+                                                and entry["expected_stores_64"] > 0)
     assert gpu_static.problems(entry)["vectors"] == []
 
 

@@ -261,38 +261,56 @@ def test_isa_variants_bitwise_equal(name):
     assert_isa_variants_bitwise_equal(results_on_every_isa(build, 3, lambda params, t: random_grads(params, t)))
 
 
+# storage layouts of the phases-apart test: (parameter dtype, optimizer options)
+LAYOUTS = {
+    "fp32": (torch.float32, {}),
+    "fp32-bf16-states": (torch.float32, dict(state_dtype=torch.bfloat16)),
+    "fp16-states": (torch.float16, {}),
+    "bf16-master": (torch.bfloat16, dict(master_weights=True)),
+    "bf16-sr": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "fp64": (torch.float64, {}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", TWO_PHASE)
-def test_phases_apart_equal_phases_together(name):
+def test_phases_apart_equal_phases_together(name, layout):
     """phases=1 then phases=2 through a sums buffer (what a cross-rank reduction goes between) equal
-    phases=3; phase 1 alone advances no step count and writes the sums."""
+    phases=3; phase 1 alone advances no step count and writes the sums. With one thread and
+    phases=3, every tensor of SHAPES is stepped whole in cache (csrc/cpu/loops.h
+    kLocalSegmentBytes; LAMB from the u it kept), which phases apart never are: the two paths
+    give the same bits in every layout."""
     from fusedwd import _buckets as B
+    from fusedwd.optim._runners import RUNNERS, Step
 
     rule = INFOS[name].rule
+    dtype, options = LAYOUTS[layout]
     results, sums_seen = [], []
     for split in (False, True):
-        params = make_params(SHAPES, seed=11)
-        opt = INFOS[name].cls(params, backend="cpu", **_kwargs(name))
+        torch.manual_seed(5)  # the same stochastic-rounding seed (drawn at the first step) in both runs
+        params = make_params(SHAPES, dtype, seed=11)
+        opt = INFOS[name].cls(params, backend="cpu", **_kwargs(name), **options)
         for p, g in zip(params, random_grads(params, 0)):
             p.grad = g
         opt.step()  # builds the plan; now one step by hand
         for p, g in zip(params, random_grads(params, 1)):
             p.grad = g
         (bucket,) = opt._current_plan()
-        from fusedwd.optim._runners import RUNNERS, Step
         step = Step(rule, opt.param_groups, opt._checks())
         n_active, _ = RUNNERS["cpu"].prepare(step, bucket)
         table = bucket.tables.table_out[:n_active].contiguous()
         hyper = step.hyper(bucket.device)
+        precision = RUNNERS["cpu"].precision(step, bucket, B.DTYPE_CODES.__getitem__)
         sums = torch.full((n_active, len(rule.sums)), float("nan"), dtype=torch.float64)
-        args = (name, table.data_ptr(), n_active, hyper.data_ptr(), B.DTYPE_CODES[torch.float32], (), 1)
+        args = (name, table.data_ptr(), n_active, hyper.data_ptr(), B.DTYPE_CODES[dtype], (), 1)
         if split:
             before = bucket.states.steps.clone()
-            C.step(*args, sums=sums.data_ptr(), phases=1)
+            C.step(*args, sums=sums.data_ptr(), phases=1, **precision)
             assert torch.equal(bucket.states.steps, before), "phase 1 advanced a step count"
             assert not sums.isnan().any()
-            C.step(*args, sums=sums.data_ptr(), phases=2)
+            C.step(*args, sums=sums.data_ptr(), phases=2, **precision)
         else:
-            C.step(*args, sums=sums.data_ptr())
+            C.step(*args, sums=sums.data_ptr(), **precision)
         sums_seen.append(sums.clone())
         results.append([p.detach().clone() for p in params] + [bucket.states.steps.clone()])
     assert bitwise_equal(sums_seen[0], sums_seen[1])

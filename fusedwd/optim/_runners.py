@@ -247,7 +247,8 @@ class CpuRunner(KernelRunner):
             kernel()
             return
         active = torch.zeros(n_active, len(step.rule.sums), dtype=torch.float64)
-        reduce_between_phases(bucket, n_active, active, lambda phases: kernel(sums=active.data_ptr(), phases=phases))
+        reduce_between_phases(bucket, n_active, active, bucket.tables.table_out[:n_active, SEG_INDEX],
+                              lambda phases: kernel(sums=active.data_ptr(), phases=phases))
 
     def sumsq(self, bucket: Bucket, work: tuple[int, Staged]) -> Optional[Tensor]:
         """max_grad_norm's read pass over this step's segment table, summing squares in double."""
@@ -256,11 +257,14 @@ class CpuRunner(KernelRunner):
         return torch.tensor(value, dtype=torch.float64)
 
 
-def reduce_between_phases(bucket: Bucket, n_active: int, active: Tensor, kernel: Callable[[int], None]) -> None:
+def reduce_between_phases(bucket: Bucket, n_active: int, active: Tensor, rows: Tensor,
+                          kernel: Callable[[int], None]) -> None:
     """A two-phase step of a bucket of FSDP2 shards: phase 1 (``kernel(1)``) sums this rank's part
     of each tensor into ``active`` (float64 [n_active, sums], zeroed by the caller: a skipped step
     writes none), the parts are added over the ranks (one collective per bucket), and phase 2
-    (``kernel(2)``) steps with the whole tensors' sums (docs/design.md#per-tensor-reductions)."""
+    (``kernel(2)``) steps with the whole tensors' sums (docs/design.md#per-tensor-reductions).
+    ``rows``: each active row's parameter index (int64 [n_active], on ``active``'s device: no copy
+    from the host between the launches)."""
     if n_active:
         kernel(1)
     if n_active == len(bucket.params):
@@ -268,7 +272,6 @@ def reduce_between_phases(bucket: Bucket, n_active: int, active: Tensor, kernel:
         sums = active
     else:
         # by parameter, so that ranks agree row for row (a parameter without a gradient adds 0)
-        rows = bucket.tables.table_out[:n_active, SEG_INDEX].to(active.device)
         sums = active.new_zeros(len(bucket.params), active.shape[1]).index_copy_(0, rows, active)
     _dtensor.reduce_sums(sums, bucket.reduce_over)
     sums.mul_(bucket.sum_scale)
@@ -305,10 +308,12 @@ class TritonRunner(KernelRunner):
         if bucket.reduce_over is None:
             kernel()
             return
-        # FSDP2 shards: the launch buffer's segment sums, added over the ranks between the phases
+        # FSDP2 shards: the launch buffer's segment sums, added over the ranks between the phases;
+        # the rows' parameter indices read from the segment rows already on the device
         active = launcher.sums_view(tables.device_table.buffer, capacity, len(step.rule.sums))[:nseg]
         active.zero_()
-        reduce_between_phases(bucket, nseg, active, kernel)
+        rows = launcher.segment_rows(tables.device_table.buffer, capacity)[:nseg, SEG_INDEX]
+        reduce_between_phases(bucket, nseg, active, rows, kernel)
 
 
 class CudaRunner(KernelRunner):

@@ -22,11 +22,13 @@ from ._launch import (
     image_words,
     launch_image,
     program_capacity,
+    segment_rows,
     step,
     sums_view,
 )
 
-__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "program_capacity", "sums_view",
+__all__ = ["step", "launch_image", "image_words", "buffer_words", "fill_image", "program_capacity", "segment_rows",
+           "sums_view",
            "INTERPRETED", "BLOCK_SIZE", "NUM_WARPS"]
 
 # how triton.jit built the kernels (it reads TRITON_INTERPRET when they are defined)

@@ -106,9 +106,17 @@ def _views(buffer: Tensor, capacity: int, sums: int = 0) -> _Views:
     seed, ctl, _ = head.split([1, _CTL_WORDS, 1])
     # rest = room + capacity + (room * CHUNKS_PER_BLOCK + capacity) * sums
     room = (rest.numel() - capacity - capacity * sums) // (1 + CHUNKS_PER_BLOCK * sums)
+    if buffer.numel() != buffer_words(capacity, room, sums):
+        raise ValueError(f"a launch buffer of {buffer.numel()} words is no buffer_words({capacity}, program_room, "
+                         f"{sums}): the rule's sums and the buffer disagree")
     program_map, arrivals, scratch = rest.split([room, capacity, rest.numel() - room - capacity])
     partials, segment_sums = scratch.view(torch.float64).split([room * CHUNKS_PER_BLOCK * sums, capacity * sums])
     return _Views(segments, program_map, arrivals, seed, ctl.view(torch.float32), partials, segment_sums)
+
+
+def segment_rows(buffer: Tensor, capacity: int) -> Tensor:
+    """The int64 [capacity, SEG_COLS] segment rows of a device buffer (the uploaded image's)."""
+    return buffer[_HEADER_WORDS:_HEADER_WORDS + capacity * SEG_COLS].view(capacity, SEG_COLS)
 
 
 def sums_view(buffer: Tensor, capacity: int, sums: int) -> Tensor:

@@ -143,17 +143,21 @@ def _add16(total, x):
 
 
 @triton.jit
-def _segment_sum(partials_ptr, first_program, programs, j, K: tl.constexpr, CHUNKS: tl.constexpr):
-    """Sum j of a segment: its chunks' partial sums added one at a time in chunk order, as
-    loops.h adds a segment's chunks (chunks past the segment's end hold +0.0, which leaves
-    a sum of non-negative terms unchanged)."""
-    total = tl.full((), 0.0, tl.float64)
+def _segment_sums(partials_ptr, first_program, programs, K: tl.constexpr, CHUNKS: tl.constexpr):
+    """A segment's sums (the second one 0 where K is 1): each its chunks' partial sums added one at
+    a time in chunk order, as loops.h adds a segment's chunks (chunks past the segment's end hold
+    +0.0, which leaves a sum of non-negative terms unchanged). One pass over the chunks for both
+    sums: two independent chains of dependent adds."""
+    total0 = tl.full((), 0.0, tl.float64)
+    total1 = tl.full((), 0.0, tl.float64)
     chunk = tl.arange(0, CHUNKS)
     for b in range(programs):
         # .cg: the other programs' stores are in L2, never in this SM's L1
-        part = tl.load(partials_ptr + ((first_program + b) * CHUNKS + chunk) * K + j, cache_modifier=".cg")
-        total = _add16(total, part)
-    return total
+        base = partials_ptr + ((first_program + b) * CHUNKS + chunk) * K
+        total0 = _add16(total0, tl.load(base, cache_modifier=".cg"))
+        if K > 1:
+            total1 = _add16(total1, tl.load(base + 1, cache_modifier=".cg"))
+    return total0, total1
 
 
 # ------------------------------------------------------------------ phase 1
@@ -259,9 +263,10 @@ def _moments_kernel(
             tl.debug_barrier()
             # the segment's programs are consecutive in the map: the first is this one less its rank
             first = tl.program_id(0).to(tl.int64) - start // BLOCK_SIZE
-            tl.store(sums_ptr + seg * K, _segment_sum(partials_ptr, first, programs, 0, K, CHUNKS))
+            total0, total1 = _segment_sums(partials_ptr, first, programs, K, CHUNKS)
+            tl.store(sums_ptr + seg * K, total0)
             if K > 1:
-                tl.store(sums_ptr + seg * K + 1, _segment_sum(partials_ptr, first, programs, 1, K, CHUNKS))
+                tl.store(sums_ptr + seg * K + 1, total1)
 
 
 # ------------------------------------------------------------------ phase 2
