@@ -117,216 +117,257 @@ def _single_process(backend: str, steps) -> tuple[torch.nn.Module, torch.optim.O
     return model, opt
 
 
-def _worker(rank: int, backend: str, out_dir: str) -> None:
+def _scenarios(rank: int, out_dir: str, backend: str) -> dict:
+    """Every scenario on this rank; rank 0's dict is the results file."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    def sharded(model, per_layer=True):
+        if per_layer:
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def layout(model, opt) -> dict:
+        """fqn -> state name -> (type, placements, global shape), as get_optimizer_state_dict gives it."""
+        osd = get_optimizer_state_dict(model, opt)
+        return {
+            fqn: {k: (type(v).__name__, tuple(map(str, v.placements)) if isinstance(v, DTensor) else None,
+                      tuple(v.shape)) for k, v in st.items()}
+            for fqn, st in osd["state"].items()
+        }
+
+    out = {}
+    # (a) one fused optimizer, however the modules are wrapped, and torch's AdamW on the same shards
+    model = sharded(_model())
+    opt = _fusedwd(model, backend)
+    _train(model, opt, range(STEPS), rank)
+    out["per_layer"] = _gathered(model, opt)
+    out["layout"] = layout(model, opt)
+    out["param_placements"] = {n: tuple(map(str, p.placements)) for n, p in model.named_parameters()}
+    in_order = [p for group in opt.param_groups for p in group["params"]]  # state_dict's numbering
+    out["state_types"] = [
+        {k: (type(v).__name__, v.device_mesh == p.device_mesh and tuple(v.placements) == tuple(p.placements)
+             and v.shape == p.shape if isinstance(v, DTensor) else None)
+         for k, v in opt.state_dict()["state"][i].items()}
+        for i, p in enumerate(in_order)
+    ]
+
+    root = sharded(_model(), per_layer=False)
+    opt_root = _fusedwd(root, backend)
+    _train(root, opt_root, range(STEPS), rank)
+    out["root_only"] = _gathered(root, opt_root)
+
+    ref = sharded(_model())
+    opt_ref = torch.optim.AdamW(param_groups(ref, weight_decay=0.1), **HYPER)
+    _train(ref, opt_ref, range(STEPS), rank)
+    out["torch"] = _gathered(ref, opt_ref)
+    out["torch_layout"] = layout(ref, opt_ref)
+
+    # (b) distributed checkpoint after SPLIT steps, resumed in a fresh model and optimizer
+    ckpt = os.path.join(out_dir, "checkpoint")
+    model = sharded(_model())
+    opt = _fusedwd(model, backend)
+    _train(model, opt, range(SPLIT), rank)
+    # the same states, replicated instead of sharded (a collective: taken before saving, on every rank)
+    replicated = opt.state_dict()
+    replicated["state"] = {
+        i: {k: v.redistribute(v.device_mesh, [Replicate()]) if isinstance(v, DTensor) else v.clone()
+            for k, v in st.items()}
+        for i, st in replicated["state"].items()
+    }
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=ckpt)
+    model = sharded(_model(seed=1))  # other weights: the load must replace them
+    opt = _fusedwd(model, backend)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    # replicated states load into sharded parameters (each rank keeps its shard)
+    model_r = sharded(_model(seed=1))
+    set_model_state_dict(model_r, sd["model"])  # before training: sd holds the resumed model's own tensors
+    opt_r = _fusedwd(model_r, backend)
+    opt_r.load_state_dict(replicated)
+    _train(model, opt, range(SPLIT, STEPS), rank)
+    out["resumed"] = _gathered(model, opt)
+    _train(model_r, opt_r, range(SPLIT, STEPS), rank)
+    out["from_replicated"] = _gathered(model_r, opt_r)
+
+    # a gradient that is not sharded like its parameter: a clear error, and no state written
+    bad_grads = {"plain": lambda p: torch.zeros(p.shape),
+                 "replicated": lambda p: torch.randn_like(p).redistribute(p.device_mesh, [Replicate()])}
+    out["bad_grad_errors"] = {}
+    last = opt.param_groups[-1]["params"][-1]  # the bucket's last parameter: the others are gathered first
+    for kind, make in bad_grads.items():
+        before = _gathered(model, opt)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        last.grad = make(last)
+        try:
+            opt.step()
+            message = None
+        except RuntimeError as e:
+            message = str(e)
+        after = _gathered(model, opt)
+        untouched = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])) and all(
+            torch.equal(sa[k], sb[k]) for sa, sb in zip(before["states"], after["states"]) for k in sa
+        )
+        out["bad_grad_errors"][kind] = (message, untouched)
+
+    # an unsharded checkpoint (plain tensors) resumes under FSDP2
+    single, opt_single = _single_process(backend, range(SPLIT))
+    model = _model()
+    model.load_state_dict(single.state_dict())
+    model = sharded(model)
+    opt = _fusedwd(model, backend)
+    opt.load_state_dict(opt_single.state_dict())
+    _train(model, opt, range(SPLIT, STEPS), rank)
+    out["from_unsharded"] = _gathered(model, opt)
+
+    # torch's get_optimizer_state_dict steps a fresh optimizer once with lr=0 and zero gradients
+    out["init_changes"] = {}
+    for decay in ("decoupled", "independent", "l2"):
+        model = sharded(_model())
+        opt = _fusedwd(model, backend, decay=decay)
+        before = [p.to_local().clone() for p in model.parameters()]
+        get_optimizer_state_dict(model, opt)
+        change = torch.tensor(max(
+            (p.to_local() - b).abs().max().item() if b.numel() else 0.0
+            for p, b in zip(model.parameters(), before)
+        ))
+        dist.all_reduce(change, op=dist.ReduceOp.MAX)  # both ranks' shards
+        out["init_changes"][decay] = change.item()
+
+    try:
+        _fusedwd(model, backend, flat_grads=True)
+        out["flat_grads_error"] = None
+    except ValueError as e:
+        out["flat_grads_error"] = str(e)
+
+    # (h) every rule steps DTensor shards the same way: Lion, per-layer sharding
+    model = sharded(_model())
+    opt = _lion(model, backend)
+    _train(model, opt, range(STEPS), rank)
+    out["lion"] = _gathered(model, opt)
+
+    # (i) the two-phase rules: each tensor's sums added over the ranks between the phases
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial
+
+    from fusedwd.optim import _dtensor
+
+    out["two_phase"], out["two_phase_errors"] = {}, {}
+    variants = {"reduced": {}, "unreduced": {"reduce_sums": lambda sums, over: None},
+                "shard_count": {"sum_scale": lambda rule, bucket: torch.ones(len(bucket.params), len(rule.sums),
+                                                                            dtype=torch.float64)}}
+    for name in TWO_PHASE:
+        for variant, patches in variants.items():
+            if variant == "shard_count" and name != "StableAdamW":
+                continue  # LAMB's sums are no means
+            saved = {attr: getattr(_dtensor, attr) for attr in patches}
+            for attr, fake in patches.items():
+                setattr(_dtensor, attr, fake)
+            try:
+                model = sharded(_model())
+                opt = _two_phase(name, model, backend)
+                _train(model, opt, range(STEPS), rank, scale=_growth)
+                out["two_phase"][name, variant] = _gathered(model, opt)
+            except ValueError as e:  # the reference backend refuses sharded parameters
+                out["two_phase_errors"][name, variant] = str(e)
+            finally:
+                for attr, real in saved.items():
+                    setattr(_dtensor, attr, real)
+    # parameters whose sums cannot be added over the ranks: a Partial() placement, and elements
+    # split over two mesh dimensions
+    mesh, mesh2 = init_device_mesh("cpu", (WORLD,)), init_device_mesh("cpu", (1, WORLD))
+    odd = {"partial": DTensor.from_local(torch.randn(4, 3), mesh, [Partial()], run_check=False),
+           "two_dims": DTensor.from_local(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)], run_check=False)}
+    # other placements whose shards split the elements: columns (Shard(1)), and HSDP's
+    # (Replicate(), Shard(0)) on a 2-D mesh (added over its second dimension only); the same
+    # gradients as one process, so only the sums' association differs
+    out["placements"] = {}
+    # (with the ranks on the replicated dimension, adding over it would double StableAdamW's mean)
+    splits = {"shard1": (mesh, [Shard(1)]), "hsdp": (mesh2, [Replicate(), Shard(0)]),
+              "hsdp_replicas": (init_device_mesh("cpu", (WORLD, 1)), [Replicate(), Shard(0)])}
+    for kind, (on, placements) in splits.items():
+        gen = torch.Generator().manual_seed(7)
+        full = [torch.randn(9, 130, generator=gen), torch.randn(5, 3, generator=gen)]
+        grads = [[torch.randn(t.shape, generator=gen) for t in full] for _ in range(3)]
+        for name in TWO_PHASE:
+            got = [torch.nn.Parameter(distribute_tensor(t, on, placements)) for t in full]
+            want = [torch.nn.Parameter(t.clone()) for t in full]
+            opts = [getattr(fusedwd, name)(ps, lr=1e-2, weight_decay=0.1, backend=backend if ps is want else "cpu")
+                    for ps in (got, want)]
+            for step_grads in grads:
+                for p, q, g in zip(got, want, step_grads):
+                    p.grad, q.grad = distribute_tensor(g, on, placements), g.clone()
+                for opt in opts:
+                    opt.step()
+            out["placements"][kind, name] = ([p.full_tensor() for p in got], [q.detach() for q in want])
+    out["placement_errors"] = {}
+    for kind, value in odd.items():
+        p = torch.nn.Parameter(value)
+        p.grad = torch.ones_like(p)
+        try:
+            fusedwd.LAMB([p], backend="cpu").step()
+            out["placement_errors"][kind] = None
+        except ValueError as e:
+            out["placement_errors"][kind] = str(e)
+
+    return out
+
+
+def _two_phase_scenarios(rank: int, out_dir: str) -> dict:
+    """LAMB and StableAdamW under FSDP2 on the Triton kernels (the interpreter, CPU tensors: the
+    parent set TRITON_INTERPRET=1) and on the CPU kernel, and on Triton with the reduction disabled."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fusedwd.optim import _dtensor
+
+    out = {}
+    for name in TWO_PHASE:
+        for backend, variant in (("triton", "reduced"), ("cpu", "reduced"), ("triton", "unreduced"),
+                                 ("triton", "no_norm_grads"), ("cpu", "no_norm_grads")):
+            saved = _dtensor.reduce_sums
+            if variant == "unreduced":
+                _dtensor.reduce_sums = lambda sums, over: None
+            try:
+                model = _model()
+                for layer in model:
+                    if any(True for _ in layer.parameters()):
+                        fully_shard(layer)
+                fully_shard(model)
+                opt = _two_phase(name, model, backend)
+                if variant == "no_norm_grads":
+                    # the LayerNorm's parameters without gradients: the bucket's other rows are
+                    # placed by parameter index around the collective
+                    for p in model[1].parameters():
+                        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+                _train(model, opt, range(TRITON_STEPS), rank, scale=_growth)
+                out[name, backend, variant] = _gathered(model, opt)
+            finally:
+                _dtensor.reduce_sums = saved
+    return out
+
+
+def _in_rank(rank: int, out_dir: str, scenarios, *args) -> None:
+    """A spawned rank: join the gloo group, run ``scenarios(rank, out_dir, *args)``, rank 0 writes its dict to
+    results.pt; a failure goes to error<rank>.txt and a nonzero exit code."""
     try:
         torch.set_num_threads(1)
         store = "file://" + os.path.join(out_dir, "rendezvous")
         dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
-        def sharded(model, per_layer=True):
-            if per_layer:
-                for layer in model:
-                    if any(True for _ in layer.parameters()):
-                        fully_shard(layer)
-            fully_shard(model)
-            return model
-
-        def layout(model, opt) -> dict:
-            """fqn -> state name -> (type, placements, global shape), as get_optimizer_state_dict gives it."""
-            osd = get_optimizer_state_dict(model, opt)
-            return {
-                fqn: {k: (type(v).__name__, tuple(map(str, v.placements)) if isinstance(v, DTensor) else None,
-                          tuple(v.shape)) for k, v in st.items()}
-                for fqn, st in osd["state"].items()
-            }
-
-        out = {}
-        # (a) one fused optimizer, however the modules are wrapped, and torch's AdamW on the same shards
-        model = sharded(_model())
-        opt = _fusedwd(model, backend)
-        _train(model, opt, range(STEPS), rank)
-        out["per_layer"] = _gathered(model, opt)
-        out["layout"] = layout(model, opt)
-        out["param_placements"] = {n: tuple(map(str, p.placements)) for n, p in model.named_parameters()}
-        in_order = [p for group in opt.param_groups for p in group["params"]]  # state_dict's numbering
-        out["state_types"] = [
-            {k: (type(v).__name__, v.device_mesh == p.device_mesh and tuple(v.placements) == tuple(p.placements)
-                 and v.shape == p.shape if isinstance(v, DTensor) else None)
-             for k, v in opt.state_dict()["state"][i].items()}
-            for i, p in enumerate(in_order)
-        ]
-
-        root = sharded(_model(), per_layer=False)
-        opt_root = _fusedwd(root, backend)
-        _train(root, opt_root, range(STEPS), rank)
-        out["root_only"] = _gathered(root, opt_root)
-
-        ref = sharded(_model())
-        opt_ref = torch.optim.AdamW(param_groups(ref, weight_decay=0.1), **HYPER)
-        _train(ref, opt_ref, range(STEPS), rank)
-        out["torch"] = _gathered(ref, opt_ref)
-        out["torch_layout"] = layout(ref, opt_ref)
-
-        # (b) distributed checkpoint after SPLIT steps, resumed in a fresh model and optimizer
-        ckpt = os.path.join(out_dir, "checkpoint")
-        model = sharded(_model())
-        opt = _fusedwd(model, backend)
-        _train(model, opt, range(SPLIT), rank)
-        # the same states, replicated instead of sharded (a collective: taken before saving, on every rank)
-        replicated = opt.state_dict()
-        replicated["state"] = {
-            i: {k: v.redistribute(v.device_mesh, [Replicate()]) if isinstance(v, DTensor) else v.clone()
-                for k, v in st.items()}
-            for i, st in replicated["state"].items()
-        }
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
-        model = sharded(_model(seed=1))  # other weights: the load must replace them
-        opt = _fusedwd(model, backend)
-        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(sd, checkpoint_id=ckpt)
-        set_model_state_dict(model, sd["model"])
-        set_optimizer_state_dict(model, opt, sd["optim"])
-        # replicated states load into sharded parameters (each rank keeps its shard)
-        model_r = sharded(_model(seed=1))
-        set_model_state_dict(model_r, sd["model"])  # before training: sd holds the resumed model's own tensors
-        opt_r = _fusedwd(model_r, backend)
-        opt_r.load_state_dict(replicated)
-        _train(model, opt, range(SPLIT, STEPS), rank)
-        out["resumed"] = _gathered(model, opt)
-        _train(model_r, opt_r, range(SPLIT, STEPS), rank)
-        out["from_replicated"] = _gathered(model_r, opt_r)
-
-        # a gradient that is not sharded like its parameter: a clear error, and no state written
-        bad_grads = {"plain": lambda p: torch.zeros(p.shape),
-                     "replicated": lambda p: torch.randn_like(p).redistribute(p.device_mesh, [Replicate()])}
-        out["bad_grad_errors"] = {}
-        last = opt.param_groups[-1]["params"][-1]  # the bucket's last parameter: the others are gathered first
-        for kind, make in bad_grads.items():
-            before = _gathered(model, opt)
-            for p in model.parameters():
-                p.grad = torch.randn_like(p)
-            last.grad = make(last)
-            try:
-                opt.step()
-                message = None
-            except RuntimeError as e:
-                message = str(e)
-            after = _gathered(model, opt)
-            untouched = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])) and all(
-                torch.equal(sa[k], sb[k]) for sa, sb in zip(before["states"], after["states"]) for k in sa
-            )
-            out["bad_grad_errors"][kind] = (message, untouched)
-
-        # an unsharded checkpoint (plain tensors) resumes under FSDP2
-        single, opt_single = _single_process(backend, range(SPLIT))
-        model = _model()
-        model.load_state_dict(single.state_dict())
-        model = sharded(model)
-        opt = _fusedwd(model, backend)
-        opt.load_state_dict(opt_single.state_dict())
-        _train(model, opt, range(SPLIT, STEPS), rank)
-        out["from_unsharded"] = _gathered(model, opt)
-
-        # torch's get_optimizer_state_dict steps a fresh optimizer once with lr=0 and zero gradients
-        out["init_changes"] = {}
-        for decay in ("decoupled", "independent", "l2"):
-            model = sharded(_model())
-            opt = _fusedwd(model, backend, decay=decay)
-            before = [p.to_local().clone() for p in model.parameters()]
-            get_optimizer_state_dict(model, opt)
-            change = torch.tensor(max(
-                (p.to_local() - b).abs().max().item() if b.numel() else 0.0
-                for p, b in zip(model.parameters(), before)
-            ))
-            dist.all_reduce(change, op=dist.ReduceOp.MAX)  # both ranks' shards
-            out["init_changes"][decay] = change.item()
-
-        try:
-            _fusedwd(model, backend, flat_grads=True)
-            out["flat_grads_error"] = None
-        except ValueError as e:
-            out["flat_grads_error"] = str(e)
-
-        # (h) every rule steps DTensor shards the same way: Lion, per-layer sharding
-        model = sharded(_model())
-        opt = _lion(model, backend)
-        _train(model, opt, range(STEPS), rank)
-        out["lion"] = _gathered(model, opt)
-
-        # (i) the two-phase rules: each tensor's sums added over the ranks between the phases
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Partial
-
-        from fusedwd.optim import _dtensor
-
-        out["two_phase"], out["two_phase_errors"] = {}, {}
-        variants = {"reduced": {}, "unreduced": {"reduce_sums": lambda sums, over: None},
-                    "shard_count": {"sum_scale": lambda rule, bucket: torch.ones(len(bucket.params), len(rule.sums),
-                                                                                dtype=torch.float64)}}
-        for name in TWO_PHASE:
-            for variant, patches in variants.items():
-                if variant == "shard_count" and name != "StableAdamW":
-                    continue  # LAMB's sums are no means
-                saved = {attr: getattr(_dtensor, attr) for attr in patches}
-                for attr, fake in patches.items():
-                    setattr(_dtensor, attr, fake)
-                try:
-                    model = sharded(_model())
-                    opt = _two_phase(name, model, backend)
-                    _train(model, opt, range(STEPS), rank, scale=_growth)
-                    out["two_phase"][name, variant] = _gathered(model, opt)
-                except ValueError as e:  # the reference backend refuses sharded parameters
-                    out["two_phase_errors"][name, variant] = str(e)
-                finally:
-                    for attr, real in saved.items():
-                        setattr(_dtensor, attr, real)
-        # parameters whose sums cannot be added over the ranks: a Partial() placement, and elements
-        # split over two mesh dimensions
-        mesh, mesh2 = init_device_mesh("cpu", (WORLD,)), init_device_mesh("cpu", (1, WORLD))
-        odd = {"partial": DTensor.from_local(torch.randn(4, 3), mesh, [Partial()], run_check=False),
-               "two_dims": DTensor.from_local(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)], run_check=False)}
-        # other placements whose shards split the elements: columns (Shard(1)), and HSDP's
-        # (Replicate(), Shard(0)) on a 2-D mesh (added over its second dimension only); the same
-        # gradients as one process, so only the sums' association differs
-        out["placements"] = {}
-        # (with the ranks on the replicated dimension, adding over it would double StableAdamW's mean)
-        splits = {"shard1": (mesh, [Shard(1)]), "hsdp": (mesh2, [Replicate(), Shard(0)]),
-                  "hsdp_replicas": (init_device_mesh("cpu", (WORLD, 1)), [Replicate(), Shard(0)])}
-        for kind, (on, placements) in splits.items():
-            gen = torch.Generator().manual_seed(7)
-            full = [torch.randn(9, 130, generator=gen), torch.randn(5, 3, generator=gen)]
-            grads = [[torch.randn(t.shape, generator=gen) for t in full] for _ in range(3)]
-            for name in TWO_PHASE:
-                got = [torch.nn.Parameter(distribute_tensor(t, on, placements)) for t in full]
-                want = [torch.nn.Parameter(t.clone()) for t in full]
-                opts = [getattr(fusedwd, name)(ps, lr=1e-2, weight_decay=0.1, backend=backend if ps is want else "cpu")
-                        for ps in (got, want)]
-                for step_grads in grads:
-                    for p, q, g in zip(got, want, step_grads):
-                        p.grad, q.grad = distribute_tensor(g, on, placements), g.clone()
-                    for opt in opts:
-                        opt.step()
-                out["placements"][kind, name] = ([p.full_tensor() for p in got], [q.detach() for q in want])
-        out["placement_errors"] = {}
-        for kind, value in odd.items():
-            p = torch.nn.Parameter(value)
-            p.grad = torch.ones_like(p)
-            try:
-                fusedwd.LAMB([p], backend="cpu").step()
-                out["placement_errors"][kind] = None
-            except ValueError as e:
-                out["placement_errors"][kind] = str(e)
-
+        out = scenarios(rank, out_dir, *args)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "results.pt"))
         dist.barrier()
@@ -339,49 +380,12 @@ def _worker(rank: int, backend: str, out_dir: str) -> None:
     os._exit(0)
 
 
+def _worker(rank: int, backend: str, out_dir: str) -> None:
+    _in_rank(rank, out_dir, _scenarios, backend)
+
+
 def _two_phase_worker(rank: int, out_dir: str) -> None:
-    """LAMB and StableAdamW under FSDP2 on the Triton kernels (the interpreter, CPU tensors: the
-    parent set TRITON_INTERPRET=1) and on the CPU kernel, and on Triton with the reduction disabled."""
-    try:
-        torch.set_num_threads(1)
-        store = "file://" + os.path.join(out_dir, "rendezvous")
-        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
-        from torch.distributed.fsdp import fully_shard
-
-        from fusedwd.optim import _dtensor
-
-        out = {}
-        for name in TWO_PHASE:
-            for backend, variant in (("triton", "reduced"), ("cpu", "reduced"), ("triton", "unreduced"),
-                                     ("triton", "no_norm_grads"), ("cpu", "no_norm_grads")):
-                saved = _dtensor.reduce_sums
-                if variant == "unreduced":
-                    _dtensor.reduce_sums = lambda sums, over: None
-                try:
-                    model = _model()
-                    for layer in model:
-                        if any(True for _ in layer.parameters()):
-                            fully_shard(layer)
-                    fully_shard(model)
-                    opt = _two_phase(name, model, backend)
-                    if variant == "no_norm_grads":
-                        # the LayerNorm's parameters without gradients: the bucket's other rows are
-                        # placed by parameter index around the collective
-                        for p in model[1].parameters():
-                            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-                    _train(model, opt, range(TRITON_STEPS), rank, scale=_growth)
-                    out[name, backend, variant] = _gathered(model, opt)
-                finally:
-                    _dtensor.reduce_sums = saved
-        if rank == 0:
-            torch.save(out, os.path.join(out_dir, "results.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
+    _in_rank(rank, out_dir, _two_phase_scenarios)
 
 
 def _spawn(worker, args, out_dir, what: str) -> None:
