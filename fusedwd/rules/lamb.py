@@ -24,7 +24,7 @@ from ._rule import PhaseHelpers, Rule, State
 if TYPE_CHECKING:  # what fusedwd.triton compiles the triton_* helpers with (docs/adding-a-rule.md#triton)
     import triton.language as tl
 
-    from ..triton._kernels import decayed_grad, div_rn, lerp, lerp_weight, pow_int, sqrt_rn
+    from ..triton._kernels import adam_moments, div_rn, pow_int, sqrt_rn
 
     COL: Any = None  # the rule's hyperparameter columns (COL.beta1: its index), bound by compile_rule
 
@@ -164,15 +164,10 @@ def triton_reads_p(hp):
 
 def triton_moments(p, g, m, v, hp, t, grad_mult, MATH: tl.constexpr):
     """lamb.h moments: AdamW's; p decayed as phase 2 will decay it."""
-    beta2 = tl.load(hp + COL.beta2)
-    l2 = tl.load(hp + COL.l2)
     grad_sign = (tl.load(hp + COL.grad_sign) * grad_mult).to(MATH)
-    m_coeff, m_small = lerp_weight(1.0 - tl.load(hp + COL.beta1), MATH)
-    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
-    p = p * tl.load(hp + COL.decay_mult).to(MATH)
-    m = lerp(m, g, m_coeff, m_small)
-    v = beta2.to(MATH) * v + ((1.0 - beta2).to(MATH) * g) * g
-    return p, g, m, v
+    g, m, v = adam_moments(g, p, m, v, tl.load(hp + COL.beta1), tl.load(hp + COL.beta2), tl.load(hp + COL.l2),
+                           grad_sign, MATH)
+    return p * tl.load(hp + COL.decay_mult).to(MATH), g, m, v
 
 
 def triton_terms(p, g, m, v, hp, t, MATH: tl.constexpr):

@@ -32,7 +32,7 @@ written in the order of csrc/include/fusedwd/<rule>.h so that both backends
 round alike, and compiled here by ``compile_rule`` in its module's namespace
 plus ``tl``, the helpers below that rules use (``RULE_HELPERS``: IEEE square
 root and division, ``beta**t``, and torch's L2 term, lerp and maximum, which
-decide how Inf and NaN spread) and ``COL``, the rule's hyperparameter columns
+decide how Inf and NaN spread, and Adam's moments of the two-phase rules) and ``COL``, the rule's hyperparameter columns
 (docs/adding-a-rule.md#triton). Divisions and square roots are the IEEE
 round-to-nearest ones (``tl.div_rn`` and ``tl.sqrt_rn`` in float32, where
 Triton's defaults are approximate on NVIDIA GPUs), and the launcher compiles
@@ -516,9 +516,20 @@ def maximum(a, b):
     return tl.where((b > a) | (b != b), b, a)
 
 
+@triton.jit
+def adam_moments(g, p, m, v, beta1, beta2, l2, grad_sign, MATH: tl.constexpr):
+    """adamw.h AdamMoments: the gradient (signed, scaled, plus the L2 term where l2 != 0) and Adam's
+    m, v from it, in torch's operations (beta1, beta2, l2 float64; grad_sign in MATH)."""
+    m_coeff, m_small = lerp_weight(1.0 - beta1, MATH)
+    g = decayed_grad(g, p, grad_sign, l2.to(MATH), l2 != 0.0)
+    m = lerp(m, g, m_coeff, m_small)
+    v = beta2.to(MATH) * v + ((1.0 - beta2).to(MATH) * g) * g
+    return g, m, v
+
+
 # ------------------------------------------------------------------ the rules
 # the shared helpers a rule's triton_update may call (and import under TYPE_CHECKING)
-RULE_HELPERS = (sqrt_rn, div_rn, pow_int, decayed_grad, lerp_weight, lerp, maximum)
+RULE_HELPERS = (sqrt_rn, div_rn, pow_int, decayed_grad, lerp_weight, lerp, maximum, adam_moments)
 
 
 def compile_rule(rule: rules.Rule) -> triton.JITFunction:
