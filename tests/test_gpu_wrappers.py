@@ -17,7 +17,7 @@ import fusedwd
 from fusedwd import _cuda_ext
 
 from _helpers import AWKWARD_SHAPES, assert_close, compare_optimizers, make_params, random_grads
-from _rules import RICH_CONFIGS
+from _rules import INFOS, RICH_CONFIGS, TWO_PHASE
 
 GPU_BACKENDS = [b for b in fusedwd.available_backends("cuda") if b != "reference"] if torch.cuda.is_available() else []
 pytestmark = pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device, or no GPU backend built")
@@ -96,6 +96,38 @@ def test_every_layout_matches_the_cpu_kernel(backend, cls, kw, states, layout):
                 pc.copy_(pg.cpu())
                 for name in sg:
                     sc[name].copy_(sg[name].cpu())
+
+
+@pytest.mark.parametrize("layout", ["f32", *[name for name in LAYOUTS if not name.startswith("int8")]])
+@pytest.mark.parametrize("name", TWO_PHASE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_phase_rules_match_the_cpu_kernel(backend, name, layout):
+    """LAMB and StableAdamW (two launches per step, the per-tensor sums on the device) against the CPU
+    kernel, tensors of several programs each, in every layout they take (no 8-bit states)."""
+    if backend == "cuda":
+        pytest.skip("the CUDA backend has no two-phase kernel yet")
+    dtype, options = LAYOUTS[layout] if layout != "f32" else (torch.float32, {})
+    base = make_params([(4097,), (1024, 3), (5, 7), (1,), (0,)], dtype)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in base]
+    cpu = [torch.nn.Parameter(p.detach().clone()) for p in base]
+    kw = dict(INFOS[name].hyperparameters, weight_decay=0.1)
+    opts = [INFOS[name].cls(gpu, backend=backend, **kw, **options), INFOS[name].cls(cpu, backend=CPU, **kw, **options)]
+    for opt in opts:
+        for group in opt.param_groups:
+            group["sr_seed"] = 11
+    for t in range(4):
+        for pg, pc, g in zip(gpu, cpu, random_grads(base, t)):
+            pg.grad, pc.grad = g.cuda(), g.clone()
+        for opt in opts:
+            opt.step()
+        for k, (pg, pc) in enumerate(zip(gpu, cpu)):
+            scale = 2.0 * max(pc.detach().abs().max().item(), 1.0) if options.get("stochastic_rounding") else 1.0
+            assert_close(pg.detach().cpu(), pc.detach(), f"{name} step {t} param {k}", scale=scale)
+            with torch.no_grad():
+                pc.copy_(pg.cpu())
+                for key, value in opts[0].state[pg].items():
+                    if torch.is_tensor(value):
+                        opts[1].state[pc][key].copy_(value.cpu())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
