@@ -138,6 +138,18 @@ def assert_isa_variants_bitwise_equal(results: dict) -> None:
             assert bitwise_equal(a, b), f"tensor {k}: {isa} differs from {isas[0]}"
 
 
+def redefine_triton(module) -> None:
+    """Define fusedwd.triton's kernels again, in the mode TRITON_INTERPRET now says: every module
+    that defines kernels, in import order (the two-phase kernels call the generic kernel's helpers,
+    and the launcher imports both)."""
+    import importlib
+
+    importlib.reload(module._kernels)
+    importlib.reload(module._phases)
+    importlib.reload(module._launch)
+    importlib.reload(module)
+
+
 @contextlib.contextmanager
 def interpreted_triton():
     """fusedwd.triton defined for Triton's interpreter (CPU tensors) while the block runs.
@@ -158,12 +170,7 @@ def interpreted_triton():
         yield "Triton is not installed"
         return
 
-    def define(module):
-        importlib.reload(module._kernels)
-        importlib.reload(module._phases)  # the two-phase kernels call the generic kernel's helpers
-        importlib.reload(module._launch)
-        importlib.reload(module)
-
+    define = redefine_triton
     # set while the block runs too: Triton also reads it at launch (tests/test_triton.py keeps it so)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")

@@ -21,7 +21,7 @@ import fusedwd
 from fusedwd import _buckets, _ext
 
 import _rules
-from _helpers import assert_close, make_params, random_grads
+from _helpers import assert_close, make_params, random_grads, redefine_triton
 from _layouts import (
     LAYOUT_IDS,
     LAYOUTS,
@@ -61,9 +61,7 @@ def triton_kernels():
         module = _ext._load_triton()
         if module is not None and module.INTERPRETED != INTERPRET:
             # defined earlier in this process in the other mode: define the kernels again
-            importlib.reload(module._kernels)
-            importlib.reload(module._launch)
-            importlib.reload(module)
+            redefine_triton(module)
         reason = _ext.triton_unusable(DEVICE)
         if reason is not None and not _ext.has_triton():
             pytest.skip(reason)

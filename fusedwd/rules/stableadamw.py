@@ -129,9 +129,11 @@ def triton_terms(p, g, m, v, hp, t, MATH: tl.constexpr):
     so the second term is a 0 the kernel never combines."""
     bc2 = (1.0 - pow_int(tl.load(hp + COL.beta2), t.to(tl.int64))).to(MATH)
     eps = tl.load(hp + COL.eps)
-    eps_sq = (eps * eps).to(MATH) + tl.zeros_like(v)  # a block, as maximum's operands must be
+    # a block, as maximum's operands must be (tl.full: a builtin, where tl.zeros_like is a jit
+    # function of Triton's own, defined compiled or interpreted once per process: fusedwd/triton/_phases.py)
+    eps_sq = tl.full(v.shape, eps * eps, MATH)
     ratio = div_rn(g * g, maximum(div_rn(v, bc2), eps_sq)).to(tl.float64)
-    return ratio, tl.zeros_like(ratio)
+    return ratio, tl.full(ratio.shape, 0.0, tl.float64)
 
 
 def triton_apply_scalars(hp, t, ratio_sum, unused, n, MATH: tl.constexpr):

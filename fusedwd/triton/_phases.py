@@ -187,7 +187,10 @@ def _moments_block(row, start, offs, mask, t, hp, grad_mult, reads_p, P: tl.cons
     if reads_p:
         p = _load_param(p_ptr, master_ptr, offs, mask, P, MATH, MASTER)
     else:
-        p = tl.zeros_like(g)
+        # tl.full, a builtin: tl.zeros_like is a jit function of Triton's own, defined compiled or
+        # interpreted when triton.language is first imported, which a process may do before
+        # fusedwd.triton's kernels are (re)defined for the interpreter (tests/_helpers.py)
+        p = tl.full(g.shape, 0.0, MATH)
     s0_ptr = _pointer(row, SEG_S0, start, S, ALIGNED)
     s1_ptr = _pointer(row, SEG_S1, start, S, ALIGNED)
     m = _load(s0_ptr, offs, mask, S, MATH)
