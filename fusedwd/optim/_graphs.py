@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _cuda_ext, _ext
 from .._spec import Backend, Decay, device_lr, group_lr_max
 
 if TYPE_CHECKING:
@@ -269,6 +269,12 @@ def attach(bucket: "Bucket", sums: int = 0) -> None:
         # the segment table: its host image is table_out itself; the kernel's arrival counter
         tables.device_table = ResidentTable(bucket.device, tables.table_out.numel(), host=tables.table_out.view(-1))
         tables.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+        if sums:
+            # a two-phase rule: the segments' sums between the phases and the kernel's scratch (its
+            # per-segment arrival counters and chunk sums), for every segment of the bucket
+            n = len(bucket.params)
+            tables.sums = torch.zeros(n, sums, dtype=torch.float64, device=bucket.device)
+            tables.scratch = _cuda_ext.scratch(n, sum(bucket.numels), sums, bucket.device)
 
 
 def sync(opt: "FusedOptimizer", step: "Step", plan: list["Bucket"], active: list[int],
