@@ -291,6 +291,7 @@ __global__ void __launch_bounds__(kCudaThreads, kPhasesMinBlocksPerSm)
             x[0] += x[1];
             partials[((seg.chunk0 + j) * kSumChunksPerChunk + group) * K + k] = x[0];
           }
+          __threadfence();  // each writer's own fence, before the barrier and the block's arrival
         }
         // every thread's reads of lanes, and the partials' stores, before the arrival
         __syncthreads();
