@@ -110,9 +110,10 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
     """
     table_dev = table.to(device, non_blocking=True)
     hyper_dev = hyper.to(device, non_blocking=True).contiguous()
-    if arrivals is None:
-        arrivals = torch.zeros(1, dtype=torch.int32, device=device)
     sums = cuda().RULES[rule]["sums"] if rule in cuda().RULES else 0
+    if arrivals is None:
+        # a two-phase rule: each segment's arrival counter after the launch's word
+        arrivals = torch.zeros(1 + (table.shape[0] if sums else 0), dtype=torch.int32, device=device)
     if sums and precision.get("scratch") is None:
         # a two-phase rule's scratch for these segments (reads the sizes on the host: a helper, not a hot path)
         elements = int(table[:, cuda().SEG_N].sum())
@@ -122,7 +123,7 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
 
 def scratch(nseg: int, elements: int, sums: int, device: "torch.device") -> "torch.Tensor":
     """A two-phase launch's scratch (csrc/cuda/phases.cuh) over ``nseg`` segments of at most ``elements``
-    elements in all, for a rule of ``sums`` sums: zeros (its arrival counters), kept across launches."""
+    elements in all, for a rule of ``sums`` sums (each launch writes it before reading it)."""
     size = cuda().two_phase_scratch_bytes(nseg, elements, sums)
     return torch.zeros(-(-size // 8), dtype=torch.float64, device=device)
 
@@ -143,8 +144,9 @@ def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", d
     clip coefficient), must already be on ``device``: the kernel reads it there, so a skipped
     or scaled step needs no host read.
 
-    A two-phase rule (LAMB, StableAdamW) takes ``scratch`` (:func:`scratch`, sized for the
-    segments: the kernel cannot check it), ``sums`` (float64 [nseg, sums] on the device, or None:
+    A two-phase rule (LAMB, StableAdamW) takes ``arrivals`` of 1 + ``nseg`` zeros (each segment's
+    arrival counter after the launch's word, all left zero), ``scratch`` (:func:`scratch`, sized
+    for the segments: the kernel cannot check it), ``sums`` (float64 [nseg, sums] on the device, or None:
     in the scratch) and ``phases`` (3: both, two launches; 1: phase 1, which writes ``sums``; 2:
     phase 2, which reads them), as fusedwd._C.step takes them.
     """
@@ -163,6 +165,9 @@ def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", d
             raise ValueError(f"ctl must be a contiguous float32 tensor of {ext.CTL_SIZE} elements on {here}, "
                              f"got {ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
         k = ext.RULES[rule]["sums"] if rule in ext.RULES else 0
+        if k and arrivals.numel() < 1 + nseg:
+            raise ValueError(f"arrivals must hold 1 + nseg = {1 + nseg} zero words for rule {rule!r} (each "
+                             f"segment's arrival counter after the launch's), got {arrivals.numel()}")
         if sums is not None and (sums.device != here or sums.dtype != torch.float64 or not sums.is_contiguous()
                                  or sums.numel() < nseg * k):
             raise ValueError(f"sums must be a contiguous float64 [{nseg}, {k}] tensor on {here}, "

@@ -420,7 +420,7 @@ def emulation(tmp_path_factory):
     dll.fusedwd_emulated_phases.argtypes = [
         ctypes.c_int, ctypes.c_uint, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # rule, switches, table...
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # dtype, state dtype, master, stochastic
-        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),  # ctl, seed, grid, arrivals
+        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.c_void_p,  # ctl, seed, grid, arrivals (1 + nseg)
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # phases, sums (or None), scratch
     ]
     return dll
@@ -542,8 +542,9 @@ PHASE_MISALIGNED = frozenset({5})
 
 
 class EmulatedPhases:
-    """Launches of the emulated two-phase kernel over a bucket's table, with its scratch (whose
-    arrival counters every launch must leave at zero) and its launch arrival word."""
+    """Launches of the emulated two-phase kernel over a bucket's table, with its scratch (NaN: never
+    read before written) and its arrival words (the launch's, then each segment's: every launch
+    must leave them zero)."""
 
     def __init__(self, emulation, bucket, grid=3):
         self.emulation, self.bucket, self.grid = emulation, bucket, grid
@@ -551,21 +552,19 @@ class EmulatedPhases:
         n = len(bucket.sizes)
         size = C.two_phase_scratch_bytes(n, sum(bucket.sizes), self.k)
         self.scratch = torch.full((size // 8,), float("nan"), dtype=torch.float64)
-        self.scratch.view(torch.int32)[:n].zero_()  # the counters; the rest is never read before written
-        self.arrivals = ctypes.c_uint(0)
+        self.arrivals = torch.zeros(1 + n, dtype=torch.int32)
 
-    def __call__(self, ctl, seed, phases=3, sums=None):
+    def __call__(self, ctl, seed, phases=3, sums=None, rows=None):
         b = self.bucket
-        table = b.table()
+        table = b.table()[:rows]
         done = self.emulation.fusedwd_emulated_phases(
             C.RULES[b.rule]["id"], 0, table.data_ptr(), table.shape[0], b.hyper.data_ptr(), dtype_code(b.dtype),
             dtype_code(b.state_dtype), b.master, b.stochastic, 0 if ctl is None else ctl.data_ptr(), seed,
-            self.grid, ctypes.byref(self.arrivals), phases, None if sums is None else sums.data_ptr(),
+            self.grid, self.arrivals.data_ptr(), phases, None if sums is None else sums.data_ptr(),
             self.scratch.data_ptr())
         assert done == 0, done
-        assert self.arrivals.value == 0, "the last block resets the arrival word (a skipped launch never arrives)"
-        counters = self.scratch.view(torch.int32)[:len(b.sizes)]
-        assert not counters.any(), "each segment's last chunk resets its counter"
+        assert int(self.arrivals[0]) == 0, "the last block resets the arrival word (a skipped launch never arrives)"
+        assert not self.arrivals[1:].any(), "each segment's last chunk resets its counter"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
@@ -620,6 +619,26 @@ def test_emulated_two_phase_sums_and_phases_apart(emulation, rule):
         assert_same_bits(apart, host, f"step {t}: against the CPU kernel")
 
 
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_emulated_two_phase_launches_over_fewer_and_more_segments(emulation, rule):
+    # the optimizer launches over this step's segments with gradients, with one scratch and one
+    # arrivals buffer sized for the whole bucket: launches over 2, 7, 3 and 7 segments in turn (the
+    # scratch's layout moves with the launch's segment count; the counters must not)
+    from fusedwd import _C
+
+    layout = (torch.float32, torch.float32, False, False)
+    bucket = LayoutBucket(rule, (), layout, PHASE_SIZES, misaligned=PHASE_MISALIGNED)
+    host = bucket.copy("cpu")
+    run = EmulatedPhases(emulation, bucket)
+    for t, rows in enumerate([2, 7, 3, 7]):
+        bucket.new_grads(t)
+        host.new_grads(t)
+        run(None, 0, rows=rows)
+        table = host.table()
+        _C.step(rule, table.data_ptr(), rows, host.hyper.data_ptr(), dtype_code(torch.float32), (), 1)
+        assert_same_bits(bucket, host, f"step {t} over {rows} segments")
+
+
 @needs_module
 @pytest.mark.parametrize("rule", TWO_PHASE)
 def test_two_phase_launch_rejects_bad_arguments(rule):
@@ -635,7 +654,7 @@ def test_two_phase_launch_rejects_bad_arguments(rule):
         C.step(rule, addr, 1, addr, 0, (), addr, 0)
     with pytest.raises(ValueError, match="elementwise: it takes no sums"):
         C.step("sgdw", addr, 1, addr, 0, (True, False), addr, 0, scratch=addr)
-    assert C.two_phase_scratch_bytes(3, 5000, 2) == 16 + 3 * 2 * 8 + (5 + 3) * 16 * 2 * 8
+    assert C.two_phase_scratch_bytes(3, 5000, 2) == 3 * 2 * 8 + (5 + 3) * 16 * 2 * 8
 
 
 # ---------------------------------------------------------------- on a GPU

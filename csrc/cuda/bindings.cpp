@@ -87,7 +87,7 @@ struct Precision {
   bool quantized;   // 8-bit blockwise states (quant.h); state_dtype is then ignored
   uintptr_t sums;   // two-phase rules: device address of float64 [nseg, sums], or 0 (in the scratch)
   int phases;       // two-phase rules: 3 both phases (two launches), 1 phase 1 only, 2 phase 2 only
-  uintptr_t scratch;  // two-phase rules: device address of two_phase_scratch_bytes, its counters zero
+  uintptr_t scratch;  // two-phase rules: device address of two_phase_scratch_bytes (arrivals: 1 + nseg words)
 };
 
 // One step of a rule, launched with the GIL released; a CUDA error becomes RuntimeError.
@@ -108,7 +108,7 @@ void step(const std::string& name, uintptr_t table, int64_t nseg, uintptr_t hype
     }
     if (nseg > 0 && pr.scratch == 0) {
       throw py::value_error("rule '" + name + "' takes scratch= (the device address of "
-                            "two_phase_scratch_bytes(nseg, elements, sums) bytes, its counters zero)");
+                            "two_phase_scratch_bytes(nseg, elements, sums) bytes; arrivals: 1 + nseg zero words)");
     }
   } else if (pr.sums != 0 || pr.phases != 3 || pr.scratch != 0) {
     throw py::value_error("rule '" + name + "' is elementwise: it takes no sums, no phases and no scratch");
@@ -254,8 +254,8 @@ PYBIND11_MODULE(_C_cuda, m) {
       "1/grad_scale, found_inf, clip coefficient; a nonzero found_inf skips the step, step\n"
       "counts included), seed and quantized (8-bit blockwise states: S0..S2 hold uint8 codes,\n"
       "SEG_A0..SEG_A2 fp32 absmax), as fusedwd._C.step. A two-phase rule (RULES[rule]['sums'] > 0)\n"
-      "takes scratch (device address of two_phase_scratch_bytes(nseg, elements, sums) bytes, its\n"
-      "first nseg uint32 zero before the first launch; every launch leaves them zero), sums (device\n"
+      "takes scratch (device address of two_phase_scratch_bytes(nseg, elements, sums) bytes) and\n"
+      "1 + nseg zero words at arrivals (each segment's counter after the launch's; left zero), sums (device\n"
       "address of float64 [nseg, sums]: phase 1 writes each segment's sums, phase 2 reads them; 0:\n"
       "in the scratch) and phases (3: both, two launches; 1: phase 1 only, step counts unchanged;\n"
       "2: phase 2 only, from the sums buffer). No 8-bit states.");

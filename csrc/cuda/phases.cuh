@@ -15,7 +15,7 @@
 //
 // Phase 1 updates the states and writes each sum chunk's float64 sums into the scratch's
 // partials, at (global chunk * 16 + sum chunk) * K: a segment's sum chunks are consecutive. Each
-// chunk done, the block arrives on its segment's counter (a __threadfence() after the stores,
+// chunk done, the block arrives on its segment's counter (arrivals[1 + segment]) (a __threadfence() after the stores,
 // then atomicAdd, as the step count arrival); the block that brings it to the segment's chunk
 // count fences again and adds the segment's sum chunks in chunk order (loops.h: total += part
 // one at a time) into the sums buffer [nseg, K], and resets the counter. The last block of the
@@ -173,24 +173,24 @@ struct PhaseSegment {
   }
 };
 
-// The scratch of a two-phase launch (device memory the caller owns, its counters zeroed once and
-// left zero by every launch; csrc/cuda/kernels.h two_phase_scratch_bytes): nseg uint32 arrival
-// counters, room for the sums [nseg, K] (used when the caller gives no sums buffer), then the
-// partials, float64 [chunks * kSumChunksPerChunk, K] (chunks: the launch's chunks of kPhaseChunk).
+// The scratch of a two-phase launch (device memory the caller owns; csrc/cuda/kernels.h
+// two_phase_scratch_bytes): room for the sums [nseg, K] (used when the caller gives no sums
+// buffer), then the partials, float64 [chunks * kSumChunksPerChunk, K] (chunks: the launch's
+// chunks of kPhaseChunk). Both are written before they are read in every step, so their places
+// may move with nseg. The segments' arrival counters, which must stay zero between launches, are
+// the words after the launch's arrival word (arrivals[1 + s]): their places never move.
 struct PhaseScratch {
-  unsigned int* counters;
   double* own_sums;
   double* partials;
 };
 FUSEDWD_HD inline PhaseScratch phase_scratch(void* scratch, int64_t nseg, int k) {
-  char* base = static_cast<char*>(scratch);
-  const int64_t counters = (nseg * 4 + 15) / 16 * 16;
-  return {reinterpret_cast<unsigned int*>(base), reinterpret_cast<double*>(base + counters),
-          reinterpret_cast<double*>(base + counters + nseg * k * 8)};
+  double* base = static_cast<double*>(scratch);
+  return {base, base + nseg * k};
 }
 
-// ctl, seed, rule, switches: as step_kernel's; phase: 1 or 2; sums: float64 [nseg, K], written by
-// phase 1 and read by phase 2 (nullptr: in the scratch); scratch: see phase_scratch.
+// ctl, seed, rule, switches: as step_kernel's; arrivals: 1 + nseg zero words (the launch's, then
+// each segment's), left zero; phase: 1 or 2; sums: float64 [nseg, K], written by phase 1 and read
+// by phase 2 (nullptr: in the scratch); scratch: see phase_scratch.
 // Resident blocks per SM the two-phase kernels are compiled for: three (85 registers), as the fp64
 // and 8-bit kernels (step.cuh kMinBlocksPerSm): at 64 registers the bf16 kernels spilled 44 bytes
 // (phase 1 keeps a lane's 4 elements and its float64 sums in flight).
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kCudaThreads, kPhasesMinBlocksPerSm)
     using Rule = decltype(rule_tag);
     constexpr int K = Rule::kSums;
     const PhaseScratch sc = phase_scratch(scratch, nseg, K);
-    unsigned int* counters = sc.counters;
+    unsigned int* counters = arrivals + 1;
     double* partials = sc.partials;
     if (sums == nullptr) sums = sc.own_sums;
     const int group = tid / kSumLanes;  // the thread's sum chunk in a chunk

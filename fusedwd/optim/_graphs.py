@@ -268,11 +268,12 @@ def attach(bucket: "Bucket", sums: int = 0) -> None:
     elif bucket.backend == Backend.CUDA:
         # the segment table: its host image is table_out itself; the kernel's arrival counter
         tables.device_table = ResidentTable(bucket.device, tables.table_out.numel(), host=tables.table_out.view(-1))
-        tables.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+        n = len(bucket.params)
+        # a two-phase rule: each segment's arrival counter after the launch's word (csrc/cuda/phases.cuh)
+        tables.arrivals = torch.zeros(1 + (n if sums else 0), dtype=torch.int32, device=bucket.device)
         if sums:
-            # a two-phase rule: the segments' sums between the phases and the kernel's scratch (its
-            # per-segment arrival counters and chunk sums), for every segment of the bucket
-            n = len(bucket.params)
+            # the segments' sums between the phases and the kernel's scratch (chunk sums), for every
+            # segment of the bucket
             tables.sums = torch.zeros(n, sums, dtype=torch.float64, device=bucket.device)
             tables.scratch = _cuda_ext.scratch(n, sum(bucket.numels), sums, bucket.device)
 

@@ -266,7 +266,7 @@ extern "C" int fusedwd_emulated_step(int rule, unsigned switches, const int64_t*
 
 // One step of a two-phase rule over `table` (host addresses), as the .cu files launch it: phase 1
 // then phase 2 (phases 3), or one of them; sums: float64 [nseg, sums] or nullptr (in the scratch);
-// scratch: two_phase_scratch_bytes, its counters zero. Returns 0, -1 for an unknown rule, -2 for a
+// scratch: two_phase_scratch_bytes; arrivals: 1 + nseg zero words. Returns 0, -1 for an unknown rule, -2 for a
 // layout without a kernel, -3 for an elementwise rule.
 extern "C" int fusedwd_emulated_phases(int rule, unsigned switches, const int64_t* table, int64_t nseg,
                                        const double* hyper, int dtype, int state_dtype, int master,
