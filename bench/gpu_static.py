@@ -61,7 +61,7 @@ FAST_PATH_CONDITION = "vector"
 # order (Rule.structures), less those its validation rejects: SGDW's nesterov needs momentum
 RULES = tuple(name for name, rule in _rules.RULES.items() if not rule.reduces)
 # the two-phase rules (LAMB, StableAdamW): two Triton kernels each (phase 1 and 2, fusedwd/triton/_phases.py),
-# no switches, no 8-bit states; no CUDA kernel yet
+# no switches, no 8-bit states; on CUDA one phases_kernel per layout runs them all (csrc/cuda/phases.cuh)
 TWO_PHASE_RULES = tuple(name for name, rule in _rules.RULES.items() if rule.reduces)
 _INVALID = {"sgdw": [(False, True)]}
 SWITCHES = {name: [s for s in _rules.get(name).structures() if s not in _INVALID.get(name, [])] for name in RULES}
@@ -453,19 +453,23 @@ def triton_report(archs=ARCHS, jobs: int = 1, dump: Optional[str] = None, cache:
 
 # ---------------------------------------------------------------------- CUDA
 # step_kernel<Layout<P, S, MASTER, SR>, Q8>, mangled (as tests/test_cuda_ext.py reads it): one kernel per
-# storage layout, whose rule and switches are launch arguments (csrc/cuda/step.cuh), so no rule in the name
+# storage layout, whose rule and switches are launch arguments (csrc/cuda/step.cuh), so no rule in the name;
+# phases_kernel<Layout<P, S, MASTER, SR>>: the two-phase rules' kernel of each layout without 8-bit states
 _KERNEL_NAME = re.compile(r"11step_kernelINS\w+?6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEELb([01])EE")
+_PHASES_NAME = re.compile(r"13phases_kernelINS\w+?6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEE")
 _DTYPE = {0: "float32", 1: "float16", 2: "bfloat16", 3: "float64"}
 
 
 @dataclasses.dataclass(frozen=True)
 class CudaKernel:
-    """One CUDA kernel: a storage layout, with a path per rule of the registry and switch combination."""
+    """One CUDA kernel: a storage layout, with a path per rule of the registry and switch combination
+    (``phases``: the two-phase kernel, a path per two-phase rule and phase)."""
 
     p: str
     s: str  # "uint8": 8-bit codes with fp32 block absmax
     master: bool
     sr: bool
+    phases: bool = False
 
     @property
     def q8(self) -> bool:
@@ -473,10 +477,15 @@ class CudaKernel:
 
     @property
     def name(self) -> str:
-        return "step " + Variant("", (), self.p, self.s, self.master, self.sr).name.split(" ", 1)[1]
+        layout = Variant("", (), self.p, self.s, self.master, self.sr).name.split(" ", 1)[1]
+        return ("phases " if self.phases else "step ") + layout
 
     def paths(self) -> list[Variant]:
-        """The (rule, switches) paths the kernel holds: every GPU rule's valid switch combinations."""
+        """The (rule, switches) paths the kernel holds: every GPU rule's valid switch combinations (the
+        two-phase kernel: both phases of every two-phase rule)."""
+        if self.phases:
+            return [Variant(rule, (), self.p, self.s, self.master, self.sr, phase)
+                    for rule in TWO_PHASE_RULES for phase in (1, 2)]
         return [Variant(rule, switches, self.p, self.s, self.master, self.sr)
                 for rule in RULES for switches in SWITCHES[rule]]
 
@@ -484,16 +493,23 @@ class CudaKernel:
 def cuda_kernel(mangled: str) -> Optional[CudaKernel]:
     m = _KERNEL_NAME.search(mangled)
     if m is None:
-        return None
+        m = _PHASES_NAME.search(mangled)
+        if m is None:
+            return None
+        p, s, master, sr = m.groups()
+        return CudaKernel(_DTYPE[int(p)], _DTYPE[int(s)], master == "1", sr == "1", phases=True)
     p, s, master, sr, q8 = m.groups()
     return CudaKernel(_DTYPE[int(p)], "uint8" if q8 == "1" else _DTYPE[int(s)], master == "1", sr == "1")
 
 
 def cuda_kernels() -> list[CudaKernel]:
-    """The kernels the CUDA build instantiates: one per storage layout the launchers accept."""
+    """The kernels the CUDA build instantiates: one per storage layout the launchers accept, and a
+    two-phase one per layout without 8-bit states."""
     plain, q8 = layouts()
-    return [CudaKernel(str(p).removeprefix("torch."), str(s).removeprefix("torch."), master, sr)
-            for p, s, master, sr in plain + q8]
+    return ([CudaKernel(str(p).removeprefix("torch."), str(s).removeprefix("torch."), master, sr)
+             for p, s, master, sr in plain + q8]
+            + [CudaKernel(str(p).removeprefix("torch."), str(s).removeprefix("torch."), master, sr, phases=True)
+               for p, s, master, sr in plain])
 
 def _module_code(module: str) -> tuple[dict, dict]:
     """(resource usage, SASS access counts) per architecture and function of a fat binary, read once
@@ -540,8 +556,10 @@ def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
                 continue
             expected = dict(loads_128=0, stores_128=0, loads_64=0, stores_64=0)
             for variant in kernel.paths():
-                if variant.q8:
-                    continue  # 8-bit states move one element per thread and quant block
+                if variant.q8 or kernel.phases:
+                    # 8-bit states move one element per thread and quant block; the two-phase kernels one
+                    # element per access, a warp's lanes on consecutive elements (csrc/cuda/phases.cuh)
+                    continue
                 reads, writes = variant.buffers()
                 widest = max(variant.widths())
 
@@ -555,11 +573,12 @@ def cuda_report(module: Optional[str] = None) -> list[dict[str, Any]]:
                 if widest != 2:
                     expected["loads_64"] += count(reads, widest // 2)
                     expected["stores_64"] += count(writes, widest // 2)
-            richest = [v for v in kernel.paths() if v.switches == RICHEST[v.rule]]
+            richest = [v for v in kernel.paths() if kernel.phases or v.switches == RICHEST[v.rule]]
             reads = sorted({f"{n}:{d}" for v in richest for n, d in v.buffers()[0]})
             writes = sorted({f"{n}:{d}" for v in richest for n, d in v.buffers()[1]})
             out.append(dict(
-                kind="cuda", variant=kernel.name, rules=list(RULES), paths=len(kernel.paths()),
+                kind="cuda", variant=kernel.name, rules=list(TWO_PHASE_RULES if kernel.phases else RULES),
+                paths=len(kernel.paths()),
                 layout=dict(p=kernel.p, s=kernel.s, master=kernel.master, sr=kernel.sr, q8=kernel.q8),
                 arch=arch, **use, **accesses[arch][name],
                 **{f"expected_{k}": v for k, v in expected.items()},

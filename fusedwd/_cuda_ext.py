@@ -110,15 +110,29 @@ def step(rule: str, table: "torch.Tensor", hyper: "torch.Tensor", dtype_code: in
     """
     table_dev = table.to(device, non_blocking=True)
     hyper_dev = hyper.to(device, non_blocking=True).contiguous()
+    sums = cuda().RULES[rule]["sums"] if rule in cuda().RULES else 0
     if arrivals is None:
-        arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+        # a two-phase rule: each segment's arrival counter after the launch's word
+        arrivals = torch.zeros(1 + (table.shape[0] if sums else 0), dtype=torch.int32, device=device)
+    if sums and precision.get("scratch") is None:
+        # a two-phase rule's scratch for these segments (reads the sizes on the host: a helper, not a hot path)
+        elements = int(table[:, cuda().SEG_N].sum())
+        precision["scratch"] = scratch(table.shape[0], elements, sums, device)
     launch(rule, table_dev, table.shape[0], hyper_dev, dtype_code, switches, device, arrivals, **precision)
+
+
+def scratch(nseg: int, elements: int, sums: int, device: "torch.device") -> "torch.Tensor":
+    """A two-phase launch's scratch (csrc/cuda/phases.cuh) over ``nseg`` segments of at most ``elements``
+    elements in all, for a rule of ``sums`` sums (each launch writes it before reading it)."""
+    size = cuda().two_phase_scratch_bytes(nseg, elements, sums)
+    return torch.zeros(-(-size // 8), dtype=torch.float64, device=device)
 
 
 def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", dtype_code: int, switches: tuple,
            device: "torch.device", arrivals: "torch.Tensor", *, state_dtype: int = -1, master: bool = False,
            stochastic_rounding: bool = False, ctl: Optional["torch.Tensor"] = None, seed: int = 0,
-           quantized: bool = False) -> None:
+           quantized: bool = False, sums: Optional["torch.Tensor"] = None, phases: int = 3,
+           scratch: Optional["torch.Tensor"] = None) -> None:
     """One ``step(rule, ...)`` launch over tables already on ``device``, on torch's current stream there.
 
     ``table``: int64, at least ``nseg`` rows of SEG_COLS; ``hyper``: contiguous float64 rows;
@@ -129,6 +143,12 @@ def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", d
     are passed on as they are; ``ctl``, the float32 control block (1/grad_scale, found_inf,
     clip coefficient), must already be on ``device``: the kernel reads it there, so a skipped
     or scaled step needs no host read.
+
+    A two-phase rule (LAMB, StableAdamW) takes ``arrivals`` of 1 + ``nseg`` zeros (each segment's
+    arrival counter after the launch's word, all left zero), ``scratch`` (:func:`scratch`, sized
+    for the segments: the kernel cannot check it), ``sums`` (float64 [nseg, sums] on the device, or None:
+    in the scratch) and ``phases`` (3: both, two launches; 1: phase 1, which writes ``sums``; 2:
+    phase 2, which reads them), as fusedwd._C.step takes them.
     """
     ext = cuda()
     with torch.cuda.device(device):
@@ -144,7 +164,18 @@ def launch(rule: str, table: "torch.Tensor", nseg: int, hyper: "torch.Tensor", d
                                 or not ctl.is_contiguous()):
             raise ValueError(f"ctl must be a contiguous float32 tensor of {ext.CTL_SIZE} elements on {here}, "
                              f"got {ctl.dtype} {tuple(ctl.shape)} on {ctl.device}")
+        k = ext.RULES[rule]["sums"] if rule in ext.RULES else 0
+        if k and arrivals.numel() < 1 + nseg:
+            raise ValueError(f"arrivals must hold 1 + nseg = {1 + nseg} zero words for rule {rule!r} (each "
+                             f"segment's arrival counter after the launch's), got {arrivals.numel()}")
+        if sums is not None and (sums.device != here or sums.dtype != torch.float64 or not sums.is_contiguous()
+                                 or sums.numel() < nseg * k):
+            raise ValueError(f"sums must be a contiguous float64 [{nseg}, {k}] tensor on {here}, "
+                             f"got {sums.dtype} {tuple(sums.shape)} on {sums.device}")
+        if scratch is not None and (scratch.device != here or not scratch.is_contiguous()):
+            raise ValueError(f"scratch must be a contiguous tensor on {here}, got one on {scratch.device}")
         ext.step(rule, table.data_ptr(), nseg, hyper.data_ptr(), dtype_code, switches, arrivals.data_ptr(),
                  torch.cuda.current_stream(device).cuda_stream, state_dtype=state_dtype, master=master,
                  stochastic_rounding=stochastic_rounding, ctl=0 if ctl is None else ctl.data_ptr(), seed=seed,
-                 quantized=quantized)
+                 quantized=quantized, sums=0 if sums is None else sums.data_ptr(), phases=phases,
+                 scratch=0 if scratch is None else scratch.data_ptr())

@@ -46,15 +46,17 @@ def test_auto_falls_back_to_triton_on_a_gpu_without_cuda_code(device_probes):
 
 
 @pytest.mark.parametrize("name", ["lamb", "stableadamw"])
-def test_auto_takes_triton_for_a_rule_without_a_cuda_kernel(device_probes, name):
-    # the two-phase rules have Triton kernels and no CUDA one yet: Triton even where the CUDA kernels run
+def test_the_two_phase_rules_take_the_cuda_kernels_as_every_rule(device_probes, name):
+    # the two-phase rules have a CUDA kernel (csrc/cuda/phases.cuh): CUDA where it runs, else Triton
     from fusedwd import rules
 
+    p = types.SimpleNamespace(device=CUDA0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _plan.resolve_backend("auto", types.SimpleNamespace(device=CUDA0), rules.get(name)) == "triton"
-    with pytest.raises(RuntimeError, match=f"backend='cuda': rule '{name}' has no cuda kernel"):
-        _plan.resolve_backend("cuda", types.SimpleNamespace(device=CUDA0), rules.get(name))
+        assert _plan.resolve_backend("auto", p, rules.get(name)) == "cuda"
+        assert _plan.resolve_backend("cuda", p, rules.get(name)) == "cuda"
+        device_probes["cuda"] = KERNEL_IMAGE
+        assert _plan.resolve_backend("auto", p, rules.get(name)) == "triton"
 
 
 @pytest.mark.parametrize("triton", ["missing", "backend='triton' needs a CUDA device"])

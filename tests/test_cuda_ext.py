@@ -22,8 +22,17 @@ import torch
 from fusedwd import _cuda_ext
 
 from _helpers import assert_close
-from _layouts import LAYOUT_IDS, LAYOUTS, Q8_LAYOUT_IDS, Q8_LAYOUTS, LayoutBucket, compare_with_cpu, dtype_code
-from _rules import OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS
+from _layouts import (
+    LAYOUT_IDS,
+    LAYOUTS,
+    Q8_LAYOUT_IDS,
+    Q8_LAYOUTS,
+    LayoutBucket,
+    assert_same_bits,
+    compare_with_cpu,
+    dtype_code,
+)
+from _rules import OTHER_CASE_IDS, OTHER_CASES, RICHEST, RICHEST_IDS, TWO_PHASE
 from test_headers import find_nvcc
 from test_ops import CASE_IDS, CASES, DTYPES, Problem, compare_every_step
 
@@ -88,23 +97,30 @@ def test_machine_code_for_every_requested_arch():
 
 # one kernel per storage layout: precision.h's 16 and the 6 layouts of 8-bit states
 # (q8_layout_supported), each running every elementwise rule (its id and switch bits are launch
-# arguments; csrc/cuda/step.cuh), so that adding a rule adds no kernel
-KERNELS = 16 + 6
-# step_kernel<Layout<P, S, MASTER, SR>, Q8>, mangled
+# arguments; csrc/cuda/step.cuh), so that adding a rule adds no kernel; and one two-phase kernel per
+# layout without 8-bit states (csrc/cuda/phases.cuh), running every two-phase rule and both phases
+KERNELS = 16 + 6 + 16
+# step_kernel<Layout<P, S, MASTER, SR>, Q8> and phases_kernel<Layout<P, S, MASTER, SR>>, mangled
 KERNEL_NAME = re.compile(r"11step_kernelINS\w+?6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEELb([01])EE")
+PHASES_NAME = re.compile(r"13phases_kernelINS\w+?6LayoutILNS\w+?5DTypeE(\d)ELS\w+?_(\d)ELb([01])ELb([01])EEE")
 
 
 def kernel_of(name):
-    """(param DType, state DType, master, stochastic rounding, q8) of a kernel's mangled name."""
-    p, s, master, sr, q8 = KERNEL_NAME.search(name).groups()
-    return int(p), int(s), master == "1", sr == "1", q8 == "1"
+    """(param DType, state DType, master, stochastic rounding, q8, two-phase) of a kernel's mangled name."""
+    found = KERNEL_NAME.search(name)
+    if found is None:
+        p, s, master, sr = PHASES_NAME.search(name).groups()
+        return int(p), int(s), master == "1", sr == "1", False, True
+    p, s, master, sr, q8 = found.groups()
+    return int(p), int(s), master == "1", sr == "1", q8 == "1", False
 
 
 @needs_module
 def test_every_kernel_within_its_register_budget():
-    """KERNELS kernels (one per layout, 8-bit states among them, whatever the rules) per
-    architecture, each within its launch bounds without spilling: 64 registers per thread, 85
-    for fp64 and 8-bit states (three blocks per SM, see csrc/cuda/step.cuh)."""
+    """KERNELS kernels (one per layout, 8-bit states among them, whatever the rules, and a two-phase
+    one per layout without 8-bit states) per architecture, each within its launch bounds without
+    spilling: 64 registers per thread, 85 for fp64, 8-bit states and the two-phase kernels (three
+    blocks per SM, see csrc/cuda/step.cuh and phases.cuh)."""
     usage = cuobjdump("--dump-resource-usage")
     per_arch = {}
     for block in usage.split("arch = sm_")[1:]:
@@ -118,7 +134,8 @@ def test_every_kernel_within_its_register_budget():
         assert len({kernel_of(name) for name in kernels}) == KERNELS, arch
         for name, (regs, stack, local) in kernels.items():
             kernel = kernel_of(name)
-            three_per_sm = kernel[0] == 3 or kernel[4]  # DType::F64 parameters, or 8-bit states
+            # DType::F64 parameters, 8-bit states, or a two-phase kernel (csrc/cuda/phases.cuh)
+            three_per_sm = kernel[0] == 3 or kernel[4] or kernel[5]
             assert regs <= (85 if three_per_sm else 64), (arch, name, regs)
             assert stack == 0 and local == 0, (arch, name, "spills", stack, local)
 
@@ -135,9 +152,11 @@ def test_every_kernel_moves_data_in_128_bit_accesses():
     assert len(bodies) == KERNELS
     size = {0: 4, 1: 2, 2: 2, 3: 8}  # bytes per element of each DType
     for name, body in bodies:
-        p, s, master, _, q8 = kernel_of(name)
-        if q8:
-            continue  # 8-bit states: one element per thread and quant block, coalesced (test below)
+        p, s, master, _, q8, phases = kernel_of(name)
+        if q8 or phases:
+            # 8-bit states: one element per thread and quant block, coalesced (test below); the two-phase
+            # kernels: one element per access, a warp's lanes on consecutive elements (phases.cuh)
+            continue
         widest = max(size[p], 4 if master else 0, size[s])
         g = "v4" if size[p] == widest else "v2"
         assert f"ld.global.cs.{g}.u32" in body, name
@@ -234,12 +253,8 @@ def test_bad_arguments_raise_value_error():
         with pytest.raises(ValueError) as cpu_error:
             cpu.step("adamw", addr, 1, addr, dtype, (False,), 1, **kw)
         assert str(cuda_error.value) == str(cpu_error.value)
-    # no segments: nothing is launched, null addresses are never read
+    # no segments: nothing is launched, null addresses are never read (a two-phase rule's scratch included)
     for rule, info in C.RULES.items():
-        if info["sums"]:  # a two-phase rule is refused before anything is read
-            with pytest.raises(ValueError, match="no CUDA kernel"):
-                C.step(rule, 0, 0, 0, 0, (True,) * len(info["switches"]), 0, 0)
-            continue
         C.step(rule, 0, 0, 0, 0, (True,) * len(info["switches"]), 0, 0)
 
 
@@ -401,6 +416,13 @@ def emulation(tmp_path_factory):
         ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),  # ctl, seed, grid, arrivals
         ctypes.c_int,  # quantized
     ]
+    dll.fusedwd_emulated_phases.restype = ctypes.c_int
+    dll.fusedwd_emulated_phases.argtypes = [
+        ctypes.c_int, ctypes.c_uint, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # rule, switches, table...
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # dtype, state dtype, master, stochastic
+        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.c_void_p,  # ctl, seed, grid, arrivals (1 + nseg)
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # phases, sums (or None), scratch
+    ]
     return dll
 
 
@@ -507,6 +529,132 @@ def test_emulated_q8_kernel_over_two_table_tiles(emulation, grid):
     sizes = [(i * 37) % 90 + (1100 if i % 61 == 0 else 0) for i in range(300)]
     bucket = LayoutBucket("adamw", (True,), Q8_LAYOUTS[1], sizes, misaligned=frozenset(range(0, 300, 11)))
     compare_with_cpu(bucket, emulated_step(emulation, bucket, grid=grid))
+
+
+# ---------------------------------------------------------------- two-phase rules, emulated
+# LAMB and StableAdamW (csrc/cuda/phases.cuh): phase 1 and phase 2 launches over chunks of 1024
+# elements, each segment's 64-element chunk sums added in the CPU kernel's order, so every buffer
+# is the CPU kernel's bits (fp64 included: the emulation's pow is the host's). Segments of several
+# chunks dealt to different blocks (grid 3), partial last chunks, one of exactly a sum chunk, empty
+# ones, a misaligned one.
+PHASE_SIZES = [4097, 1, 0, 64, 2049, 1030, 3000]
+PHASE_MISALIGNED = frozenset({5})
+
+
+class EmulatedPhases:
+    """Launches of the emulated two-phase kernel over a bucket's table, with its scratch (NaN: never
+    read before written) and its arrival words (the launch's, then each segment's: every launch
+    must leave them zero)."""
+
+    def __init__(self, emulation, bucket, grid=3):
+        self.emulation, self.bucket, self.grid = emulation, bucket, grid
+        self.k = C.RULES[bucket.rule]["sums"]
+        n = len(bucket.sizes)
+        size = C.two_phase_scratch_bytes(n, sum(bucket.sizes), self.k)
+        self.scratch = torch.full((size // 8,), float("nan"), dtype=torch.float64)
+        self.arrivals = torch.zeros(1 + n, dtype=torch.int32)
+
+    def __call__(self, ctl, seed, phases=3, sums=None, rows=None):
+        b = self.bucket
+        table = b.table()[:rows]
+        done = self.emulation.fusedwd_emulated_phases(
+            C.RULES[b.rule]["id"], 0, table.data_ptr(), table.shape[0], b.hyper.data_ptr(), dtype_code(b.dtype),
+            dtype_code(b.state_dtype), b.master, b.stochastic, 0 if ctl is None else ctl.data_ptr(), seed,
+            self.grid, self.arrivals.data_ptr(), phases, None if sums is None else sums.data_ptr(),
+            self.scratch.data_ptr())
+        assert done == 0, done
+        assert int(self.arrivals[0]) == 0, "the last block resets the arrival word (a skipped launch never arrives)"
+        assert not self.arrivals[1:].any(), "each segment's last chunk resets its counter"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_emulated_two_phase_kernel_matches_the_cpu_kernel_in_every_layout(emulation, rule, layout):
+    """Every storage layout through no control block, AMP with clipping, a skipped step (nothing
+    written, step counts included) and unscaling alone: every buffer the CPU kernel's bits."""
+    bucket = LayoutBucket(rule, (), layout, PHASE_SIZES, misaligned=PHASE_MISALIGNED)
+    compare_with_cpu(bucket, EmulatedPhases(emulation, bucket))
+
+
+@pytest.mark.parametrize("grid", [1, 7])
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_emulated_two_phase_kernel_over_two_table_tiles(emulation, rule, grid):
+    # 300 segments, mostly tiny, some of several chunks: two table tiles, a block moving between
+    # segments, a segment's chunks on different blocks; bf16 with stochastic rounding
+    sizes = [(i * 37) % 90 + (2100 if i % 61 == 0 else 0) for i in range(300)]
+    bucket = LayoutBucket(rule, (), (torch.bfloat16, torch.float32, False, True), sizes,
+                          misaligned=frozenset(range(0, 300, 11)))
+    compare_with_cpu(bucket, EmulatedPhases(emulation, bucket, grid=grid))
+
+
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_emulated_two_phase_sums_and_phases_apart(emulation, rule):
+    """phases=1 then phases=2 through a sums buffer equal phases=3 (the sums in the scratch);
+    phase 1 alone advances no step count, and its sums are the CPU kernel's bit for bit (an empty
+    segment's are 0)."""
+    from fusedwd import _C
+
+    layout = (torch.float32, torch.float32, False, False)
+    together, apart, host = (LayoutBucket(rule, (), layout, PHASE_SIZES, misaligned=PHASE_MISALIGNED)
+                             for _ in range(3))
+    run_together, run_apart = EmulatedPhases(emulation, together), EmulatedPhases(emulation, apart, grid=5)
+    k, n = C.RULES[rule]["sums"], len(PHASE_SIZES)
+    sums = torch.full((n, k), float("nan"), dtype=torch.float64)
+    cpu_sums = torch.full((n, k), float("nan"), dtype=torch.float64)
+    code = dtype_code(torch.float32)
+    for t in range(3):
+        for b in (together, apart, host):
+            b.new_grads(t)
+        run_together(None, 0)
+        steps = apart.steps.clone()
+        run_apart(None, 0, phases=1, sums=sums)
+        assert torch.equal(apart.steps, steps), "phase 1 advanced a step count"
+        table = host.table()
+        _C.step(rule, table.data_ptr(), n, host.hyper.data_ptr(), code, (), 1, sums=cpu_sums.data_ptr(), phases=1)
+        assert torch.equal(sums.view(torch.int64), cpu_sums.view(torch.int64)), f"step {t}: sums differ"
+        assert float(sums[PHASE_SIZES.index(0)].abs().sum()) == 0.0
+        _C.step(rule, table.data_ptr(), n, host.hyper.data_ptr(), code, (), 1, sums=cpu_sums.data_ptr(), phases=2)
+        run_apart(None, 0, phases=2, sums=sums)
+        assert_same_bits(apart, together, f"step {t}: phases apart")
+        assert_same_bits(apart, host, f"step {t}: against the CPU kernel")
+
+
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_emulated_two_phase_launches_over_fewer_and_more_segments(emulation, rule):
+    # the optimizer launches over this step's segments with gradients, with one scratch and one
+    # arrivals buffer sized for the whole bucket: launches over 2, 7, 3 and 7 segments in turn (the
+    # scratch's layout moves with the launch's segment count; the counters must not)
+    from fusedwd import _C
+
+    layout = (torch.float32, torch.float32, False, False)
+    bucket = LayoutBucket(rule, (), layout, PHASE_SIZES, misaligned=PHASE_MISALIGNED)
+    host = bucket.copy("cpu")
+    run = EmulatedPhases(emulation, bucket)
+    for t, rows in enumerate([2, 7, 3, 7]):
+        bucket.new_grads(t)
+        host.new_grads(t)
+        run(None, 0, rows=rows)
+        table = host.table()
+        _C.step(rule, table.data_ptr(), rows, host.hyper.data_ptr(), dtype_code(torch.float32), (), 1)
+        assert_same_bits(bucket, host, f"step {t} over {rows} segments")
+
+
+@needs_module
+@pytest.mark.parametrize("rule", TWO_PHASE)
+def test_two_phase_launch_rejects_bad_arguments(rule):
+    t = torch.zeros(16, dtype=torch.int64)
+    addr = t.data_ptr()
+    with pytest.raises(ValueError, match="8-bit states"):
+        C.step(rule, addr, 1, addr, 0, (), addr, 0, quantized=True, scratch=addr)
+    with pytest.raises(ValueError, match="phases must be 1, 2 or 3"):
+        C.step(rule, addr, 1, addr, 0, (), addr, 0, phases=4, sums=addr, scratch=addr)
+    with pytest.raises(ValueError, match="phases=1 takes the sums"):
+        C.step(rule, addr, 1, addr, 0, (), addr, 0, phases=1, scratch=addr)
+    with pytest.raises(ValueError, match="takes scratch="):
+        C.step(rule, addr, 1, addr, 0, (), addr, 0)
+    with pytest.raises(ValueError, match="elementwise: it takes no sums"):
+        C.step("sgdw", addr, 1, addr, 0, (True, False), addr, 0, scratch=addr)
+    assert C.two_phase_scratch_bytes(3, 5000, 2) == 3 * 2 * 8 + (5 + 3) * 16 * 2 * 8
 
 
 # ---------------------------------------------------------------- on a GPU

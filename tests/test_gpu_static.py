@@ -63,8 +63,10 @@ def _variants() -> list[Variant]:
 
 
 def _cuda_kernels() -> list[gpu_static.CudaKernel]:
-    """One CUDA kernel per storage layout, whatever the rules (csrc/cuda/step.cuh step_kernel<L, Q8>)."""
-    return [gpu_static.CudaKernel(_name(p), _name(s), master, sr) for p, s, master, sr in LAYOUTS + Q8_LAYOUTS]
+    """One CUDA kernel per storage layout, whatever the rules (csrc/cuda/step.cuh step_kernel<L, Q8>), and one
+    two-phase kernel per layout without 8-bit states (csrc/cuda/phases.cuh phases_kernel<L>)."""
+    return ([gpu_static.CudaKernel(_name(p), _name(s), master, sr) for p, s, master, sr in LAYOUTS + Q8_LAYOUTS]
+            + [gpu_static.CudaKernel(_name(p), _name(s), master, sr, phases=True) for p, s, master, sr in LAYOUTS])
 
 
 TRITON = _variants()
@@ -111,13 +113,16 @@ def test_the_variants_are_every_layout(report):
     # every rule of the registry, elementwise or two-phase
     assert set(RULES) == {n for n, r in fusedwd.rules.RULES.items() if not r.reduces}, "every rule is compiled"
     assert set(TWO_PHASE_RULES) == {n for n, r in fusedwd.rules.RULES.items() if r.reduces}
-    # one CUDA kernel per storage layout (16 + 6), each with a path per rule and switch combination
-    assert len(CUDA) == len(LAYOUTS) + len(Q8_LAYOUTS) == 22
+    # one CUDA kernel per storage layout (16 + 6), each with a path per rule and switch combination, and
+    # one two-phase kernel per layout without 8-bit states (16), a path per two-phase rule and phase
+    assert len(CUDA) == len(LAYOUTS) + len(Q8_LAYOUTS) + len(LAYOUTS) == 38
     assert {k.name for k in CUDA} == {k.name for k in gpu_static.cuda_kernels()}
     if _C_cuda is not None:
         assert {(k[1], k[2]) for k in report if k[0] == "cuda"} == {(v.name, a) for v in CUDA for a in CUDA_ARCHS}
         for (kind, _, _), entry in report.items():
-            if kind == "cuda":
+            if kind == "cuda" and entry["variant"].startswith("phases "):
+                assert entry["paths"] == 2 * len(TWO_PHASE_RULES)
+            elif kind == "cuda":
                 assert entry["paths"] == sum(len(SWITCHES[rule]) for rule in RULES)
 
 
@@ -171,6 +176,8 @@ def test_cuda_vector_path_moves_every_buffer_at_full_width(report, variant, arch
     entry = _entry(report, "cuda", variant, arch)
     if variant.q8:
         pytest.skip("8-bit states: one element per thread and quant block (test_cuda_ext checks the byte accesses)")
+    if variant.phases:
+        pytest.skip("the two-phase kernels: one element per access, a warp's lanes on consecutive elements")
     assert entry["expected_loads_128"] > 0 and entry["expected_stores_128"] > 0
     assert gpu_static.problems(entry)["vectors"] == []
 

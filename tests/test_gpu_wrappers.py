@@ -17,7 +17,7 @@ import fusedwd
 from fusedwd import _cuda_ext
 
 from _helpers import AWKWARD_SHAPES, assert_close, compare_optimizers, make_params, random_grads
-from _rules import INFOS, RICH_CONFIGS, TWO_PHASE
+from _rules import INFOS, RICH_CONFIGS, TWO_PHASE, state_names
 
 GPU_BACKENDS = [b for b in fusedwd.available_backends("cuda") if b != "reference"] if torch.cuda.is_available() else []
 pytestmark = pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device, or no GPU backend built")
@@ -64,7 +64,10 @@ def test_every_layout_matches_the_cpu_kernel(backend, cls, kw, states, layout):
     the tolerance table; 8-bit codes equal or one level apart in a few elements (a state an ulp apart,
     the device's double pow, lands on the other side of a boundary); every step resynchronized."""
     dtype, options = LAYOUTS[layout]
-    shapes = [(4097,), (1024, 3), (5, 7), (1,)]
+    _steps_against_the_cpu_kernel(backend, cls, kw, dtype, options, [(4097,), (1024, 3), (5, 7), (1,)])
+
+
+def _steps_against_the_cpu_kernel(backend, cls, kw, dtype, options, shapes):
     base = make_params(shapes, dtype)
     gpu = [torch.nn.Parameter(p.detach().cuda()) for p in base]
     cpu = [torch.nn.Parameter(p.detach().clone()) for p in base]
@@ -96,38 +99,38 @@ def test_every_layout_matches_the_cpu_kernel(backend, cls, kw, states, layout):
                 pc.copy_(pg.cpu())
                 for name in sg:
                     sc[name].copy_(sg[name].cpu())
+    assert {bk.backend for bk in opts[0]._current_plan()} == {backend}
 
 
-@pytest.mark.parametrize("layout", ["f32", *[name for name in LAYOUTS if not name.startswith("int8")]])
+# The two-phase rules (LAMB, StableAdamW: per-tensor sums between two launches), every non-8-bit kind
+# of layout, tensors of several blocks (and of one element), against the CPU kernel step by step
+TWO_PHASE_LAYOUTS = {"f32": (torch.float32, {}), **{k: v for k, v in LAYOUTS.items() if "int8" not in k}}
+
+
+@pytest.mark.parametrize("layout", list(TWO_PHASE_LAYOUTS))
 @pytest.mark.parametrize("name", TWO_PHASE)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_phase_rules_match_the_cpu_kernel(backend, name, layout):
-    """LAMB and StableAdamW (two launches per step, the per-tensor sums on the device) against the CPU
-    kernel, tensors of several programs each, in every layout they take (no 8-bit states)."""
-    if backend == "cuda":
-        pytest.skip("the CUDA backend has no two-phase kernel yet")
-    dtype, options = LAYOUTS[layout] if layout != "f32" else (torch.float32, {})
-    base = make_params([(4097,), (1024, 3), (5, 7), (1,), (0,)], dtype)
-    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in base]
-    cpu = [torch.nn.Parameter(p.detach().clone()) for p in base]
-    kw = dict(INFOS[name].hyperparameters, weight_decay=0.1)
-    opts = [INFOS[name].cls(gpu, backend=backend, **kw, **options), INFOS[name].cls(cpu, backend=CPU, **kw, **options)]
-    for opt in opts:
-        for group in opt.param_groups:
-            group["sr_seed"] = 11
-    for t in range(4):
-        for pg, pc, g in zip(gpu, cpu, random_grads(base, t)):
-            pg.grad, pc.grad = g.cuda(), g.clone()
-        for opt in opts:
-            opt.step()
-        for k, (pg, pc) in enumerate(zip(gpu, cpu)):
-            scale = 2.0 * max(pc.detach().abs().max().item(), 1.0) if options.get("stochastic_rounding") else 1.0
-            assert_close(pg.detach().cpu(), pc.detach(), f"{name} step {t} param {k}", scale=scale)
-            with torch.no_grad():
-                pc.copy_(pg.cpu())
-                for key, value in opts[0].state[pg].items():
-                    if torch.is_tensor(value):
-                        opts[1].state[pc][key].copy_(value.cpu())
+    dtype, options = TWO_PHASE_LAYOUTS[layout]
+    info = INFOS[name]
+    _steps_against_the_cpu_kernel(backend, info.cls, info.hyperparameters, dtype, options,
+                                  [(70_001,), (4097,), (1024, 3), (5, 7), (1,)])
+
+
+@pytest.mark.parametrize("decay", ["decoupled", "independent", "l2"])
+@pytest.mark.parametrize("name", TWO_PHASE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_phase_rules_match_the_reference(backend, name, decay):
+    info = INFOS[name]
+    gen = torch.Generator().manual_seed(0)
+    host = [torch.randn(s, generator=gen) for s in AWKWARD_SHAPES]
+    a = [torch.nn.Parameter(t.cuda()) for t in host]
+    b = [torch.nn.Parameter(t.cuda()) for t in host]
+    opt_a = info.cls(a, decay=decay, backend=backend, **info.hyperparameters)
+    opt_b = info.cls(b, decay=decay, backend="reference", **info.hyperparameters)
+    compare_optimizers(opt_a, a, opt_b, b, state_names(name, ()), 10,
+                       lambda t: [g.cuda() for g in random_grads(host, t)])
+    assert {bk.backend for bk in opt_a._current_plan()} == {backend}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -85,6 +85,9 @@ struct Precision {
   uintptr_t ctl;    // device address of the float32 control block (layout.h Ctl), or 0
   uint64_t seed;    // stochastic rounding seed
   bool quantized;   // 8-bit blockwise states (quant.h); state_dtype is then ignored
+  uintptr_t sums;   // two-phase rules: device address of float64 [nseg, sums], or 0 (in the scratch)
+  int phases;       // two-phase rules: 3 both phases (two launches), 1 phase 1 only, 2 phase 2 only
+  uintptr_t scratch;  // two-phase rules: device address of two_phase_scratch_bytes (arrivals: 1 + nseg words)
 };
 
 // One step of a rule, launched with the GIL released; a CUDA error becomes RuntimeError.
@@ -93,11 +96,23 @@ void step(const std::string& name, uintptr_t table, int64_t nseg, uintptr_t hype
           const Precision& pr) {
   const RuleInfo rule = find_rule(name);
   const unsigned bits = switch_bits(rule, name, switches);
-  if (rule.sums > 0) {
-    throw py::value_error("rule '" + name + "' has no CUDA kernel yet (a two-phase rule: its per-tensor "
-                          "reductions run on the CPU kernel)");
-  }
   check_step_args(table, nseg, hyper, dtype, arrivals, blocks);
+  if (rule.sums > 0) {
+    if (pr.quantized) {
+      throw py::value_error("rule '" + name + "' does not take 8-bit states (quantized=True): its per-tensor "
+                            "sums are not implemented on decoded codes");
+    }
+    if (pr.phases < 1 || pr.phases > 3) throw py::value_error("phases must be 1, 2 or 3, got " + std::to_string(pr.phases));
+    if (pr.phases != 3 && pr.sums == 0) {
+      throw py::value_error("phases=" + std::to_string(pr.phases) + " takes the sums buffer (sums=address)");
+    }
+    if (nseg > 0 && pr.scratch == 0) {
+      throw py::value_error("rule '" + name + "' takes scratch= (the device address of "
+                            "two_phase_scratch_bytes(nseg, elements, sums) bytes; arrivals: 1 + nseg zero words)");
+    }
+  } else if (pr.sums != 0 || pr.phases != 3 || pr.scratch != 0) {
+    throw py::value_error("rule '" + name + "' is elementwise: it takes no sums, no phases and no scratch");
+  }
   const int state_dtype = pr.state_dtype < 0 ? dtype : pr.state_dtype;
   if (pr.quantized) {
     check_q8_layout(dtype, pr.master, pr.stochastic);
@@ -121,7 +136,10 @@ void step(const std::string& name, uintptr_t table, int64_t nseg, uintptr_t hype
                                 pr.quantized,
                                 reinterpret_cast<unsigned int*>(arrivals),
                                 blocks,
-                                reinterpret_cast<cudaStream_t>(stream)};
+                                reinterpret_cast<cudaStream_t>(stream),
+                                pr.phases,
+                                reinterpret_cast<double*>(pr.sums),
+                                reinterpret_cast<void*>(pr.scratch)};
     err = cuda::step(rule.id, args, bits);
   }
   check("fusedwd._C_cuda.step(" + name + ")", err);
@@ -217,15 +235,15 @@ PYBIND11_MODULE(_C_cuda, m) {
       [](const std::string& rule, uintptr_t table, int64_t nseg, uintptr_t hyper, int dtype,
          const std::vector<bool>& switches, uintptr_t arrivals, uintptr_t stream, int64_t blocks,
          int state_dtype, bool master, bool stochastic_rounding, uintptr_t ctl, uint64_t seed,
-         bool quantized) {
+         bool quantized, uintptr_t sums, int phases, uintptr_t scratch) {
         step(rule, table, nseg, hyper, dtype, switches, arrivals, stream, blocks,
-             {state_dtype, master, stochastic_rounding, ctl, seed, quantized});
+             {state_dtype, master, stochastic_rounding, ctl, seed, quantized, sums, phases, scratch});
       },
       py::arg("rule"), py::arg("table"), py::arg("nseg"), py::arg("hyper"), py::arg("dtype"),
       py::arg("switches"), py::arg("arrivals"), py::arg("stream"), py::arg("blocks") = 0,
       py::kw_only(), py::arg("state_dtype") = -1, py::arg("master") = false,
       py::arg("stochastic_rounding") = false, py::arg("ctl") = 0, py::arg("seed") = 0,
-      py::arg("quantized") = false,
+      py::arg("quantized") = false, py::arg("sums") = 0, py::arg("phases") = 3, py::arg("scratch") = 0,
       "One step of `rule` (a name of RULES) over nseg segments, queued on `stream` (a\n"
       "cudaStream_t handle). table, hyper: device addresses of the int64 segment table and the\n"
       "float64 hyper table; switches: one bool per switch of the rule; arrivals: device address\n"
@@ -235,7 +253,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       "stochastic_rounding (bf16 params), ctl (device address of the float32 control block:\n"
       "1/grad_scale, found_inf, clip coefficient; a nonzero found_inf skips the step, step\n"
       "counts included), seed and quantized (8-bit blockwise states: S0..S2 hold uint8 codes,\n"
-      "SEG_A0..SEG_A2 fp32 absmax), as fusedwd._C.step.");
+      "SEG_A0..SEG_A2 fp32 absmax), as fusedwd._C.step. A two-phase rule (RULES[rule]['sums'] > 0)\n"
+      "takes scratch (device address of two_phase_scratch_bytes(nseg, elements, sums) bytes) and\n"
+      "1 + nseg zero words at arrivals (each segment's counter after the launch's; left zero), sums (device\n"
+      "address of float64 [nseg, sums]: phase 1 writes each segment's sums, phase 2 reads them; 0:\n"
+      "in the scratch) and phases (3: both, two launches; 1: phase 1 only, step counts unchanged;\n"
+      "2: phase 2 only, from the sums buffer). No 8-bit states.");
+  m.def("two_phase_scratch_bytes", &cuda::two_phase_scratch_bytes, py::arg("nseg"), py::arg("elements"),
+        py::arg("sums"),
+        "Bytes of a two-phase launch's scratch over nseg segments of at most `elements` elements in\n"
+        "all, for a rule of `sums` sums per segment.");
 
   m.def(
       "device_count", [] { return query_devices().first; },

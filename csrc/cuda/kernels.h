@@ -28,7 +28,19 @@ struct LaunchArgs {
   unsigned int* arrivals;  // device: one zero word, used and reset to zero by the launch
   int64_t grid;            // blocks; 0 sizes the persistent grid from the device
   cudaStream_t stream;
+  // two-phase rules (kSums > 0; phases.cuh phases_kernel): phases 3 (two launches), 1 or 2
+  int phases = 3;
+  double* sums = nullptr;  // device: float64 [nseg, kSums], written by phase 1, read by phase 2
+  void* scratch = nullptr; // device: phases.cuh's scratch (two_phase_scratch_bytes); arrivals: 1 + nseg words
 };
+
+// The bytes of a two-phase launch's scratch over nseg segments of at most `elements` elements in
+// all, for a rule of `sums` sums (phases.cuh phase_scratch): the sums when no sums buffer is given
+// (float64 [nseg, sums]), then float64 partials, `sums` per 64 elements of every 1024-element
+// chunk. (The segments' arrival counters are the arrivals buffer's words 1..nseg.)
+FUSEDWD_HD constexpr int64_t two_phase_scratch_bytes(int64_t nseg, int64_t elements, int sums) {
+  return nseg * sums * 8 + ((elements + 1023) / 1024 + nseg) * 16 * sums * 8;
+}
 
 // The translation units the kernels are split into, so that nvcc builds them in parallel:
 // the layouts of each parameter dtype (csrc/cuda/{f32,f16,bf16,f64}.cu) and every layout

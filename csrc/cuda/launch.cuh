@@ -9,14 +9,14 @@
 #include <cstdint>
 
 #include "cuda/kernels.h"
-#include "cuda/step.cuh"
+#include "cuda/phases.cuh"
 
 FUSEDWD_NS_BEGIN
 namespace cuda_kernels {
 
-// The persistent grid of step_kernel<L, Q8> on `device`, cached per kernel
-// and device: occupancy and SM count do not change while the process runs.
-template <class L, bool Q8>
+// The persistent grid of step_kernel<L, Q8> (PHASES: phases_kernel<L>) on `device`, cached per
+// kernel and device: occupancy and SM count do not change while the process runs.
+template <class L, bool Q8, bool PHASES = false>
 int64_t persistent_grid_for(int device, cudaError_t* error) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices];
@@ -29,7 +29,11 @@ int64_t persistent_grid_for(int device, cudaError_t* error) {
   int per_sm = 0;
   *error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (*error != cudaSuccess) return -1;
-  *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<L, Q8>, kCudaThreads, 0);
+  if constexpr (PHASES) {
+    *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, phases_kernel<L>, kCudaThreads, 0);
+  } else {
+    *error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<L, Q8>, kCudaThreads, 0);
+  }
   if (*error != cudaSuccess) return -1;
   const int64_t g = persistent_grid(sms, per_sm);
   if (cached) cache[device].store(g, std::memory_order_relaxed);
@@ -51,13 +55,36 @@ cudaError_t launch(const cuda::LaunchArgs& a, int rule, unsigned switches) {
 #endif
   // a launch goes to the current device; torch's stream may belong to another
   if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  // a two-phase rule (the bindings validated it): phase 1, then phase 2, on the same stream
+  const bool phases = a.scratch != nullptr;
   int64_t grid = a.grid;
-  if (grid == 0) grid = persistent_grid_for<L, Q8>(device, &err);
+  if (grid == 0) {
+    if constexpr (!Q8) {
+      grid = phases ? persistent_grid_for<L, false, true>(device, &err) : persistent_grid_for<L, Q8>(device, &err);
+    } else {
+      grid = persistent_grid_for<L, Q8>(device, &err);
+    }
+  }
   if (err == cudaSuccess) {
     const auto blocks = static_cast<unsigned int>(grid);
-    step_kernel<L, Q8><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals, a.ctl,
-                                                              a.seed, rule, switches);
-    err = cudaGetLastError();
+    if constexpr (!Q8) {
+      if (phases) {
+        for (int phase = 1; phase <= 2 && err == cudaSuccess; ++phase) {
+          if ((a.phases & phase) == 0) continue;
+          phases_kernel<L><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals, a.ctl,
+                                                                  a.seed, rule, switches, phase, a.sums, a.scratch);
+          err = cudaGetLastError();
+        }
+      }
+    }
+    if constexpr (Q8) {
+      if (phases) err = cudaErrorInvalidValue;  // no 8-bit states for a two-phase rule (the bindings refuse it)
+    }
+    if (!phases) {
+      step_kernel<L, Q8><<<blocks, kCudaThreads, 0, a.stream>>>(a.table, a.nseg, a.hyper, a.arrivals, a.ctl,
+                                                                a.seed, rule, switches);
+      err = cudaGetLastError();
+    }
   }
   if (current != device) {
     const cudaError_t restored = cudaSetDevice(current);

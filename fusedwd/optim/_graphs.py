@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _cuda_ext, _ext
 from .._spec import Backend, Decay, device_lr, group_lr_max
 
 if TYPE_CHECKING:
@@ -268,7 +268,14 @@ def attach(bucket: "Bucket", sums: int = 0) -> None:
     elif bucket.backend == Backend.CUDA:
         # the segment table: its host image is table_out itself; the kernel's arrival counter
         tables.device_table = ResidentTable(bucket.device, tables.table_out.numel(), host=tables.table_out.view(-1))
-        tables.arrivals = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+        n = len(bucket.params)
+        # a two-phase rule: each segment's arrival counter after the launch's word (csrc/cuda/phases.cuh)
+        tables.arrivals = torch.zeros(1 + (n if sums else 0), dtype=torch.int32, device=bucket.device)
+        if sums:
+            # the segments' sums between the phases and the kernel's scratch (chunk sums), for every
+            # segment of the bucket
+            tables.sums = torch.zeros(n, sums, dtype=torch.float64, device=bucket.device)
+            tables.scratch = _cuda_ext.scratch(n, sum(bucket.numels), sums, bucket.device)
 
 
 def sync(opt: "FusedOptimizer", step: "Step", plan: list["Bucket"], active: list[int],

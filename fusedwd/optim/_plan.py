@@ -25,11 +25,6 @@ def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> s
     """The backend that steps ``p`` for a group's ``backend=`` (or a RuntimeError saying why it cannot)."""
     if requested == Backend.REFERENCE:
         return Backend.REFERENCE.value
-    # the two-phase rules (per-tensor sums) have CPU and Triton kernels, no CUDA one yet (docs/backends.md)
-    no_cuda_kernel = rule is not None and rule.reduces
-    if no_cuda_kernel and requested == Backend.CUDA:
-        raise RuntimeError(f"backend='cuda': rule {rule.name!r} has no cuda kernel yet (its per-tensor reductions "
-                           "run on the CPU and Triton kernels); use backend='auto', 'triton', 'cpu' or 'reference'")
     if requested == Backend.TRITON:
         _ext.triton(p.device)  # raises with the reason when Triton cannot step this device
         return Backend.TRITON.value
@@ -56,7 +51,7 @@ def resolve_backend(requested: str, p: Tensor, rule: Optional[Rule] = None) -> s
         )
     if p.device.type == "cuda":
         # the CUDA kernels where they hold code for the device (probed once per device), else Triton
-        cuda_reason = f"rule {rule.name!r} has no CUDA kernel" if no_cuda_kernel else _cuda_ext.unusable(p.device)
+        cuda_reason = _cuda_ext.unusable(p.device)
         if cuda_reason is None:
             return Backend.CUDA.value
         triton_reason = _ext.triton_unusable(p.device) if _ext.has_triton() else "Triton failed to import"
@@ -107,14 +102,13 @@ def build(rule: Rule, param_groups: Sequence[Mapping[str, Any]], state: Any, che
                     raise ValueError(f"{who}: state_dtype='int8' is not supported by {rule.name} yet: its per-tensor "
                                      "sums would read the 8-bit codes; use state_dtype=None, torch.float32 or "
                                      "torch.bfloat16")
-                if over is not None and backend not in (Backend.CPU, Backend.TRITON):
-                    # the reference sums each tensor inside its own step: it has no place for one collective;
-                    # the CUDA kernel has no two-phase rule yet
+                if over is not None and backend not in (Backend.CPU, Backend.TRITON, Backend.CUDA):
+                    # the reference sums each tensor inside its own step: it has no place for one collective
                     raise ValueError(f"{who}: {checks.describe_param(row, p)} is a sharded DTensor (FSDP2), which "
-                                     f"{rule.name} steps on the CPU kernel and the Triton kernels only (its "
-                                     "per-tensor sums are added over the ranks between the kernels' two phases); "
-                                     f"backend {backend!r} would use this shard's sums alone: use backend='cpu' "
-                                     "(CPU parameters) or 'triton' (GPU parameters)")
+                                     f"{rule.name} steps on the CPU, Triton and CUDA kernels only (its per-tensor "
+                                     "sums are added over the ranks between the kernels' two phases); backend "
+                                     f"{backend!r} would use this shard's sums alone: use backend='cpu' (CPU "
+                                     "parameters), 'cuda' or 'triton' (GPU parameters)")
                 if storage.quantized and dtensor:
                     raise ValueError(f"{who}: state_dtype='int8' does not take DTensor parameters (FSDP2) yet: "
                                      "their shards would cut the 256-element blocks")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_ext, _ext, quant
-from .._buckets import CTL_CLIP, CTL_FOUND_INF, CTL_INV_SCALE, DTYPE_CODES, SEG_G, SEG_INDEX, SEG_P, Bucket
+from .._buckets import CTL_CLIP, CTL_FOUND_INF, CTL_INV_SCALE, DTYPE_CODES, SEG_COLS, SEG_G, SEG_INDEX, SEG_P, Bucket
 from .._spec import Backend, hyper_tensor
 from ..reference import Precision
 from ..rules import Rule
@@ -281,14 +281,6 @@ def reduce_between_phases(bucket: Bucket, n_active: int, active: Tensor, rows: T
         kernel(2)
 
 
-def _not_sharded(bucket: Bucket, backend: str) -> None:
-    # the plan refuses these buckets (_plan.py): a second guard, since stepping them would use each
-    # shard's own sums without a word
-    if bucket.reduce_over is not None:
-        raise RuntimeError(f"backend {backend!r} cannot step sharded parameters of a two-phase rule: their "
-                           "per-tensor sums would not be added over the ranks")
-
-
 class TritonRunner(KernelRunner):
     """fusedwd.triton: one generic Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1),
     launched over the launch image kept on the device (fusedwd/optim/_graphs.py)."""
@@ -321,11 +313,25 @@ class CudaRunner(KernelRunner):
     segment table kept on the device (fusedwd/optim/_graphs.py)."""
 
     def launch(self, step: Step, bucket: Bucket, n_active: int) -> None:
-        _not_sharded(bucket, "cuda")
         tables = bucket.tables
-        _cuda_ext.launch(step.rule.name, tables.device_table.buffer, n_active, step.hyper(bucket.device),
-                         DTYPE_CODES[bucket.dtype], bucket.structure, bucket.device, tables.arrivals,
-                         **self.precision(step, bucket, DTYPE_CODES.__getitem__))
+        precision = self.precision(step, bucket, DTYPE_CODES.__getitem__)
+        if step.rule.reduces:  # two launches (csrc/cuda/phases.cuh) over the bucket's scratch
+            precision["scratch"] = tables.scratch
+
+        def kernel(phases: int = 3, sums: Optional[Tensor] = None) -> None:
+            _cuda_ext.launch(step.rule.name, tables.device_table.buffer, n_active, step.hyper(bucket.device),
+                             DTYPE_CODES[bucket.dtype], bucket.structure, bucket.device, tables.arrivals,
+                             **precision, **({} if sums is None else dict(sums=sums, phases=phases)))
+
+        if bucket.reduce_over is None:
+            kernel()
+            return
+        # FSDP2 shards: the segments' sums added over the ranks between the two launches; the rows'
+        # parameter indices read from the segment table on the device
+        active = tables.sums[:n_active]
+        active.zero_()
+        rows = tables.device_table.buffer[:tables.table_out.numel()].view(-1, SEG_COLS)[:n_active, SEG_INDEX]
+        reduce_between_phases(bucket, n_active, active, rows, lambda phases: kernel(phases, active))
 
 
 RUNNERS: dict[str, Runner] = {

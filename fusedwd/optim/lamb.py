@@ -21,8 +21,8 @@ class LAMB(FusedOptimizer):
         the moments and sums both norms over each tensor, phase 2 applies the step, in one
         parallel region over the bucket (docs/design.md#per-tensor-reductions). States
         ``exp_avg``, ``exp_avg_sq`` and ``step``, as apex FusedLAMB and timm Lamb name them.
-        Runs on the CPU kernel, Triton (two launches per bucket) and the reference (no CUDA kernel
-        yet); no 8-bit states.
+        Runs on the CPU kernel, Triton and CUDA (two launches per bucket each) and the reference;
+        no 8-bit states.
         """,
         math=r"""
         .. math::

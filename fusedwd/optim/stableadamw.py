@@ -22,7 +22,7 @@ class StableAdamW(FusedOptimizer):
         lr, in one parallel region over the bucket (docs/design.md#per-tensor-reductions). The
         states are torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints
         load into either; where the RMS never exceeds 1 the steps are AdamW's. Runs on the CPU
-        kernel, Triton (two launches per bucket) and the reference (no CUDA kernel yet); no 8-bit
+        kernel, Triton and CUDA (two launches per bucket each) and the reference; no 8-bit
         states.
         """,
         math=r"""

@@ -81,3 +81,5 @@ inline void __stwb(W* p, W v) { *p = v; }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename W>
+inline W __ldcg(const W* p) { return *p; }

@@ -25,7 +25,7 @@
 #include <thread>
 #include <vector>
 
-#include "cuda/step.cuh"
+#include "cuda/phases.cuh"
 
 using namespace fusedwd;
 using namespace fusedwd::cuda_kernels;
@@ -84,6 +84,20 @@ void launch(int rule, unsigned switches, const int64_t* table, int64_t nseg, con
   for (unsigned b = 0; b < grid; ++b) {
     blockIdx.x = b;
     g_block->run([=] { step_kernel<L, Q8>(table, nseg, hyper, arrivals, ctl, seed, rule, switches); });
+  }
+}
+
+// One launch of layout L's two-phase kernel, phase `phase`, for the rule with this id.
+template <class L>
+void launch_phase(int rule, unsigned switches, const int64_t* table, int64_t nseg, const double* hyper,
+                  unsigned* arrivals, unsigned grid, const float* ctl, uint64_t seed, int phase, double* sums,
+                  void* scratch) {
+  gridDim.x = grid;
+  for (unsigned b = 0; b < grid; ++b) {
+    blockIdx.x = b;
+    g_block->run([=] {
+      phases_kernel<L>(table, nseg, hyper, arrivals, ctl, seed, rule, switches, phase, sums, scratch);
+    });
   }
 }
 
@@ -248,6 +262,34 @@ extern "C" int fusedwd_emulated_step(int rule, unsigned switches, const int64_t*
                   });
   g_block = nullptr;
   return result;
+}
+
+// One step of a two-phase rule over `table` (host addresses), as the .cu files launch it: phase 1
+// then phase 2 (phases 3), or one of them; sums: float64 [nseg, sums] or nullptr (in the scratch);
+// scratch: two_phase_scratch_bytes; arrivals: 1 + nseg zero words. Returns 0, -1 for an unknown rule, -2 for a
+// layout without a kernel, -3 for an elementwise rule.
+extern "C" int fusedwd_emulated_phases(int rule, unsigned switches, const int64_t* table, int64_t nseg,
+                                       const double* hyper, int dtype, int state_dtype, int master,
+                                       int stochastic, const float* ctl, uint64_t seed, unsigned grid,
+                                       unsigned* arrivals, int phases, double* sums, void* scratch) {
+  if (!layout_supported(dtype, state_dtype, master, stochastic)) return -2;
+  bool two_phase = false;
+  if (!with_rule(rule, [&](auto r) { two_phase = kSumsOf<decltype(r)> > 0; })) return -1;
+  if (!two_phase) return -3;
+  if (nseg == 0) return 0;
+  Block block;
+  g_block = &block;
+  with_layout(dtype, state_dtype, master != 0, stochastic != 0, [&](auto layout) {
+    for (int phase = 1; phase <= 2; ++phase) {
+      if (phases & phase) {
+        launch_phase<decltype(layout)>(rule, switches, table, nseg, hyper, arrivals, grid, ctl, seed, phase, sums,
+                                       scratch);
+      }
+    }
+    return 0;
+  });
+  g_block = nullptr;
+  return 0;
 }
 
 template <DType D, class R>
