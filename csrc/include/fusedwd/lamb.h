@@ -1,4 +1,4 @@
-// LAMB: the only C++ copy of its per-element math (CPU loops; CUDA to come).
+// LAMB: the only C++ copy of its per-element math (CPU loops, CUDA phases_kernel).
 // docs/math.md#lamb; the spec and reference: fusedwd/rules/lamb.py.
 // A two-phase rule (rule.h): phase 1 updates m, v and sums ||p||^2 and ||u||^2
 // over the tensor; phase 2 steps by lr * trust * u.

@@ -1,4 +1,4 @@
-// StableAdamW: the only C++ copy of its per-element math (CPU loops; CUDA to come).
+// StableAdamW: the only C++ copy of its per-element math (CPU loops, CUDA phases_kernel).
 // docs/math.md#stableadamw; the spec and reference: fusedwd/rules/stableadamw.py.
 // A two-phase rule (rule.h): phase 1 updates m, v and sums g^2 / max(v_hat, eps^2)
 // over the tensor; phase 2 takes AdamW's step with lr / max(1, RMS).
