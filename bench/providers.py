@@ -262,10 +262,8 @@ TWO_PHASE_TRAFFIC = {
 TORCH_FOREACH = "torch-foreach"
 
 
-class ForeachLAMB:
-    """LAMB in pure torch: foreach ops and torch._foreach_norm, every per-tensor scalar kept in a
-    tensor (no host read), as apex's and timm's semantics: bias correction, trust ratio
-    ||p|| / ||r + wd*p||, 1 where either norm is 0."""
+class _ForeachAdamMoments:
+    """What the pure-torch two-phase rules share: Adam's m and v, in foreach ops."""
 
     def __init__(self, params, lr, betas, eps, weight_decay) -> None:
         self.params = list(params)
@@ -274,14 +272,24 @@ class ForeachLAMB:
         self.v = [torch.zeros_like(p) for p in self.params]
         self.t = 0
 
-    @torch.no_grad()
-    def step(self) -> None:
+    def _moments(self):
+        """Advance t and update m, v from the gradients; returns (p, g, m, v, bc1, bc2)."""
         p, g, m, v = self.params, [q.grad for q in self.params], self.m, self.v
         self.t += 1
-        bc1, bc2 = 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
         torch._foreach_lerp_(m, g, 1.0 - self.beta1)
         torch._foreach_mul_(v, self.beta2)
         torch._foreach_addcmul_(v, g, g, 1.0 - self.beta2)
+        return p, g, m, v, 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
+
+
+class ForeachLAMB(_ForeachAdamMoments):
+    """LAMB in pure torch: foreach ops and torch._foreach_norm, every per-tensor scalar kept in a
+    tensor (no host read), as apex's and timm's semantics: bias correction, trust ratio
+    ||p|| / ||r + wd*p||, 1 where either norm is 0."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        p, _, m, v, bc1, bc2 = self._moments()
         u = torch._foreach_sqrt(v)  # then sqrt(v_hat) + eps, then r, then u = r + wd*p
         torch._foreach_div_(u, bc2**0.5)
         torch._foreach_add_(u, self.eps)
@@ -295,26 +303,17 @@ class ForeachLAMB:
         torch._foreach_add_(p, u)
 
 
-class ForeachStableAdamW:
+class ForeachStableAdamW(_ForeachAdamMoments):
     """StableAdamW in pure torch: foreach ops and torch._foreach_norm (the 1-norm of the nonnegative
     ratios is their sum); lr_t = lr / max(1, RMS), RMS = sqrt(mean(g^2 / max(v_hat, eps^2)))."""
 
     def __init__(self, params, lr, betas, eps, weight_decay) -> None:
-        self.params = list(params)
-        self.lr, (self.beta1, self.beta2), self.eps, self.wd = lr, betas, eps, weight_decay
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
+        super().__init__(params, lr, betas, eps, weight_decay)
         self.numel = torch.tensor([float(p.numel()) for p in self.params], dtype=torch.float32)
-        self.t = 0
 
     @torch.no_grad()
     def step(self) -> None:
-        p, g, m, v = self.params, [q.grad for q in self.params], self.m, self.v
-        self.t += 1
-        bc1, bc2 = 1.0 - self.beta1**self.t, 1.0 - self.beta2**self.t
-        torch._foreach_lerp_(m, g, 1.0 - self.beta1)
-        torch._foreach_mul_(v, self.beta2)
-        torch._foreach_addcmul_(v, g, g, 1.0 - self.beta2)
+        p, g, m, v, bc1, bc2 = self._moments()
         ratio = torch._foreach_div(v, bc2)  # v_hat, floored at eps^2, then g^2 / it
         torch._foreach_clamp_min_(ratio, self.eps * self.eps)
         torch._foreach_reciprocal_(ratio)
