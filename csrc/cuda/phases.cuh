@@ -85,18 +85,7 @@ union AnyPhaseScalars {
   PhaseApply<R, M> R##_a;
   FUSEDWD_RULES(FUSEDWD_PHASE_MEMBERS)
 #undef FUSEDWD_PHASE_MEMBERS
-
-  template <class T>
-  __device__ T& get() {
-    static_assert(sizeof(T) <= sizeof(AnyPhaseScalars) && alignof(T) <= alignof(AnyPhaseScalars), "not a member");
-    return *reinterpret_cast<T*>(this);
-  }
-  template <class T>
-  __device__ const T& get() const {
-    static_assert(sizeof(T) <= sizeof(AnyPhaseScalars) && alignof(T) <= alignof(AnyPhaseScalars), "not a member");
-    return *reinterpret_cast<const T*>(this);
-  }
-};
+};  // a member is read through member<T>() (step.cuh)
 
 // A segment as phases_kernel's threads use it (see Segment in step.cuh), in shared memory: its
 // addresses, its first global chunk (where its sum chunks start in the partials) and the scalars
@@ -139,18 +128,18 @@ struct PhaseSegment {
       key = 0u;
       const typename Rule::Scalars sc = Rule::scalars(hp, t, gm);
       reads_p = Rule::moments_read_p(sc);
-      any.template get<typename Rule::Scalars>() = sc;
+      member<typename Rule::Scalars>(any) = sc;
     } else {
       key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
       reads_p = true;
-      any.template get<typename Rule::Apply>() = Rule::apply_scalars(hp, t, gm, sums + s * Rule::kSums, n);
+      member<typename Rule::Apply>(any) = Rule::apply_scalars(hp, t, gm, sums + s * Rule::kSums, n);
     }
   }
 
   // Phase 1, element i (< n): the states updated and stored, its terms returned.
   template <class Rule>
   __device__ void moments(int64_t i, double (&out)[Rule::kSums]) const {
-    const auto& sc = any.template get<typename Rule::Scalars>();
+    const auto& sc = member<typename Rule::Scalars>(any);
     M pi = reads_p ? load_param<L::P, L::MASTER>(p, master, i) : M(0);
     M gi = load<L::P>(g, i);
     M x0 = Rule::kS0 ? load<L::S>(s0, i) : M(0);
@@ -166,7 +155,7 @@ struct PhaseSegment {
   // Phase 2, element i (< n).
   template <class Rule>
   __device__ void apply(int64_t i) const {
-    const auto& ap = any.template get<typename Rule::Apply>();
+    const auto& ap = member<typename Rule::Apply>(any);
     M pi = load_param<L::P, L::MASTER>(p, master, i);
     Rule::apply(pi, Rule::kS0 ? load<L::S>(s0, i) : M(0), Rule::kS1 ? load<L::S>(s1, i) : M(0), M(0), ap);
     store_param<L::P, L::MASTER, L::SR>(p, master, i, pi, key);

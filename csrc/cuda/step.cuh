@@ -141,19 +141,20 @@ union AnyScalars {
 #define FUSEDWD_SCALARS_MEMBER(R) ElementwiseScalars<R, M> R##_;
   FUSEDWD_RULES(FUSEDWD_SCALARS_MEMBER)
 #undef FUSEDWD_SCALARS_MEMBER
-
-  // The member of type T (every member starts at the union's address).
-  template <class T>
-  __device__ T& get() {
-    static_assert(sizeof(T) <= sizeof(AnyScalars) && alignof(T) <= alignof(AnyScalars), "not a member");
-    return *reinterpret_cast<T*>(this);
-  }
-  template <class T>
-  __device__ const T& get() const {
-    static_assert(sizeof(T) <= sizeof(AnyScalars) && alignof(T) <= alignof(AnyScalars), "not a member");
-    return *reinterpret_cast<const T*>(this);
-  }
 };
+
+// The member of type T of a union of every rule's scalars (AnyScalars, phases.cuh
+// AnyPhaseScalars): every member starts at the union's address.
+template <class T, class U>
+__device__ T& member(U& any) {
+  static_assert(sizeof(T) <= sizeof(U) && alignof(T) <= alignof(U), "not a member");
+  return *reinterpret_cast<T*>(&any);
+}
+template <class T, class U>
+__device__ const T& member(const U& any) {
+  static_assert(sizeof(T) <= sizeof(U) && alignof(T) <= alignof(U), "not a member");
+  return *reinterpret_cast<const T*>(&any);
+}
 
 // A segment as the block's threads use it: its addresses and scalars, in
 // shared memory. The kernel opens the segments of a table tile that the block
@@ -182,7 +183,7 @@ struct Segment {
 
   template <class Rule>
   __device__ const typename Rule::Scalars& sc() const {
-    return any.template get<typename Rule::Scalars>();
+    return member<typename Rule::Scalars>(any);
   }
 
   template <class Rule>
@@ -209,7 +210,7 @@ struct Segment {
     const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
     key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
     // 1/grad_scale times the clip coefficient (layout.h ctl_grad_mult, as the CPU kernel)
-    any.template get<typename Rule::Scalars>() =
+    member<typename Rule::Scalars>(any) =
         Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(opaque(ctl)));
   }
 
@@ -293,7 +294,7 @@ struct Q8Segment {
 
   template <class Rule>
   __device__ const typename Rule::Scalars& sc() const {
-    return any.template get<typename Rule::Scalars>();
+    return member<typename Rule::Scalars>(any);
   }
 
   template <class Rule>
@@ -315,7 +316,7 @@ struct Q8Segment {
     // t0 is read here by every block touching the segment (see the top of this file)
     const double t = static_cast<double>(*column<const float>(row, SEG_STEP)) + 1.0;
     key = L::SR ? sr_key(seed, row[SEG_SALT], t) : 0u;
-    any.template get<typename Rule::Scalars>() =
+    member<typename Rule::Scalars>(any) =
         Rule::scalars(hyper + row[SEG_HP] * Rule::kHpCols, t, ctl_grad_mult(opaque(ctl)));
   }
 
